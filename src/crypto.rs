@@ -1,0 +1,288 @@
+//! Server keys, keyed hashes, token derivation, constant-time comparison.
+//!
+//! The server key file holds one or more versioned 256-bit keys (`<id> <base64>` per line).
+//! New tokens and hashes use the newest key and record its id; older keys still verify, so a
+//! rotation appends a line and breaks nothing. The file is created with mode 0600 on first
+//! start and is never stored in the database: a copy of the database alone cannot produce a
+//! working token.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Prefix of every app token, so secret scanners can recognise a leaked one.
+pub const TOKEN_PREFIX: &str = "authd_";
+
+/// Length of the random part of a token (128 bits).
+pub const TOKEN_ID_BYTES: usize = 16;
+
+pub type KeyId = u32;
+pub type TokenId = [u8; TOKEN_ID_BYTES];
+
+/// Fills a buffer from the operating system's CSPRNG.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    // The OS RNG failing is not something a security service can carry on from.
+    getrandom::fill(&mut buf).expect("the operating system's random number generator failed");
+    buf
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.ct_eq(b).into()
+}
+
+/// SHA-256 of a value; used to compare secrets of different lengths in constant time.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
+/// The server's secret keys, by version.
+#[derive(Clone)]
+pub struct ServerKeys {
+    keys: BTreeMap<KeyId, [u8; 32]>,
+}
+
+impl fmt::Debug for ServerKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the key material.
+        f.debug_struct("ServerKeys")
+            .field("ids", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("server key file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("server key file {path}, line {line}: expected `<id> <base64 of 32 bytes>`")]
+    Format { path: String, line: usize },
+    #[error("server key file {path} holds no key")]
+    Empty { path: String },
+}
+
+impl ServerKeys {
+    /// Loads the key file, creating it with one fresh key (mode 0600) when it does not exist.
+    pub fn load_or_create(path: &Path) -> Result<ServerKeys, KeyFileError> {
+        let io = |source| KeyFileError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key: [u8; 32] = random_bytes();
+                let line = format!("1 {}\n", STANDARD.encode(key));
+                write_secret_file(path, line.as_bytes()).map_err(io)?;
+                Ok(ServerKeys {
+                    keys: BTreeMap::from([(1, key)]),
+                })
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<ServerKeys, KeyFileError> {
+        let mut keys = BTreeMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = || KeyFileError::Format {
+                path: path.display().to_string(),
+                line: n + 1,
+            };
+            let (id, b64) = line.split_once(char::is_whitespace).ok_or_else(bad)?;
+            let id: KeyId = id.parse().map_err(|_| bad())?;
+            let key: [u8; 32] = STANDARD
+                .decode(b64.trim())
+                .ok()
+                .and_then(|k| k.try_into().ok())
+                .ok_or_else(bad)?;
+            keys.insert(id, key);
+        }
+        if keys.is_empty() {
+            return Err(KeyFileError::Empty {
+                path: path.display().to_string(),
+            });
+        }
+        Ok(ServerKeys { keys })
+    }
+
+    /// Keys for tests and benchmarks: one fixed key.
+    pub fn for_tests() -> ServerKeys {
+        ServerKeys {
+            keys: BTreeMap::from([(1, [7u8; 32])]),
+        }
+    }
+
+    /// The id of the key new writes use.
+    pub fn newest(&self) -> KeyId {
+        // A ServerKeys is never empty (enforced at construction).
+        self.keys.keys().next_back().copied().unwrap_or(0)
+    }
+
+    fn mac(&self, key_id: KeyId, domain: &str, parts: &[&[u8]]) -> Option<[u8; 32]> {
+        let key = self.keys.get(&key_id)?;
+        let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).ok()?;
+        mac.update(domain.as_bytes());
+        for part in parts {
+            // Length-prefixed, so no two different inputs hash the same bytes.
+            mac.update(&(part.len() as u32).to_be_bytes());
+            mac.update(part);
+        }
+        Some(mac.finalize().into_bytes().into())
+    }
+
+    /// Derives the app token for (user, host) from its id.
+    pub fn token(
+        &self,
+        key_id: KeyId,
+        token_id: &TokenId,
+        user: &str,
+        host: &str,
+    ) -> Option<String> {
+        let mac = self.mac(
+            key_id,
+            "authd/token/v1",
+            &[token_id, user.as_bytes(), host.as_bytes()],
+        )?;
+        Some(format!(
+            "{TOKEN_PREFIX}{key_id}.{}.{}",
+            URL_SAFE_NO_PAD.encode(token_id),
+            URL_SAFE_NO_PAD.encode(mac)
+        ))
+    }
+
+    /// Checks a presented token against the (user, host) it is recorded for, in constant time.
+    pub fn verify_token(&self, presented: &ParsedToken, user: &str, host: &str) -> bool {
+        match self.mac(
+            presented.key_id,
+            "authd/token/v1",
+            &[&presented.token_id, user.as_bytes(), host.as_bytes()],
+        ) {
+            Some(mac) => ct_eq(&mac, &presented.mac),
+            None => false,
+        }
+    }
+
+    /// Keyed hash of an entity's PSK (domain-separated from tokens).
+    pub fn psk_hash(&self, key_id: KeyId, entity: &str, psk: &str) -> Option<[u8; 32]> {
+        self.mac(key_id, "authd/psk/v1", &[entity.as_bytes(), psk.as_bytes()])
+    }
+}
+
+/// The parts of a presented token string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedToken {
+    pub key_id: KeyId,
+    pub token_id: TokenId,
+    pub mac: [u8; 32],
+}
+
+/// Splits `authd_<key id>.<b64url token id>.<b64url mac>`; `None` if it is not of that shape.
+pub fn parse_token(token: &str) -> Option<ParsedToken> {
+    let rest = token.strip_prefix(TOKEN_PREFIX)?;
+    let mut parts = rest.split('.');
+    let key_id = parts.next()?;
+    if key_id.is_empty() || key_id.len() > 10 || !key_id.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let key_id = key_id.parse().ok()?;
+    let token_id = URL_SAFE_NO_PAD
+        .decode(parts.next()?)
+        .ok()?
+        .try_into()
+        .ok()?;
+    let mac = URL_SAFE_NO_PAD
+        .decode(parts.next()?)
+        .ok()?
+        .try_into()
+        .ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(ParsedToken {
+        key_id,
+        token_id,
+        mac,
+    })
+}
+
+/// Writes a new file readable by its owner only. Fails if the file exists.
+pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_bind_user_and_host() {
+        let keys = ServerKeys::for_tests();
+        let id: TokenId = random_bytes();
+        let token = keys.token(1, &id, "alice", "app.example").unwrap();
+        assert!(token.starts_with("authd_1."));
+        let parsed = parse_token(&token).unwrap();
+        assert_eq!(parsed.token_id, id);
+        assert!(keys.verify_token(&parsed, "alice", "app.example"));
+        assert!(!keys.verify_token(&parsed, "bob", "app.example"));
+        assert!(!keys.verify_token(&parsed, "alice", "app.exampl"));
+        // Length prefixes: moving a byte between user and host changes the token.
+        assert!(!keys.verify_token(&parsed, "alicea", "pp.example"));
+    }
+
+    #[test]
+    fn malformed_tokens_do_not_parse() {
+        for t in [
+            "",
+            "authd_",
+            "authd_1.a.b",
+            "x_1.AAAAAAAAAAAAAAAAAAAAAA.AAAA",
+            "authd_-1.a.b",
+            "authd_1...",
+        ] {
+            assert!(parse_token(t).is_none(), "{t}");
+        }
+    }
+
+    #[test]
+    fn key_file_is_created_private_and_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.key");
+        let a = ServerKeys::load_or_create(&path).unwrap();
+        let b = ServerKeys::load_or_create(&path).unwrap();
+        assert_eq!(a.keys, b.keys);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(!format!("{a:?}").contains(&STANDARD.encode(a.keys[&1])));
+    }
+}

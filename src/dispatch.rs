@@ -1,0 +1,212 @@
+//! From a request payload to a response: envelope checks, caller key, method lookup,
+//! deadline, redelivery record, and the method itself. Synchronous and free of MQTT: the
+//! server hands it bytes and gets back bytes (and whether the store changed).
+
+use std::sync::Arc;
+
+use crate::caller::{Caller, CallerKeys};
+use crate::config::Config;
+use crate::crypto::ServerKeys;
+use crate::frame::{self, Address, Reject, Request, RpcError};
+use crate::methods::{self, Ctx, Handler, Method};
+use crate::metrics::Metrics;
+use crate::store::{RequestKey, Store};
+
+/// What to do after handling one frame.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// `(topic, payload)` of the response; `None` when dropped or `nr`.
+    pub reply: Option<(String, Vec<u8>)>,
+    /// The store changed (or may hold an unflushed record this reply depends on): the
+    /// reply must wait until the store is durable.
+    pub needs_durability: bool,
+}
+
+/// Everything needed to answer requests. Cheap to share (`Arc`).
+pub struct Dispatcher {
+    config: Arc<Config>,
+    callers: CallerKeys,
+    store: Store,
+    keys: ServerKeys,
+    metrics: Arc<Metrics>,
+}
+
+impl Dispatcher {
+    pub fn new(
+        config: Arc<Config>,
+        callers: CallerKeys,
+        store: Store,
+        keys: ServerKeys,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Dispatcher {
+            config,
+            callers,
+            store,
+            keys,
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Handles one frame received on the request topic. `suffix` is the part of the topic
+    /// after `<request topic>/`, if any; `arrived_ms` when it came off the wire (UNIX ms).
+    pub fn handle(&self, suffix: Option<&str>, payload: &[u8], arrived_ms: u64) -> Outcome {
+        let req = match frame::parse(payload, self.config.max_frame_bytes) {
+            Ok(req) => req,
+            Err(Reject::Drop(reason)) => {
+                let n = self.metrics.drop_frame(reason);
+                // A flood of garbage must not become a flood of logs.
+                if n <= 10 || n % 1000 == 0 {
+                    tracing::warn!(
+                        reason = reason.label(),
+                        count = n,
+                        bytes = payload.len(),
+                        "frame dropped"
+                    );
+                }
+                return Outcome::default();
+            }
+            Err(Reject::Error(to, e)) => return self.error(&to, e),
+        };
+        let to = req.to.clone();
+        match self.execute(suffix, &req, arrived_ms) {
+            Ok((result, needs_durability)) => {
+                self.metrics
+                    .answered_ok
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Outcome {
+                    reply: self.reply(&to, || {
+                        frame::encode_result(&self.config.id, &to, result.as_ref())
+                    }),
+                    needs_durability,
+                }
+            }
+            Err(e) => self.error(&to, e),
+        }
+    }
+
+    fn execute(
+        &self,
+        suffix: Option<&str>,
+        req: &Request<'_>,
+        arrived_ms: u64,
+    ) -> Result<(Option<serde_json::Value>, bool), RpcError> {
+        if let Some(dst) = &req.dst {
+            if *dst != self.config.id {
+                return Err(RpcError::bad_request(
+                    "dst",
+                    format!("must be `{}` (this service) when present", self.config.id),
+                ));
+            }
+        }
+        let suffix = suffix.filter(|s| !s.is_empty());
+        let name = match (req.method.as_deref(), suffix) {
+            (Some(m), Some(s)) if methods::canonical(m) != methods::canonical(s) => {
+                return Err(RpcError::bad_request(
+                    "method",
+                    format!("`{m}` differs from the topic's `{s}`"),
+                ))
+            }
+            (Some(m), _) => m,
+            (None, Some(s)) => s,
+            (None, None) => return Err(RpcError::bad_request("method", "missing")),
+        };
+        // The key is checked before the method name, so that a caller without a key
+        // learns nothing, not even which methods exist.
+        let caller = self
+            .callers
+            .check(req.key.as_deref())
+            .ok_or_else(RpcError::unauthorized)?;
+        let method = methods::find(name).ok_or_else(|| RpcError::no_handler(name))?;
+        if !caller.scope.allows(method.scope) {
+            return Err(RpcError::forbidden(name));
+        }
+        let now_ms = crate::unix_ms();
+        if expired(req, arrived_ms, now_ms) {
+            return Err(RpcError::deadline_passed());
+        }
+        let ctx = Ctx {
+            store: &self.store,
+            keys: &self.keys,
+            request: RequestKey {
+                src: &req.to.src,
+                id: req.to.id,
+                at_ms: now_ms,
+            },
+        };
+        self.run(method, &ctx, req, caller)
+    }
+
+    fn run(
+        &self,
+        method: &Method,
+        ctx: &Ctx<'_>,
+        req: &Request<'_>,
+        caller: Caller<'_>,
+    ) -> Result<(Option<serde_json::Value>, bool), RpcError> {
+        match method.handler {
+            Handler::Read(f) => f(ctx, req.args).map(|r| (r, false)),
+            Handler::Write(f) => {
+                // A redelivered request (same src and id) gets the recorded answer. The record
+                // may still be on its way to disk, so the reply waits for durability too.
+                let recorded = self
+                    .store
+                    .replay(ctx.request.src, ctx.request.id)
+                    .map_err(methods::storage_failed)?;
+                let (reply, replayed) = match recorded {
+                    Some(reply) => {
+                        self.metrics
+                            .replayed
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        (reply, true)
+                    }
+                    None => (f(ctx, req.args)?, false),
+                };
+                tracing::info!(
+                    target: "authd::audit",
+                    rpc_id = ctx.request.id,
+                    src = ctx.request.src,
+                    method = method.name,
+                    caller = caller.name,
+                    replayed,
+                    result = "ok",
+                    "change"
+                );
+                methods::render(&reply, &self.keys).map(|r| (r, true))
+            }
+        }
+    }
+
+    fn error(&self, to: &Address<'_>, e: RpcError) -> Outcome {
+        self.metrics
+            .answered_error
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(rpc_id = to.id, src = %to.src, code = e.code, message = %e.message, "error reply");
+        Outcome {
+            reply: self.reply(to, || frame::encode_error(&self.config.id, to, &e)),
+            needs_durability: false,
+        }
+    }
+
+    fn reply(
+        &self,
+        to: &Address<'_>,
+        encode: impl FnOnce() -> Vec<u8>,
+    ) -> Option<(String, Vec<u8>)> {
+        (!to.nr).then(|| (self.config.reply_topic(&to.src), encode()))
+    }
+}
+
+/// Whether the request's `deadline` (absolute) or `timeout` (from arrival) had passed.
+fn expired(req: &Request<'_>, arrived_ms: u64, now_ms: u64) -> bool {
+    let now = now_ms as f64 / 1000.0;
+    let by_deadline = req.deadline.is_some_and(|d| now > d);
+    let by_timeout = req
+        .timeout
+        .is_some_and(|t| now > arrived_ms as f64 / 1000.0 + t);
+    by_deadline || by_timeout
+}

@@ -1,0 +1,575 @@
+//! The wire format: mg_rpc ("clubby v2") request and response frames (SPEC §2).
+//!
+//! Nothing outside this module looks at raw frame bytes. [`parse`] turns a payload into a
+//! typed [`Request`], or into a [`Reject`] that says whether the frame can be answered (we
+//! know where to send the error) or must be dropped.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+/// Largest request id: ids are JSON integers that a JavaScript caller can represent exactly.
+pub const MAX_ID: u64 = (1 << 53) - 1;
+/// Longest `src`, and longest name argument (SPEC §3, §4).
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// A parsed request. Borrowed from the payload where possible.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub to: Address<'a>,
+    pub dst: Option<Cow<'a, str>>,
+    pub key: Option<Cow<'a, str>>,
+    pub method: Option<Cow<'a, str>>,
+    /// Method arguments as raw JSON (always an object); `None` when absent or `null`.
+    pub args: Option<&'a RawValue>,
+    pub deadline: Option<f64>,
+    pub timeout: Option<f64>,
+}
+
+/// Where and how a response goes: enough of a request to answer it.
+#[derive(Debug, Clone)]
+pub struct Address<'a> {
+    /// The caller's address, already checked to be safe in a topic name.
+    pub src: Cow<'a, str>,
+    pub id: u64,
+    /// Copied verbatim into the response.
+    pub tag: Option<&'a RawValue>,
+    /// "No response": execute, send nothing.
+    pub nr: bool,
+}
+
+/// Why a frame was not turned into a [`Request`].
+#[derive(Debug)]
+pub enum Reject<'a> {
+    /// Nobody can be answered: the frame is dropped and counted.
+    Drop(DropReason),
+    /// Answer with this error.
+    Error(Address<'a>, RpcError),
+}
+
+/// Why a frame was dropped. The label is the metrics/log value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Not a JSON object (or nested deeper than the parser allows).
+    NotJson,
+    /// `src` missing, not a string, or unsafe as a topic name.
+    BadSrc,
+    /// `id` missing, not an integer, or outside 1..=2^53-1.
+    BadId,
+    /// `src` or `id` given twice: we cannot tell whom to answer.
+    AmbiguousAddress,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] = [
+        DropReason::NotJson,
+        DropReason::BadSrc,
+        DropReason::BadId,
+        DropReason::AmbiguousAddress,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::NotJson => "not_json",
+            DropReason::BadSrc => "bad_src",
+            DropReason::BadId => "bad_id",
+            DropReason::AmbiguousAddress => "ambiguous_address",
+        }
+    }
+}
+
+/// An error frame's `error` object. The codes are the SPEC §2 table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RpcError {
+    pub code: u16,
+    pub message: String,
+}
+
+impl RpcError {
+    pub fn new(code: u16, message: impl Into<String>) -> Self {
+        RpcError {
+            code,
+            message: message.into(),
+        }
+    }
+    /// 400, with a message that starts with the field it is about.
+    pub fn bad_request(field: &str, problem: impl fmt::Display) -> Self {
+        Self::new(400, format!("{field}: {problem}"))
+    }
+    pub fn unauthorized() -> Self {
+        Self::new(401, "caller key missing or not valid")
+    }
+    pub fn forbidden(method: &str) -> Self {
+        Self::new(403, format!("caller key may not call {method}"))
+    }
+    pub fn no_handler(method: &str) -> Self {
+        Self::new(404, format!("No handler for {method}"))
+    }
+    pub fn too_large(len: usize, limit: usize) -> Self {
+        Self::new(
+            413,
+            format!("frame of {len} bytes is larger than the limit of {limit} bytes"),
+        )
+    }
+    pub fn internal() -> Self {
+        Self::new(500, "internal error; nothing was changed")
+    }
+    pub fn deadline_passed() -> Self {
+        Self::new(
+            504,
+            "deadline passed before the request arrived; not executed",
+        )
+    }
+}
+
+impl fmt::Display for RpcError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code, self.message)
+    }
+}
+
+/// Checks a string used to build a topic name: 1..=256 bytes, no MQTT wildcard, no control
+/// character, no leading `$` (SPEC §3).
+pub fn valid_src(src: &str) -> bool {
+    !src.is_empty()
+        && src.len() <= MAX_NAME_BYTES
+        && !src.starts_with('$')
+        && !src.chars().any(|c| c == '+' || c == '#' || c.is_control())
+}
+
+/// Checks a name argument: 1..=256 bytes, no control characters (SPEC §4).
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_NAME_BYTES && !s.chars().any(char::is_control)
+}
+
+/// Parses one request payload. `max_bytes` is the configured frame limit: a larger frame is
+/// still read for its address (the transport already bounds it) and answered with 413.
+pub fn parse(payload: &[u8], max_bytes: usize) -> Result<Request<'_>, Reject<'_>> {
+    let raw: RawFrame<'_> =
+        serde_json::from_slice(payload).map_err(|_| Reject::Drop(DropReason::NotJson))?;
+    if matches!(raw.duplicate, Some(Field::Src | Field::Id)) {
+        return Err(Reject::Drop(DropReason::AmbiguousAddress));
+    }
+    let src = raw
+        .src
+        .and_then(json_str)
+        .filter(|s| valid_src(s))
+        .ok_or(Reject::Drop(DropReason::BadSrc))?;
+    let id = raw
+        .id
+        .and_then(|v| serde_json::from_str::<u64>(v.get()).ok())
+        .filter(|id| (1..=MAX_ID).contains(id))
+        .ok_or(Reject::Drop(DropReason::BadId))?;
+    let mut to = Address {
+        src,
+        id,
+        tag: raw.tag,
+        nr: false,
+    };
+    // `nr` first, so that later errors are suppressed when the caller asked for no response.
+    match raw.nr.map(|v| serde_json::from_str::<bool>(v.get())) {
+        None => {}
+        Some(Ok(nr)) => to.nr = nr,
+        Some(Err(_)) => {
+            return Err(Reject::Error(
+                to,
+                RpcError::bad_request("nr", "must be a boolean"),
+            ))
+        }
+    }
+    macro_rules! bad {
+        ($field:expr, $problem:expr) => {
+            return Err(Reject::Error(to, RpcError::bad_request($field, $problem)))
+        };
+    }
+    if payload.len() > max_bytes {
+        return Err(Reject::Error(
+            to,
+            RpcError::too_large(payload.len(), max_bytes),
+        ));
+    }
+    if let Some(field) = raw.duplicate {
+        bad!(field.name(), "given more than once");
+    }
+    if let Some(v) = raw.v {
+        if serde_json::from_str::<u64>(v.get()).ok() != Some(2) {
+            bad!("v", "must be 2");
+        }
+    }
+    let strings = [("dst", raw.dst), ("key", raw.key), ("method", raw.method)];
+    let mut decoded: [Option<Cow<'_, str>>; 3] = [None, None, None];
+    for (slot, (field, value)) in decoded.iter_mut().zip(strings) {
+        if let Some(v) = value {
+            match json_str(v) {
+                Some(s) => *slot = Some(s),
+                None => bad!(field, "must be a string"),
+            }
+        }
+    }
+    let [dst, key, method] = decoded;
+    let args = match raw.args {
+        Some(v) if v.get().starts_with('{') => Some(v),
+        Some(v) if v.get() == "null" => None,
+        None => None,
+        Some(_) => bad!("args", "must be an object"),
+    };
+    let mut times = [None, None];
+    for (slot, (field, value)) in times
+        .iter_mut()
+        .zip([("deadline", raw.deadline), ("timeout", raw.timeout)])
+    {
+        if let Some(v) = value {
+            match serde_json::from_str::<f64>(v.get()) {
+                Ok(t) if t.is_finite() => *slot = Some(t),
+                _ => bad!(field, "must be a number"),
+            }
+        }
+    }
+    let [deadline, timeout] = times;
+    Ok(Request {
+        to,
+        dst,
+        key,
+        method,
+        args,
+        deadline,
+        timeout,
+    })
+}
+
+/// Decodes a JSON string, borrowing when it has no escapes.
+fn json_str(raw: &RawValue) -> Option<Cow<'_, str>> {
+    let text = raw.get();
+    if let Ok(s) = serde_json::from_str::<&str>(text) {
+        return Some(Cow::Borrowed(s));
+    }
+    serde_json::from_str::<String>(text).ok().map(Cow::Owned)
+}
+
+/// Encodes a success response. `result` is omitted when `None` (methods with no result).
+pub fn encode_result<R: Serialize + ?Sized>(
+    service: &str,
+    to: &Address<'_>,
+    result: Option<&R>,
+) -> Vec<u8> {
+    encode(service, to, result, None)
+}
+
+/// Encodes an error response.
+pub fn encode_error(service: &str, to: &Address<'_>, error: &RpcError) -> Vec<u8> {
+    encode::<()>(service, to, None, Some(error))
+}
+
+fn encode<R: Serialize + ?Sized>(
+    service: &str,
+    to: &Address<'_>,
+    result: Option<&R>,
+    error: Option<&RpcError>,
+) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Envelope<'a, R: Serialize + ?Sized> {
+        v: u8,
+        src: &'a str,
+        dst: &'a str,
+        id: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tag: Option<&'a RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        result: Option<&'a R>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a RpcError>,
+    }
+    let envelope = Envelope {
+        v: 2,
+        src: service,
+        dst: &to.src,
+        id: to.id,
+        tag: to.tag,
+        result,
+        error,
+    };
+    let mut out = Vec::with_capacity(128);
+    // Serializing plain structs, strings and already-valid raw JSON into a Vec cannot fail.
+    if serde_json::to_writer(&mut out, &envelope).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// A response frame as a client sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v: Option<u64>,
+    pub src: String,
+    pub dst: String,
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RpcError>,
+}
+
+/// The envelope fields we know, each kept as raw JSON until checked.
+#[derive(Default)]
+struct RawFrame<'a> {
+    v: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+    src: Option<&'a RawValue>,
+    dst: Option<&'a RawValue>,
+    key: Option<&'a RawValue>,
+    method: Option<&'a RawValue>,
+    args: Option<&'a RawValue>,
+    tag: Option<&'a RawValue>,
+    deadline: Option<&'a RawValue>,
+    timeout: Option<&'a RawValue>,
+    nr: Option<&'a RawValue>,
+    /// The first known field that appeared twice (the first value is kept).
+    duplicate: Option<Field>,
+}
+
+#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(field_identifier, rename_all = "lowercase")]
+enum Field {
+    V,
+    Id,
+    Src,
+    Dst,
+    Key,
+    Method,
+    Args,
+    Tag,
+    Deadline,
+    Timeout,
+    Nr,
+    #[serde(other)]
+    Unknown,
+}
+
+impl Field {
+    fn name(self) -> &'static str {
+        match self {
+            Field::V => "v",
+            Field::Id => "id",
+            Field::Src => "src",
+            Field::Dst => "dst",
+            Field::Key => "key",
+            Field::Method => "method",
+            Field::Args => "args",
+            Field::Tag => "tag",
+            Field::Deadline => "deadline",
+            Field::Timeout => "timeout",
+            Field::Nr => "nr",
+            Field::Unknown => "unknown",
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawFrame<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FrameVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for FrameVisitor<'a> {
+            type Value = RawFrame<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut frame = RawFrame::default();
+                while let Some(field) = map.next_key::<Field>()? {
+                    let slot = match field {
+                        Field::V => &mut frame.v,
+                        Field::Id => &mut frame.id,
+                        Field::Src => &mut frame.src,
+                        Field::Dst => &mut frame.dst,
+                        Field::Key => &mut frame.key,
+                        Field::Method => &mut frame.method,
+                        Field::Args => &mut frame.args,
+                        Field::Tag => &mut frame.tag,
+                        Field::Deadline => &mut frame.deadline,
+                        Field::Timeout => &mut frame.timeout,
+                        Field::Nr => &mut frame.nr,
+                        Field::Unknown => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    let value: &'a RawValue = map.next_value()?;
+                    if slot.is_some() {
+                        // src/id ambiguity outranks any other duplicate.
+                        if !matches!(frame.duplicate, Some(Field::Src | Field::Id)) {
+                            frame.duplicate = Some(field);
+                        }
+                    } else {
+                        *slot = Some(value);
+                    }
+                }
+                Ok(frame)
+            }
+        }
+        deserializer.deserialize_map(FrameVisitor(std::marker::PhantomData))
+    }
+}
+
+/// Turns serde's error for method arguments into a 400 that names the field.
+pub fn args_error(err: serde_path_to_error::Error<serde_json::Error>) -> RpcError {
+    let path = err.path().to_string();
+    let inner = err.into_inner();
+    let mut msg = inner.to_string();
+    // serde_json appends " at line L column C"; it means nothing to a caller.
+    if let Some(pos) = msg.rfind(" at line ") {
+        msg.truncate(pos);
+    }
+    if path == "." || path.is_empty() {
+        RpcError::bad_request("args", msg)
+    } else {
+        RpcError::bad_request(&format!("args.{path}"), msg)
+    }
+}
+
+/// Parses method arguments into `T`; absent arguments are `{}`.
+pub fn parse_args<'a, T: Deserialize<'a>>(args: Option<&'a RawValue>) -> Result<T, RpcError> {
+    let text = args.map_or("{}", RawValue::get);
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(args_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(s: &str) -> Request<'_> {
+        match parse(s.as_bytes(), 1 << 16) {
+            Ok(r) => r,
+            Err(e) => panic!("expected a request from {s}, got {e:?}"),
+        }
+    }
+    fn error(s: &str) -> RpcError {
+        match parse(s.as_bytes(), 1 << 16) {
+            Err(Reject::Error(_, e)) => e,
+            other => panic!("expected an error reply for {s}, got {other:?}"),
+        }
+    }
+    fn dropped(s: &str) -> DropReason {
+        match parse(s.as_bytes(), 1 << 16) {
+            Err(Reject::Drop(r)) => r,
+            other => panic!("expected a drop for {s}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_a_full_request() {
+        let r = ok(
+            r#"{"v":2,"id":7,"src":"dev\u0031","dst":"//svc","key":"k","method":"/v1/Auth.GetToken","args":{"host":"h"},"tag":{"x":[1]},"deadline":1.5,"timeout":3,"nr":false,"extra":[1,{"a":2}]}"#,
+        );
+        assert_eq!(r.to.src, "dev1");
+        assert_eq!(r.to.id, 7);
+        assert_eq!(r.to.tag.map(RawValue::get), Some(r#"{"x":[1]}"#));
+        assert_eq!(r.method.as_deref(), Some("/v1/Auth.GetToken"));
+        assert_eq!(r.args.map(RawValue::get), Some(r#"{"host":"h"}"#));
+        assert_eq!((r.deadline, r.timeout), (Some(1.5), Some(3.0)));
+    }
+
+    #[test]
+    fn unanswerable_frames_are_dropped_with_a_reason() {
+        assert_eq!(dropped("not json"), DropReason::NotJson);
+        assert_eq!(dropped("[1,2]"), DropReason::NotJson);
+        assert_eq!(dropped(r#"{"id":1}"#), DropReason::BadSrc);
+        assert_eq!(dropped(r#"{"id":1,"src":"a/+"}"#), DropReason::BadSrc);
+        assert_eq!(dropped(r#"{"id":1,"src":"$SYS/x"}"#), DropReason::BadSrc);
+        assert_eq!(dropped(r#"{"id":1,"src":"a\u0000b"}"#), DropReason::BadSrc);
+        assert_eq!(dropped(r#"{"id":1,"src":""}"#), DropReason::BadSrc);
+        assert_eq!(dropped(r#"{"id":1,"src":5}"#), DropReason::BadSrc);
+        assert_eq!(dropped(r#"{"src":"a"}"#), DropReason::BadId);
+        assert_eq!(dropped(r#"{"src":"a","id":0}"#), DropReason::BadId);
+        assert_eq!(
+            dropped(r#"{"src":"a","id":9007199254740992}"#),
+            DropReason::BadId
+        );
+        assert_eq!(dropped(r#"{"src":"a","id":1.5}"#), DropReason::BadId);
+        assert_eq!(dropped(r#"{"src":"a","id":"1"}"#), DropReason::BadId);
+        assert_eq!(
+            dropped(r#"{"src":"a","id":1,"src":"b"}"#),
+            DropReason::AmbiguousAddress
+        );
+    }
+
+    #[test]
+    fn malformed_fields_get_a_400_naming_the_field() {
+        let e = error(r#"{"src":"a","id":1,"v":1}"#);
+        assert_eq!((e.code, e.message.as_str()), (400, "v: must be 2"));
+        assert!(error(r#"{"src":"a","id":1,"method":5}"#)
+            .message
+            .starts_with("method:"));
+        assert!(error(r#"{"src":"a","id":1,"args":[]}"#)
+            .message
+            .starts_with("args:"));
+        assert!(error(r#"{"src":"a","id":1,"nr":"yes"}"#)
+            .message
+            .starts_with("nr:"));
+        assert!(error(r#"{"src":"a","id":1,"deadline":"x"}"#)
+            .message
+            .starts_with("deadline:"));
+        assert!(error(r#"{"src":"a","id":1,"key":"a","key":"b"}"#)
+            .message
+            .starts_with("key:"));
+    }
+
+    #[test]
+    fn oversize_frames_get_413() {
+        let big = format!(
+            r#"{{"src":"a","id":1,"args":{{"x":"{}"}}}}"#,
+            "y".repeat(200)
+        );
+        match parse(big.as_bytes(), 100) {
+            Err(Reject::Error(to, e)) => {
+                assert_eq!(e.code, 413);
+                assert_eq!((to.src.as_ref(), to.id), ("a", 1));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn responses_have_the_envelope() {
+        let r = ok(r#"{"id":5,"src":"me","tag":"t"}"#);
+        let out = encode_result("//svc", &r.to, Some(&true));
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"v":2,"src":"//svc","dst":"me","id":5,"tag":"t","result":true}"#
+        );
+        let out = encode_result::<()>("//svc", &r.to, None);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"v":2,"src":"//svc","dst":"me","id":5,"tag":"t"}"#
+        );
+        let out = encode_error("//svc", &r.to, &RpcError::no_handler("X"));
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"v":2,"src":"//svc","dst":"me","id":5,"tag":"t","error":{"code":404,"message":"No handler for X"}}"#
+        );
+    }
+
+    #[test]
+    fn args_errors_name_the_field() {
+        #[derive(Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct A {
+            host: String,
+        }
+        let raw = RawValue::from_string(r#"{"host":5}"#.into()).unwrap();
+        let e = parse_args::<A>(Some(&raw)).unwrap_err();
+        assert!(
+            e.message.starts_with("args.host: invalid type"),
+            "{}",
+            e.message
+        );
+        let e = parse_args::<A>(None).unwrap_err();
+        assert_eq!(e.message, "args: missing field `host`");
+    }
+}

@@ -1,0 +1,41 @@
+//! authd: the authentication and authorization worker of an IoT cloud.
+//!
+//! It listens on an MQTT broker for mg_rpc ("clubby v2") request frames, answers on the
+//! caller's reply topic, and keeps its state in an embedded sled database. Data flows one
+//! way: bus → frame → method → store → reply.
+//!
+//! | module | what it is for |
+//! |---|---|
+//! | [`config`] | file + `AUTHD_*` env + flags → [`config::Config`] |
+//! | [`frame`] | the wire format: request/response types, parsing with limits, error codes |
+//! | [`mqtt`] | the broker session: subscribe, poll, publish, ordered manual acks, backoff |
+//! | [`server`] | wiring and shutdown: one task per request, drain, flush, disconnect |
+//! | [`dispatch`] | envelope checks, caller keys, method table, deadline, redelivery record |
+//! | [`methods`] | one file per method family, typed args → typed result against the store |
+//! | [`store`] | sled trees behind product words (tokens, replays), group commit |
+//! | [`crypto`] | server keys, keyed hashes, token derivation, constant-time comparison |
+//! | [`caller`] | caller API keys and scopes |
+//! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
+//! | [`metrics`] | counters of requests and dropped frames |
+
+pub mod caller;
+pub mod client;
+pub mod config;
+pub mod crypto;
+pub mod dispatch;
+pub mod frame;
+pub mod methods;
+pub mod metrics;
+pub mod mqtt;
+pub mod server;
+pub mod store;
+
+pub use server::{serve, Worker};
+
+/// Milliseconds since the UNIX epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,260 @@
+//! Wiring: open the store and keys, start the broker session, hand each request to a task
+//! of its own, and shut down in order (stop intake, drain, flush, disconnect).
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::caller::{self, CallerKeys};
+use crate::config::{BrokerAddress, Config};
+use crate::crypto::ServerKeys;
+use crate::dispatch::Dispatcher;
+use crate::metrics::Metrics;
+use crate::mqtt::{Link, Message, Publisher, Session, SessionOptions};
+use crate::store::{self, GroupCommit, Store};
+
+/// Runs the worker until `shutdown` completes, then stops it cleanly.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let worker = Worker::start(config).await?;
+    let failed = worker.failed.clone();
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down"),
+        _ = failed.cancelled() => {}
+    }
+    worker.stop().await
+}
+
+/// A running worker.
+pub struct Worker {
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    store: Store,
+    publisher: Publisher,
+    link: watch::Receiver<Link>,
+    tracker: TaskTracker,
+    intake: CancellationToken,
+    close: CancellationToken,
+    /// Fired when the worker cannot go on safely (the store cannot be made durable).
+    failed: CancellationToken,
+    session: JoinHandle<()>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Opens the store and keys in `config.data` and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Worker> {
+        config.validate()?;
+        let broker = BrokerAddress::parse(&config.broker)?;
+        create_private_dir(&config.data)?;
+        let keys = ServerKeys::load_or_create(&config.data.join("server.key"))?;
+        let store =
+            Store::open(&config.data.join("db"), config.cache_mib * 1024 * 1024).map_err(|e| {
+                anyhow::anyhow!(
+                    "opening the database in {}: {e} (is another authd using it?)",
+                    config.data.display()
+                )
+            })?;
+        let callers = if config.callers.is_empty() {
+            let (key, created) = caller::load_or_create_admin_key(&config.data)?;
+            let path = caller::admin_key_path(&config.data);
+            if created {
+                tracing::warn!(path = %path.display(), "no caller keys configured: generated an admin key (quick start only; configure [[caller]] keys for production)");
+            } else {
+                tracing::info!(path = %path.display(), "no caller keys configured: using the generated admin key");
+            }
+            CallerKeys::new(&[key])
+        } else {
+            CallerKeys::new(&config.callers)
+        };
+        tracing::info!(keys = ?callers, "caller keys loaded");
+
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::default());
+        let dispatcher = Arc::new(Dispatcher::new(
+            config.clone(),
+            callers,
+            store.clone(),
+            keys,
+            metrics.clone(),
+        ));
+        let commit = GroupCommit::start(store.clone(), 4096);
+        let background = vec![tokio::spawn(store::prune_replays_every(
+            store.clone(),
+            config.replay_window(),
+            Duration::from_secs(60),
+        ))];
+
+        let request_topic = config.request_topic();
+        let (session, publisher, link) = Session::new(SessionOptions {
+            broker,
+            client_id: config.client_id.clone(),
+            credentials: config
+                .broker_username
+                .clone()
+                .map(|u| (u, config.broker_password.clone().unwrap_or_default())),
+            persistent: true,
+            manual_acks: true,
+            subscriptions: vec![request_topic.clone(), format!("{request_topic}/#")],
+            keep_alive: Duration::from_secs(config.keep_alive_secs),
+            max_packet_bytes: config.max_packet_bytes,
+        });
+
+        let tracker = TaskTracker::new();
+        let intake = CancellationToken::new();
+        let close = CancellationToken::new();
+        let failed = CancellationToken::new();
+        let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+        let on_message = {
+            let (tracker, publisher, metrics, failed) = (
+                tracker.clone(),
+                publisher.clone(),
+                metrics.clone(),
+                failed.clone(),
+            );
+            move |msg: Message| {
+                let permit = match in_flight.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    // QoS 1 requests are bounded by the broker's in-flight window and are
+                    // never dropped; QoS 0 ones beyond our limit are.
+                    Err(_) if msg.ack.is_some() => None,
+                    Err(_) => {
+                        metrics.overloaded.fetch_add(1, Relaxed);
+                        return;
+                    }
+                };
+                tracker.spawn(handle(
+                    dispatcher.clone(),
+                    publisher.clone(),
+                    commit.clone(),
+                    request_topic.clone(),
+                    msg,
+                    permit,
+                    failed.clone(),
+                ));
+            }
+        };
+        let on_reconnect = {
+            let metrics = metrics.clone();
+            move || {
+                metrics.reconnects.fetch_add(1, Relaxed);
+            }
+        };
+        let session =
+            tokio::spawn(session.run(on_message, intake.clone(), close.clone(), on_reconnect));
+        Ok(Worker {
+            config,
+            metrics,
+            store,
+            publisher,
+            link,
+            tracker,
+            intake,
+            close,
+            failed,
+            session,
+            background,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Waits until the worker is connected and subscribed.
+    pub async fn ready(&self) {
+        let mut link = self.link.clone();
+        let _ = link.wait_for(|l| *l == Link::Ready).await;
+    }
+
+    /// Current connection state.
+    pub fn link(&self) -> Link {
+        *self.link.borrow()
+    }
+
+    /// Stops taking requests, lets those in flight finish (bounded by `drain_secs`),
+    /// flushes the store and disconnects.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.intake.cancel();
+        self.tracker.close();
+        let drain = Duration::from_secs(self.config.drain_secs);
+        if tokio::time::timeout(drain, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.tracker.len(),
+                "requests still in flight at the drain limit; the broker will redeliver them"
+            );
+        }
+        for task in &self.background {
+            task.abort();
+        }
+        let store = self.store.clone();
+        let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+        // A connected session ends on the Disconnect; an unreachable broker on `close`.
+        self.publisher.disconnect().await;
+        self.close.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.session).await;
+        if self.failed.is_cancelled() {
+            anyhow::bail!("stopped because the database could not be made durable");
+        }
+        match flushed {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Handles one message: dispatch, wait for durability if the store changed, publish the
+/// reply, then ack. The ack comes last, so a crash anywhere before it means redelivery.
+async fn handle(
+    dispatcher: Arc<Dispatcher>,
+    publisher: Publisher,
+    commit: GroupCommit,
+    request_topic: String,
+    msg: Message,
+    _permit: Option<OwnedSemaphorePermit>,
+    failed: CancellationToken,
+) {
+    let suffix = msg
+        .topic
+        .strip_prefix(request_topic.as_str())
+        .and_then(|rest| rest.strip_prefix('/'));
+    let outcome = dispatcher.handle(suffix, &msg.payload, msg.arrived_ms);
+    if outcome.needs_durability {
+        if let Err(e) = commit.durable().await {
+            // Neither reply nor ack: the broker redelivers after restart, and the request is
+            // answered from what is really on disk.
+            tracing::error!(error = %e, "cannot make changes durable; stopping");
+            failed.cancel();
+            return;
+        }
+    }
+    if let Some((topic, payload)) = outcome.reply {
+        if publisher.publish(topic, payload).await.is_err() {
+            return;
+        }
+    }
+    if let Some(ack) = msg.ack {
+        publisher.complete(ack).await;
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}

@@ -1,0 +1,484 @@
+//! The state of authd, in the product's words, kept in an embedded sled database.
+//!
+//! Nothing outside this module sees sled. Each change is one sled transaction that also
+//! records the response to the request that made it ("replay record", keyed by the request's
+//! `src` and `id`), so a redelivered request gets the same answer and changes nothing.
+//! Changes become durable through [`GroupCommit`]: concurrent writers share one flush.
+//!
+//! Trees (all keys binary, values JSON records):
+//! - `meta`: `schema_version`.
+//! - `tokens`: `lp(user) ‖ host` → [`TokenRecord`] — the live token of each (user, host).
+//! - `token_ids`: `token id` → `lp(user) ‖ host` — finds a presented token's owner.
+//! - `replays`: `lp(src) ‖ id` → [`ReplayEntry`]; `replay_times`: `at ‖ lp(src) ‖ id` → ``
+//!   so old records are pruned by a range scan.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::crypto::{KeyId, TokenId};
+
+/// Version of the on-disk layout this build reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("database record under {tree} is unreadable: {detail}")]
+    Corrupt { tree: &'static str, detail: String },
+    #[error("database schema version {found} is not the version {SCHEMA_VERSION} this authd understands")]
+    Schema { found: String },
+    #[error("database flush failed")]
+    Flush,
+}
+
+/// The live token of one (user, host) pair. Holds no usable secret: the token string is
+/// derived from `token_id` with the server key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub token_id: TokenId,
+    pub key_id: KeyId,
+    /// UNIX seconds.
+    pub created: u64,
+}
+
+/// What a state-changing request answered, kept to answer a redelivery identically.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Replay {
+    /// No result (e.g. RevokeToken).
+    Empty,
+    /// A result with no secret in it.
+    Value(serde_json::Value),
+    /// `{"token": …}`, re-derived from the token id on replay: the record holds no secret.
+    Token {
+        user: String,
+        host: String,
+        token_id: TokenId,
+        key_id: KeyId,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ReplayEntry {
+    /// UNIX milliseconds when the change was made.
+    at: u64,
+    reply: Replay,
+}
+
+/// Identifies a request for replay: its `src` and `id`, and when it was handled.
+#[derive(Debug, Clone)]
+pub struct RequestKey<'a> {
+    pub src: &'a str,
+    pub id: u64,
+    pub at_ms: u64,
+}
+
+/// The authd database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    tokens: sled::Tree,
+    token_ids: sled::Tree,
+    replays: sled::Tree,
+    replay_times: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's page cache.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()?;
+        Self::from_db(db)
+    }
+
+    /// A throw-away database in a temporary directory (fuzzing, unit tests).
+    pub fn temporary() -> Result<Store, StoreError> {
+        Self::from_db(sled::Config::new().temporary(true).open()?)
+    }
+
+    fn from_db(db: sled::Db) -> Result<Store, StoreError> {
+        let meta = db.open_tree("meta")?;
+        match meta.get("schema_version")? {
+            None => {
+                meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Some(v) if v.as_ref() == SCHEMA_VERSION.to_be_bytes() => {}
+            Some(v) => {
+                let found = <[u8; 8]>::try_from(v.as_ref())
+                    .map(|b| u64::from_be_bytes(b).to_string())
+                    .unwrap_or_else(|_| format!("{:?}", v.as_ref()));
+                return Err(StoreError::Schema { found });
+            }
+        }
+        Ok(Store {
+            tokens: db.open_tree("tokens")?,
+            token_ids: db.open_tree("token_ids")?,
+            replays: db.open_tree("replays")?,
+            replay_times: db.open_tree("replay_times")?,
+            db,
+        })
+    }
+
+    /// The live token record of (user, host).
+    pub fn token(&self, user: &str, host: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.tokens
+            .get(user_host_key(user, host))?
+            .map(|v| decode("tokens", &v))
+            .transpose()
+    }
+
+    /// All live tokens of a user, sorted by host.
+    pub fn tokens_of(&self, user: &str) -> Result<Vec<(String, TokenRecord)>, StoreError> {
+        let prefix = lp(user);
+        let mut out = Vec::new();
+        for item in self.tokens.scan_prefix(&prefix) {
+            let (k, v) = item?;
+            let host = std::str::from_utf8(&k[prefix.len()..])
+                .map_err(|e| corrupt("tokens", e))?
+                .to_owned();
+            out.push((host, decode("tokens", &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Whose token has this id: `(user, host)`.
+    pub fn token_owner(&self, token_id: &TokenId) -> Result<Option<(String, String)>, StoreError> {
+        match self.token_ids.get(token_id)? {
+            None => Ok(None),
+            Some(v) => split_user_host(&v).map(Some),
+        }
+    }
+
+    /// Makes `record` the live token of (user, host), replacing any earlier one, and records
+    /// the reply for `request`. One transaction.
+    pub fn replace_token(
+        &self,
+        user: &str,
+        host: &str,
+        record: &TokenRecord,
+        request: &RequestKey<'_>,
+        reply: &Replay,
+    ) -> Result<(), StoreError> {
+        let key = user_host_key(user, host);
+        let value = encode(record);
+        let replay = self.replay_entry(request, reply);
+        self.transact(|tokens, token_ids, replays, times| {
+            if let Some(old) = tokens.insert(key.as_slice(), value.as_slice())? {
+                let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
+                token_ids.remove(&old.token_id[..])?;
+            }
+            token_ids.insert(&record.token_id[..], key.as_slice())?;
+            put_replay(replays, times, &replay)
+        })
+    }
+
+    /// Removes the live token of (user, host), if any, and records the reply for `request`.
+    pub fn revoke_token(
+        &self,
+        user: &str,
+        host: &str,
+        request: &RequestKey<'_>,
+        reply: &Replay,
+    ) -> Result<(), StoreError> {
+        let key = user_host_key(user, host);
+        let replay = self.replay_entry(request, reply);
+        self.transact(|tokens, token_ids, replays, times| {
+            if let Some(old) = tokens.remove(key.as_slice())? {
+                let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
+                token_ids.remove(&old.token_id[..])?;
+            }
+            put_replay(replays, times, &replay)
+        })
+    }
+
+    /// The recorded reply of an earlier state-changing request with this `src` and `id`.
+    pub fn replay(&self, src: &str, id: u64) -> Result<Option<Replay>, StoreError> {
+        match self.replays.get(replay_key(src, id))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(decode::<ReplayEntry>("replays", &v)?.reply)),
+        }
+    }
+
+    /// Deletes replay records made before `before_ms` (UNIX ms). Returns how many.
+    pub fn prune_replays(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.replay_times.range(..before_ms.to_be_bytes()) {
+            let (k, _) = item?;
+            let (at, key) = k.split_at(8);
+            // Remove the record only if it is the one this time entry points at.
+            if let Some(v) = self.replays.get(key)? {
+                if decode::<ReplayEntry>("replays", &v)?.at.to_be_bytes() == at {
+                    self.replays.remove(key)?;
+                }
+            }
+            self.replay_times.remove(&k)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes everything to disk (fsync). Prefer [`GroupCommit::durable`] on request paths.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn replay_entry(
+        &self,
+        request: &RequestKey<'_>,
+        reply: &Replay,
+    ) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        let key = replay_key(request.src, request.id);
+        let mut time_key = request.at_ms.to_be_bytes().to_vec();
+        time_key.extend_from_slice(&key);
+        let value = encode(&ReplayEntry {
+            at: request.at_ms,
+            reply: reply.clone(),
+        });
+        (key, time_key, value)
+    }
+
+    /// Runs `f` as one transaction over the token and replay trees. sled re-runs it on
+    /// conflict, so `f` has no side effects outside the trees.
+    fn transact<F>(&self, f: F) -> Result<(), StoreError>
+    where
+        F: Fn(
+            &TransactionalTree,
+            &TransactionalTree,
+            &TransactionalTree,
+            &TransactionalTree,
+        ) -> Result<(), ConflictableTransactionError<StoreError>>,
+    {
+        (
+            &self.tokens,
+            &self.token_ids,
+            &self.replays,
+            &self.replay_times,
+        )
+            .transaction(|(a, b, c, d)| f(a, b, c, d))
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError::Sled(e),
+            })
+    }
+}
+
+fn put_replay(
+    replays: &TransactionalTree,
+    times: &TransactionalTree,
+    (key, time_key, value): &(Vec<u8>, Vec<u8>, Vec<u8>),
+) -> Result<(), ConflictableTransactionError<StoreError>> {
+    replays.insert(key.as_slice(), value.as_slice())?;
+    times.insert(time_key.as_slice(), &[][..])?;
+    Ok(())
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+/// Length-prefixed string: the prefix keeps `("ab","c")` and `("a","bc")` apart.
+fn lp(s: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + s.len());
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+    out
+}
+
+fn user_host_key(user: &str, host: &str) -> Vec<u8> {
+    let mut k = lp(user);
+    k.extend_from_slice(host.as_bytes());
+    k
+}
+
+fn split_user_host(k: &[u8]) -> Result<(String, String), StoreError> {
+    let bad = || StoreError::Corrupt {
+        tree: "token_ids",
+        detail: "bad user/host key".into(),
+    };
+    let len =
+        u16::from_be_bytes(k.get(..2).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
+    let user = k.get(2..2 + len).ok_or_else(bad)?;
+    let host = &k[2 + len..];
+    Ok((
+        String::from_utf8(user.to_vec()).map_err(|_| bad())?,
+        String::from_utf8(host.to_vec()).map_err(|_| bad())?,
+    ))
+}
+
+fn replay_key(src: &str, id: u64) -> Vec<u8> {
+    let mut k = lp(src);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Our records are plain structs: serializing them cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(tree: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(tree, e))
+}
+
+fn corrupt(tree: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        tree,
+        detail: e.to_string(),
+    }
+}
+
+/// Group commit: callers that changed the store wait on [`GroupCommit::durable`]; one
+/// background task flushes once for everyone who asked while the previous flush ran.
+#[derive(Clone)]
+pub struct GroupCommit {
+    tx: mpsc::Sender<oneshot::Sender<bool>>,
+}
+
+impl GroupCommit {
+    /// Starts the flusher task for `store`. It ends when every handle is dropped.
+    pub fn start(store: Store, queue: usize) -> GroupCommit {
+        let (tx, mut rx) = mpsc::channel::<oneshot::Sender<bool>>(queue);
+        tokio::spawn(async move {
+            let mut waiters = Vec::new();
+            while rx.recv_many(&mut waiters, queue).await > 0 {
+                // Everyone in `waiters` registered after their change was applied, so this
+                // flush, which starts now, covers all of them.
+                let s = store.clone();
+                let ok = match tokio::task::spawn_blocking(move || s.flush()).await {
+                    Ok(Ok(())) => true,
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "database flush failed");
+                        false
+                    }
+                    Err(_) => false,
+                };
+                for w in waiters.drain(..) {
+                    let _ = w.send(ok);
+                }
+            }
+        });
+        GroupCommit { tx }
+    }
+
+    /// Returns once every change made before this call is on disk.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(tx).await.map_err(|_| StoreError::Flush)?;
+        match rx.await {
+            Ok(true) => Ok(()),
+            _ => Err(StoreError::Flush),
+        }
+    }
+}
+
+/// Deletes replay records older than `window`, every `every`, until the store is dropped.
+pub async fn prune_replays_every(store: Store, window: Duration, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let cutoff = crate::unix_ms().saturating_sub(window.as_millis() as u64);
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.prune_replays(cutoff)).await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(pruned = n, "replay records pruned"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "pruning replay records failed"),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(src: &str, id: u64, at_ms: u64) -> RequestKey<'_> {
+        RequestKey { src, id, at_ms }
+    }
+
+    #[test]
+    fn replacing_a_token_retires_the_old_id() {
+        let s = Store::temporary().unwrap();
+        let a = TokenRecord {
+            token_id: [1; 16],
+            key_id: 1,
+            created: 10,
+        };
+        let b = TokenRecord {
+            token_id: [2; 16],
+            key_id: 1,
+            created: 11,
+        };
+        s.replace_token("u", "h", &a, &req("u", 1, 1), &Replay::Empty)
+            .unwrap();
+        assert_eq!(
+            s.token_owner(&[1; 16]).unwrap(),
+            Some(("u".into(), "h".into()))
+        );
+        s.replace_token("u", "h", &b, &req("u", 2, 1), &Replay::Empty)
+            .unwrap();
+        assert_eq!(s.token("u", "h").unwrap(), Some(b));
+        assert_eq!(s.token_owner(&[1; 16]).unwrap(), None);
+        s.revoke_token("u", "h", &req("u", 3, 1), &Replay::Empty)
+            .unwrap();
+        assert_eq!(s.token("u", "h").unwrap(), None);
+        assert_eq!(s.token_owner(&[2; 16]).unwrap(), None);
+    }
+
+    #[test]
+    fn user_and_host_boundaries_are_kept_apart() {
+        let s = Store::temporary().unwrap();
+        let r = TokenRecord {
+            token_id: [1; 16],
+            key_id: 1,
+            created: 10,
+        };
+        s.replace_token("ab", "c", &r, &req("x", 1, 1), &Replay::Empty)
+            .unwrap();
+        assert_eq!(s.token("a", "bc").unwrap(), None);
+        assert!(s.tokens_of("a").unwrap().is_empty());
+        assert_eq!(s.tokens_of("ab").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn replays_are_kept_then_pruned() {
+        let s = Store::temporary().unwrap();
+        let r = TokenRecord {
+            token_id: [1; 16],
+            key_id: 1,
+            created: 10,
+        };
+        let reply = Replay::Value(serde_json::json!({"x": 1}));
+        s.replace_token("u", "h", &r, &req("caller", 9, 1_000), &reply)
+            .unwrap();
+        assert_eq!(s.replay("caller", 9).unwrap(), Some(reply));
+        assert_eq!(s.replay("caller", 10).unwrap(), None);
+        assert_eq!(s.prune_replays(1_000).unwrap(), 0);
+        assert_eq!(s.prune_replays(1_001).unwrap(), 1);
+        assert_eq!(s.replay("caller", 9).unwrap(), None);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree("meta")
+                .unwrap()
+                .insert("schema_version", &99u64.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        assert!(matches!(
+            Store::open(dir.path(), 1 << 20),
+            Err(StoreError::Schema { .. })
+        ));
+    }
+}

@@ -1,0 +1,251 @@
+//! Test harness: a real mosquitto on an ephemeral loopback port, an authd worker in-process
+//! (or as the built binary), and clients that speak the wire protocol to it.
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use authd::client::{Client, ClientOptions};
+use authd::config::{BrokerAddress, Config};
+use authd::frame::Response;
+use authd::Worker;
+use serde_json::Value;
+
+pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+pub const ADMIN_KEY: &str = "test-admin-key";
+pub const SERVICE_KEY: &str = "test-service-key";
+pub const SERVICE_ID: &str = "//api.mongoose-iot.com";
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A mosquitto process of our own. Stopped (and its files removed) on drop.
+pub struct Broker {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    extra_config: String,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// Starts mosquitto with anonymous access on a free loopback port.
+    pub fn start() -> Broker {
+        Self::start_with("")
+    }
+
+    /// Starts mosquitto with extra lines appended to the base config.
+    pub fn start_with(extra_config: &str) -> Broker {
+        let mut broker = Broker {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            extra_config: extra_config.to_owned(),
+            child: None,
+        };
+        broker.launch();
+        broker
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn launch(&mut self) {
+        assert!(
+            Path::new(MOSQUITTO).exists(),
+            "{MOSQUITTO} is missing: apt-get install mosquitto"
+        );
+        let conf = self.dir.path().join("mosquitto.conf");
+        let text = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {dir}/\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n",
+            port = self.port,
+            dir = self.dir.path().display(),
+            extra = self.extra_config,
+        );
+        std::fs::write(&conf, text).expect("write mosquitto.conf");
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn address(&self) -> BrokerAddress {
+        BrokerAddress {
+            host: "127.0.0.1".into(),
+            port: self.port,
+        }
+    }
+
+    /// Stops the broker (SIGTERM, so it writes its persistence file).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe_kill(child.id(), "TERM");
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops and starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A worker config for `broker` with a fresh data dir, an admin and a service key.
+pub fn worker_config(broker: &Broker, data: &Path) -> Config {
+    Config {
+        broker: broker.url(),
+        data: data.to_path_buf(),
+        client_id: format!("authd-test-{}", uuid::Uuid::new_v4().simple()),
+        callers: authd::caller::parse_caller_keys(&format!(
+            "ops:admin:{ADMIN_KEY},backend:service:{SERVICE_KEY}"
+        ))
+        .unwrap(),
+        ..Config::default()
+    }
+}
+
+/// A broker and a ready worker, in-process.
+pub struct Setup {
+    pub broker: Broker,
+    pub data: tempfile::TempDir,
+    pub worker: Option<Worker>,
+}
+
+impl Setup {
+    pub async fn start() -> Setup {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Setup {
+        let broker = Broker::start();
+        let data = tempfile::tempdir().expect("temp dir");
+        let mut config = worker_config(&broker, data.path());
+        tweak(&mut config);
+        let worker = Worker::start(config).await.expect("worker starts");
+        tokio::time::timeout(TIMEOUT, worker.ready())
+            .await
+            .expect("worker ready");
+        Setup {
+            broker,
+            data,
+            worker: Some(worker),
+        }
+    }
+
+    pub fn worker(&self) -> &Worker {
+        self.worker.as_ref().expect("worker running")
+    }
+
+    /// A client with the admin key.
+    pub async fn admin(&self) -> Client {
+        client(&self.broker, Some(ADMIN_KEY), None).await
+    }
+
+    /// A client with the service key, calling as `src`.
+    pub async fn service(&self, src: &str) -> Client {
+        client(&self.broker, Some(SERVICE_KEY), Some(src)).await
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop().await.expect("clean stop");
+        }
+    }
+}
+
+/// A connected client with `key`, as `src` (default: random).
+pub async fn client(broker: &Broker, key: Option<&str>, src: Option<&str>) -> Client {
+    let mut options = ClientOptions::new(broker.address());
+    options.key = key.map(str::to_owned);
+    if let Some(src) = src {
+        options.src = src.to_owned();
+    }
+    Client::connect(options, TIMEOUT)
+        .await
+        .expect("client connects")
+}
+
+/// Calls and expects a result (or no result); panics on an error frame.
+pub async fn ok(client: &Client, method: &str, args: Value) -> Option<Value> {
+    let r = client
+        .call(method, args.clone(), TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {args}: {e}"));
+    assert!(
+        r.error.is_none(),
+        "{method} {args}: unexpected error {:?}",
+        r.error
+    );
+    r.result
+}
+
+/// Calls and expects an error frame with `code`; returns its message.
+pub async fn err(client: &Client, method: &str, args: Value, code: u16) -> String {
+    let r = client
+        .call(method, args.clone(), TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {args}: {e}"));
+    let e = r.error.unwrap_or_else(|| {
+        panic!(
+            "{method} {args}: expected error {code}, got result {:?}",
+            r.result
+        )
+    });
+    assert_eq!(e.code, code, "{method} {args}: {}", e.message);
+    e.message
+}
+
+/// Sends a raw frame and returns the response with id `id`.
+pub async fn raw(client: &Client, payload: &str, id: u64) -> Response {
+    let topic = client.request_topic().to_owned();
+    client
+        .call_raw(&topic, payload.as_bytes().to_vec(), id, TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{payload}: {e}"))
+}
+
+/// The built `authd` binary (for crash and CLI tests).
+pub fn authd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_authd"))
+}
