@@ -170,13 +170,13 @@ impl Store {
         let key = user_host_key(user, host);
         let value = encode(record);
         let replay = self.replay_entry(request, reply);
-        self.transact(|tokens, token_ids, replays, times| {
-            if let Some(old) = tokens.insert(key.as_slice(), value.as_slice())? {
+        self.transact(|tx| {
+            if let Some(old) = tx.tokens.insert(key.as_slice(), value.as_slice())? {
                 let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
-                token_ids.remove(&old.token_id[..])?;
+                tx.token_ids.remove(&old.token_id[..])?;
             }
-            token_ids.insert(&record.token_id[..], key.as_slice())?;
-            put_replay(replays, times, &replay)
+            tx.token_ids.insert(&record.token_id[..], key.as_slice())?;
+            tx.put_replay(&replay)
         })
     }
 
@@ -190,12 +190,12 @@ impl Store {
     ) -> Result<(), StoreError> {
         let key = user_host_key(user, host);
         let replay = self.replay_entry(request, reply);
-        self.transact(|tokens, token_ids, replays, times| {
-            if let Some(old) = tokens.remove(key.as_slice())? {
+        self.transact(|tx| {
+            if let Some(old) = tx.tokens.remove(key.as_slice())? {
                 let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
-                token_ids.remove(&old.token_id[..])?;
+                tx.token_ids.remove(&old.token_id[..])?;
             }
-            put_replay(replays, times, &replay)
+            tx.put_replay(&replay)
         })
     }
 
@@ -246,24 +246,28 @@ impl Store {
         (key, time_key, value)
     }
 
-    /// Runs `f` as one transaction over the token and replay trees. sled re-runs it on
-    /// conflict, so `f` has no side effects outside the trees.
-    fn transact<F>(&self, f: F) -> Result<(), StoreError>
-    where
-        F: Fn(
-            &TransactionalTree,
-            &TransactionalTree,
-            &TransactionalTree,
-            &TransactionalTree,
-        ) -> Result<(), ConflictableTransactionError<StoreError>>,
-    {
-        (
+    /// Runs `f` as one transaction over every tree. sled re-runs it on conflict, so `f` has
+    /// no side effects outside the trees.
+    fn transact<T>(
+        &self,
+        f: impl Fn(&Tx<'_>) -> Result<T, ConflictableTransactionError<StoreError>>,
+    ) -> Result<T, StoreError> {
+        let trees = [
             &self.tokens,
             &self.token_ids,
             &self.replays,
             &self.replay_times,
-        )
-            .transaction(|(a, b, c, d)| f(a, b, c, d))
+        ];
+        trees
+            .as_slice()
+            .transaction(|t| {
+                f(&Tx {
+                    tokens: &t[0],
+                    token_ids: &t[1],
+                    replays: &t[2],
+                    replay_times: &t[3],
+                })
+            })
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => StoreError::Sled(e),
@@ -271,14 +275,24 @@ impl Store {
     }
 }
 
-fn put_replay(
-    replays: &TransactionalTree,
-    times: &TransactionalTree,
-    (key, time_key, value): &(Vec<u8>, Vec<u8>, Vec<u8>),
-) -> Result<(), ConflictableTransactionError<StoreError>> {
-    replays.insert(key.as_slice(), value.as_slice())?;
-    times.insert(time_key.as_slice(), &[][..])?;
-    Ok(())
+/// The trees, inside a transaction.
+struct Tx<'a> {
+    tokens: &'a TransactionalTree,
+    token_ids: &'a TransactionalTree,
+    replays: &'a TransactionalTree,
+    replay_times: &'a TransactionalTree,
+}
+
+impl Tx<'_> {
+    /// Records the reply of the request that made this change.
+    fn put_replay(
+        &self,
+        (key, time_key, value): &(Vec<u8>, Vec<u8>, Vec<u8>),
+    ) -> Result<(), ConflictableTransactionError<StoreError>> {
+        self.replays.insert(key.as_slice(), value.as_slice())?;
+        self.replay_times.insert(time_key.as_slice(), &[][..])?;
+        Ok(())
+    }
 }
 
 fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
