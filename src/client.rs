@@ -31,6 +31,9 @@ pub struct ClientOptions {
     /// Caller key sent in every frame.
     pub key: Option<String>,
     pub max_packet_bytes: usize,
+    /// Keep the broker session across reconnects (client id = `src`), so replies published
+    /// while we are away are delivered when we are back.
+    pub persistent: bool,
 }
 
 impl ClientOptions {
@@ -43,6 +46,7 @@ impl ClientOptions {
             src: format!("authd-client-{}", uuid::Uuid::new_v4().simple()),
             key: None,
             max_packet_bytes: 16 * 1024 * 1024,
+            persistent: false,
         }
     }
 }
@@ -77,7 +81,7 @@ impl Client {
             broker: options.broker.clone(),
             client_id: options.src.clone(),
             credentials: options.credentials.clone(),
-            persistent: false,
+            persistent: options.persistent,
             manual_acks: false,
             subscriptions: vec![format!("{}/rpc", options.src)],
             keep_alive: Duration::from_secs(30),

@@ -17,7 +17,9 @@
 //! | [`caller`] | caller API keys and scopes |
 //! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
 //! | [`metrics`] | counters of requests and dropped frames |
+//! | [`bench`] | `authd bench` load generator and the null worker (the ceiling) |
 
+pub mod bench;
 pub mod caller;
 pub mod client;
 pub mod config;

@@ -37,6 +37,35 @@ enum Command {
     /// Send one request and print the response frame (exit 0: result, 1: error frame,
     /// 2: timeout or transport failure).
     Call(CallArgs),
+    /// Load generator: authd beside the null-worker ceiling, on the same broker, in one run.
+    Bench(BenchArgs),
+    /// The ceiling for `bench`: answers `true` to every frame, on the same MQTT stack.
+    NullWorker(NullWorkerArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Broker to use; default: start a private mosquitto (TCP_NODELAY on) on a free port.
+    #[arg(long)]
+    broker: Option<String>,
+    /// Requests per measured run.
+    #[arg(long, short = 'n', default_value_t = 20_000)]
+    requests: usize,
+    /// In-flight levels, comma separated.
+    #[arg(long, short = 'w', value_delimiter = ',', default_values_t = vec![1, 64])]
+    in_flight: Vec<usize>,
+    /// Scenarios, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = authd::bench::SCENARIOS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
+    scenarios: Vec<String>,
+}
+
+#[derive(Args)]
+struct NullWorkerArgs {
+    #[arg(long, env = "AUTHD_BROKER", default_value = DEFAULT_BROKER)]
+    broker: String,
+    /// Service id: requests come on `{id}/rpc`.
+    #[arg(long, default_value = "authd-null")]
+    id: String,
 }
 
 /// Flags override `AUTHD_*` variables, which override the config file.
@@ -111,7 +140,7 @@ fn main() -> ExitCode {
     // The worker logs its life at info; a one-shot client speaks only when something is wrong.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Call(_) => "warn",
+        Command::Call(_) | Command::Bench(_) | Command::NullWorker(_) => "warn",
     };
     init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -128,6 +157,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Call(args) => call(args).await,
+            Command::Bench(args) => bench(args).await,
+            Command::NullWorker(args) => null_worker(args).await,
         }
     })
 }
@@ -288,4 +319,40 @@ async fn call(args: CallArgs) -> ExitCode {
             fail(e.to_string())
         }
     }
+}
+
+async fn bench(args: BenchArgs) -> ExitCode {
+    let authd = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("authd bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let options = authd::bench::BenchOptions {
+        broker: args.broker,
+        requests: args.requests.max(1),
+        in_flight: args.in_flight,
+        scenarios: args.scenarios,
+        authd,
+    };
+    match authd::bench::run(options).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("authd bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn null_worker(args: NullWorkerArgs) -> ExitCode {
+    let broker = match BrokerAddress::parse(&args.broker) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("authd null-worker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    authd::bench::null_worker(broker, args.id.clone(), args.id, shutdown_signal()).await;
+    ExitCode::SUCCESS
 }

@@ -56,7 +56,7 @@ impl Broker {
         );
         let conf = self.dir.path().join("mosquitto.conf");
         let text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {dir}/\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n",
+            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n# As root, mosquitto would drop to user `mosquitto` and could not write its\n# persistence file into our temporary directory.\nuser root\npersistence true\npersistence_location {dir}/\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n",
             port = self.port,
             dir = self.dir.path().display(),
             extra = self.extra_config,
