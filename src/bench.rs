@@ -8,6 +8,7 @@
 //! to both and prints throughput and latency side by side, as ratios. Every answer is
 //! checked against the expected one; a wrong answer fails the run.
 
+use std::borrow::Cow;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -18,74 +19,57 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::client::{Client, ClientOptions};
-use crate::config::BrokerAddress;
+use crate::config::{BrokerAddress, Config};
+use crate::dispatch::{FrameHandler, Outcome};
 use crate::frame::{Address, Response};
-use crate::mqtt::{Message, Publisher, Session, SessionOptions};
+use crate::Worker;
 
-/// Runs the null worker until `shutdown`: answers `true` to every frame with a `src` and
-/// an `id`, on the same stack as authd.
-pub async fn null_worker(
-    broker: BrokerAddress,
-    service_id: String,
-    client_id: String,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let topic = format!("{service_id}/rpc");
-    let (session, publisher, link) = Session::new(SessionOptions {
-        broker,
-        client_id,
-        credentials: None,
-        persistent: true,
-        manual_acks: true,
-        subscriptions: vec![topic.clone(), format!("{topic}/#")],
-        keep_alive: Duration::from_secs(30),
-        max_packet_bytes: 1024 * 1024,
-    });
-    let tracker = TaskTracker::new();
-    let on_message = {
-        let (tracker, publisher) = (tracker.clone(), publisher.clone());
-        let service_id = service_id.clone();
-        move |msg: Message| {
-            tracker.spawn(null_answer(publisher.clone(), service_id.clone(), msg));
-        }
-    };
-    let intake = CancellationToken::new();
-    let close = CancellationToken::new();
-    let task = tokio::spawn(session.run(on_message, intake.clone(), close.clone(), || {}));
-    let _ = link;
-    shutdown.await;
-    intake.cancel();
-    tracker.close();
-    tracker.wait().await;
-    publisher.disconnect().await;
-    close.cancel();
-    let _ = task.await;
+/// The ceiling's handler: parses `src` and `id`, answers `true`.
+pub struct NullHandler {
+    config: Arc<Config>,
 }
 
-async fn null_answer(publisher: Publisher, service_id: String, msg: Message) {
-    #[derive(Deserialize)]
-    struct Head<'a> {
-        #[serde(borrow)]
-        src: std::borrow::Cow<'a, str>,
-        id: u64,
-    }
-    if let Ok(head) = serde_json::from_slice::<Head<'_>>(&msg.payload) {
+impl FrameHandler for NullHandler {
+    fn handle(&self, _suffix: Option<&str>, payload: &[u8], _arrived_ms: u64) -> Outcome {
+        #[derive(Deserialize)]
+        struct Head<'a> {
+            #[serde(borrow)]
+            src: Cow<'a, str>,
+            id: u64,
+        }
+        let Ok(head) = serde_json::from_slice::<Head<'_>>(payload) else {
+            return Outcome::default();
+        };
         let to = Address {
             src: head.src,
             id: head.id,
             tag: None,
             nr: false,
         };
-        let payload = crate::frame::encode_result(&service_id, &to, Some(&true));
-        let _ = publisher.publish(format!("{}/rpc", to.src), payload).await;
+        Outcome {
+            reply: Some((
+                self.config.reply_topic(&to.src),
+                crate::frame::encode_result(&self.config.id, &to, Some(&true)),
+            )),
+            needs_durability: false,
+        }
     }
-    if let Some(ack) = msg.ack {
-        publisher.complete(ack).await;
-    }
+}
+
+/// Runs the null worker until `shutdown`: the same serving path as authd (session, task
+/// per request, ordered manual acks), with [`NullHandler`] in place of the dispatcher.
+pub async fn null_worker(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let handler = Arc::new(NullHandler {
+        config: Arc::new(config.clone()),
+    });
+    let worker = Worker::start_with_handler(config, handler)?;
+    shutdown.await;
+    worker.stop().await
 }
 
 /// What to measure.

@@ -22,6 +22,20 @@ pub struct Outcome {
     pub needs_durability: bool,
 }
 
+/// Turns one request frame into an [`Outcome`]. Implemented by [`Dispatcher`] (authd) and
+/// by the benchmark's null worker, so both run on exactly the same serving path.
+pub trait FrameHandler: Send + Sync + 'static {
+    /// `suffix` is the part of the topic after `<request topic>/`, if any; `arrived_ms`
+    /// when the frame came off the wire (UNIX ms).
+    fn handle(&self, suffix: Option<&str>, payload: &[u8], arrived_ms: u64) -> Outcome;
+}
+
+impl FrameHandler for Dispatcher {
+    fn handle(&self, suffix: Option<&str>, payload: &[u8], arrived_ms: u64) -> Outcome {
+        Dispatcher::handle(self, suffix, payload, arrived_ms)
+    }
+}
+
 /// Everything needed to answer requests. Cheap to share (`Arc`).
 pub struct Dispatcher {
     config: Arc<Config>,

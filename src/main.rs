@@ -346,13 +346,17 @@ async fn bench(args: BenchArgs) -> ExitCode {
 }
 
 async fn null_worker(args: NullWorkerArgs) -> ExitCode {
-    let broker = match BrokerAddress::parse(&args.broker) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("authd null-worker: {e}");
-            return ExitCode::from(2);
-        }
+    let config = Config {
+        broker: args.broker,
+        client_id: args.id.clone(),
+        id: args.id,
+        ..Config::default()
     };
-    authd::bench::null_worker(broker, args.id.clone(), args.id, shutdown_signal()).await;
-    ExitCode::SUCCESS
+    match authd::bench::null_worker(config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("authd null-worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

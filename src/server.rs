@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::caller::{self, CallerKeys};
 use crate::config::{BrokerAddress, Config};
 use crate::crypto::ServerKeys;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, FrameHandler};
 use crate::metrics::Metrics;
 use crate::mqtt::{Link, Message, Publisher, Session, SessionOptions};
 use crate::store::{self, GroupCommit, Store};
@@ -35,7 +35,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow
 pub struct Worker {
     config: Arc<Config>,
     metrics: Arc<Metrics>,
-    store: Store,
+    store: Option<Store>,
     publisher: Publisher,
     link: watch::Receiver<Link>,
     tracker: TaskTracker,
@@ -51,7 +51,6 @@ impl Worker {
     /// Opens the store and keys in `config.data` and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Worker> {
         config.validate()?;
-        let broker = BrokerAddress::parse(&config.broker)?;
         create_private_dir(&config.data)?;
         let keys = ServerKeys::load_or_create(&config.data.join("server.key"))?;
         let store =
@@ -84,14 +83,41 @@ impl Worker {
             keys,
             metrics.clone(),
         ));
-        let commit = GroupCommit::start(store.clone(), 4096);
         let background = vec![tokio::spawn(store::prune_replays_every(
             store.clone(),
             config.replay_window(),
             Duration::from_secs(60),
         ))];
+        Self::run(config, dispatcher, metrics, Some(store), background)
+    }
 
-        let request_topic = config.request_topic();
+    /// Serves `handler` on the bus with everything but the store: the same session, task
+    /// per request, ordered acks and shutdown as authd. `authd null-worker` (the
+    /// benchmark's ceiling) is this with a handler that answers `true`.
+    pub fn start_with_handler(
+        config: Config,
+        handler: Arc<dyn FrameHandler>,
+    ) -> anyhow::Result<Worker> {
+        config.validate()?;
+        Self::run(
+            Arc::new(config),
+            handler,
+            Arc::new(Metrics::default()),
+            None,
+            Vec::new(),
+        )
+    }
+
+    fn run(
+        config: Arc<Config>,
+        handler: Arc<dyn FrameHandler>,
+        metrics: Arc<Metrics>,
+        store: Option<Store>,
+        background: Vec<JoinHandle<()>>,
+    ) -> anyhow::Result<Worker> {
+        let broker = BrokerAddress::parse(&config.broker)?;
+        let commit = store.clone().map(|s| GroupCommit::start(s, 4096));
+        let request_topic: Arc<str> = config.request_topic().into();
         let (session, publisher, link) = Session::new(SessionOptions {
             broker,
             client_id: config.client_id.clone(),
@@ -101,7 +127,7 @@ impl Worker {
                 .map(|u| (u, config.broker_password.clone().unwrap_or_default())),
             persistent: true,
             manual_acks: true,
-            subscriptions: vec![request_topic.clone(), format!("{request_topic}/#")],
+            subscriptions: vec![request_topic.to_string(), format!("{request_topic}/#")],
             keep_alive: Duration::from_secs(config.keep_alive_secs),
             max_packet_bytes: config.max_packet_bytes,
         });
@@ -130,7 +156,7 @@ impl Worker {
                     }
                 };
                 tracker.spawn(handle(
-                    dispatcher.clone(),
+                    handler.clone(),
                     publisher.clone(),
                     commit.clone(),
                     request_topic.clone(),
@@ -197,7 +223,8 @@ impl Worker {
             task.abort();
         }
         let store = self.store.clone();
-        let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+        let flushed =
+            tokio::task::spawn_blocking(move || store.map_or(Ok(()), |s| s.flush())).await;
         // A connected session ends on the Disconnect; an unreachable broker on `close`.
         self.publisher.disconnect().await;
         self.close.cancel();
@@ -216,20 +243,20 @@ impl Worker {
 /// Handles one message: dispatch, wait for durability if the store changed, publish the
 /// reply, then ack. The ack comes last, so a crash anywhere before it means redelivery.
 async fn handle(
-    dispatcher: Arc<Dispatcher>,
+    handler: Arc<dyn FrameHandler>,
     publisher: Publisher,
-    commit: GroupCommit,
-    request_topic: String,
+    commit: Option<GroupCommit>,
+    request_topic: Arc<str>,
     msg: Message,
     _permit: Option<OwnedSemaphorePermit>,
     failed: CancellationToken,
 ) {
     let suffix = msg
         .topic
-        .strip_prefix(request_topic.as_str())
+        .strip_prefix(&*request_topic)
         .and_then(|rest| rest.strip_prefix('/'));
-    let outcome = dispatcher.handle(suffix, &msg.payload, msg.arrived_ms);
-    if outcome.needs_durability {
+    let outcome = handler.handle(suffix, &msg.payload, msg.arrived_ms);
+    if let (true, Some(commit)) = (outcome.needs_durability, &commit) {
         if let Err(e) = commit.durable().await {
             // Neither reply nor ack: the broker redelivers after restart, and the request is
             // answered from what is really on disk.
