@@ -31,7 +31,9 @@ pub struct ClientOptions {
     /// Caller key sent in every frame.
     pub key: Option<String>,
     pub max_packet_bytes: usize,
-    /// Keep the broker session across reconnects (client id = `src`), so replies published
+    /// MQTT client id; default: `src`.
+    pub client_id: Option<String>,
+    /// Keep the broker session across reconnects (fixed client id), so replies published
     /// while we are away are delivered when we are back.
     pub persistent: bool,
 }
@@ -46,6 +48,7 @@ impl ClientOptions {
             src: format!("authd-client-{}", uuid::Uuid::new_v4().simple()),
             key: None,
             max_packet_bytes: 16 * 1024 * 1024,
+            client_id: None,
             persistent: false,
         }
     }
@@ -79,7 +82,10 @@ impl Client {
     pub async fn connect(options: ClientOptions, within: Duration) -> Result<Client, CallError> {
         let (session, publisher, mut link) = Session::new(SessionOptions {
             broker: options.broker.clone(),
-            client_id: options.src.clone(),
+            client_id: options
+                .client_id
+                .clone()
+                .unwrap_or_else(|| options.src.clone()),
             credentials: options.credentials.clone(),
             persistent: options.persistent,
             manual_acks: false,

@@ -19,11 +19,16 @@ pub const SERVICE_KEY: &str = "test-service-key";
 pub const SERVICE_ID: &str = "//api.mongoose-iot.com";
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The harness's mosquitto config: anonymous, loopback, persistent.
+// As root, mosquitto would drop to user `mosquitto` and could not write its persistence
+// file into our temporary directory: `user root` keeps it as it is.
+const BASE_CONFIG: &str = "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\nuser root\npersistence true\npersistence_location {dir}/\nlog_dest stderr\nlog_type error\nlog_type warning\n";
+
 /// A mosquitto process of our own. Stopped (and its files removed) on drop.
 pub struct Broker {
     pub port: u16,
     dir: tempfile::TempDir,
-    extra_config: String,
+    template: String,
     child: Option<Child>,
 }
 
@@ -35,10 +40,16 @@ impl Broker {
 
     /// Starts mosquitto with extra lines appended to the base config.
     pub fn start_with(extra_config: &str) -> Broker {
+        Self::start_config(&format!("{BASE_CONFIG}{extra_config}\n"))
+    }
+
+    /// Starts mosquitto with a whole config of our own, in which `{port}` and `{dir}` (a
+    /// private temporary directory) are replaced.
+    pub fn start_config(template: &str) -> Broker {
         let mut broker = Broker {
             port: free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
-            extra_config: extra_config.to_owned(),
+            template: template.to_owned(),
             child: None,
         };
         broker.launch();
@@ -55,12 +66,10 @@ impl Broker {
             "{MOSQUITTO} is missing: apt-get install mosquitto"
         );
         let conf = self.dir.path().join("mosquitto.conf");
-        let text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n# As root, mosquitto would drop to user `mosquitto` and could not write its\n# persistence file into our temporary directory.\nuser root\npersistence true\npersistence_location {dir}/\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n",
-            port = self.port,
-            dir = self.dir.path().display(),
-            extra = self.extra_config,
-        );
+        let text = self
+            .template
+            .replace("{port}", &self.port.to_string())
+            .replace("{dir}", &self.dir.path().display().to_string());
         std::fs::write(&conf, text).expect("write mosquitto.conf");
         let child = Command::new(MOSQUITTO)
             .arg("-c")
