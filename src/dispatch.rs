@@ -8,6 +8,7 @@ use crate::caller::{Caller, CallerKeys};
 use crate::config::Config;
 use crate::crypto::ServerKeys;
 use crate::frame::{self, Address, Reject, Request, RpcError};
+use crate::lockout::Lockout;
 use crate::methods::{self, Ctx, Handler, Method};
 use crate::metrics::Metrics;
 use crate::store::{RequestKey, Store};
@@ -29,6 +30,7 @@ pub struct Dispatcher {
     store: Store,
     keys: ServerKeys,
     metrics: Arc<Metrics>,
+    lockout: Lockout,
 }
 
 impl Dispatcher {
@@ -40,6 +42,7 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
     ) -> Self {
         Dispatcher {
+            lockout: Lockout::new(config.lockout()),
             config,
             callers,
             store,
@@ -137,6 +140,7 @@ impl Dispatcher {
                 id: req.to.id,
                 at_ms: now_ms,
             },
+            lockout: &self.lockout,
         };
         self.run(method, &ctx, req, caller)
     }
