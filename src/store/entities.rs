@@ -3,34 +3,133 @@
 //! `entities` maps an id to its [`EntityRecord`]; `entity_owners` indexes ids by owner
 //! (`lp(owner) ‖ id`) so that `Entity.List {owner}` reads only that owner's entities. Both
 //! change together, in the transaction that records the request's reply.
+//!
+//! Entity records are a small binary layout, not JSON like the other records: `Authenticate`
+//! decodes one per request, and decoding must be cheap and take the same time for every
+//! record (an unknown id decodes a dummy record, so that existence does not show in timing).
+//! Layout (integers big-endian):
+//!
+//! ```text
+//! version = 1 (u8) | flags (u8: 1 psk, 2 cert, 4 disabled, 8 owner) | created (u64)
+//! [psk key id (u32) | psk hash (32)] [cert sha256 (32)] [owner length (u16) | owner]
+//! ```
 
 use std::ops::Bound;
 
-use serde::{Deserialize, Serialize};
-
-use super::{abort, decode, encode, lp, Replay, RequestKey, Store, StoreError};
+use super::{abort, lp, Replay, RequestKey, Store, StoreError};
 use crate::crypto::KeyId;
 
 /// An entity as stored. Holds no usable secret: the PSK is a keyed hash, the certificate a
 /// fingerprint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntityRecord {
     /// Who owns it (a user id): owners may command their devices.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub psk: Option<PskHash>,
     /// SHA-256 of the pinned certificate's DER encoding.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_sha256: Option<[u8; 32]>,
-    #[serde(default)]
     pub disabled: bool,
     /// UNIX seconds when the id was first created; kept when the entity is replaced.
     pub created: u64,
 }
 
+const VERSION: u8 = 1;
+const HAS_PSK: u8 = 1;
+const HAS_CERT: u8 = 2;
+const DISABLED: u8 = 4;
+const HAS_OWNER: u8 = 8;
+
+impl EntityRecord {
+    /// The stored form (see the module doc).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut flags = 0;
+        let mut out =
+            Vec::with_capacity(10 + 36 + 32 + self.owner.as_ref().map_or(0, |o| 2 + o.len()));
+        out.extend_from_slice(&[VERSION, 0]);
+        out.extend_from_slice(&self.created.to_be_bytes());
+        if let Some(psk) = &self.psk {
+            flags |= HAS_PSK;
+            out.extend_from_slice(&psk.key_id.to_be_bytes());
+            out.extend_from_slice(&psk.hash);
+        }
+        if let Some(fp) = &self.cert_sha256 {
+            flags |= HAS_CERT;
+            out.extend_from_slice(fp);
+        }
+        if self.disabled {
+            flags |= DISABLED;
+        }
+        if let Some(owner) = &self.owner {
+            flags |= HAS_OWNER;
+            // Owners are names (at most 256 bytes): the length fits.
+            out.extend_from_slice(&(owner.len() as u16).to_be_bytes());
+            out.extend_from_slice(owner.as_bytes());
+        }
+        out[1] = flags;
+        out
+    }
+
+    /// Reads the stored form.
+    pub fn from_bytes(bytes: &[u8]) -> Result<EntityRecord, StoreError> {
+        let bad = |detail: &str| StoreError::Corrupt {
+            tree: "entities",
+            detail: detail.to_owned(),
+        };
+        let mut r = Reader(bytes);
+        let [version, flags] = r.take::<2>().ok_or_else(|| bad("truncated"))?;
+        if version != VERSION {
+            return Err(bad("unknown record version"));
+        }
+        let created = u64::from_be_bytes(r.take().ok_or_else(|| bad("truncated"))?);
+        let psk = if flags & HAS_PSK != 0 {
+            let key_id = KeyId::from_be_bytes(r.take().ok_or_else(|| bad("truncated"))?);
+            let hash = r.take().ok_or_else(|| bad("truncated"))?;
+            Some(PskHash { key_id, hash })
+        } else {
+            None
+        };
+        let cert_sha256 = if flags & HAS_CERT != 0 {
+            Some(r.take().ok_or_else(|| bad("truncated"))?)
+        } else {
+            None
+        };
+        let owner = if flags & HAS_OWNER != 0 {
+            let len = u16::from_be_bytes(r.take().ok_or_else(|| bad("truncated"))?) as usize;
+            let owner = r.0.get(..len).ok_or_else(|| bad("truncated"))?;
+            r.0 = &r.0[len..];
+            Some(
+                std::str::from_utf8(owner)
+                    .map_err(|_| bad("owner is not UTF-8"))?
+                    .to_owned(),
+            )
+        } else {
+            None
+        };
+        if !r.0.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(EntityRecord {
+            owner,
+            psk,
+            cert_sha256,
+            disabled: flags & DISABLED != 0,
+            created,
+        })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
+    }
+}
+
 /// `ServerKeys::psk_hash` of an entity's PSK and the key it was made with.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PskHash {
     pub key_id: KeyId,
     pub hash: [u8; 32],
@@ -59,7 +158,7 @@ impl Store {
     pub fn entity(&self, id: &str) -> Result<Option<EntityRecord>, StoreError> {
         match self.entities.get(id.as_bytes())? {
             None => Ok(None),
-            Some(v) => decode("entities", &v).map(Some),
+            Some(v) => EntityRecord::from_bytes(&v).map(Some),
         }
     }
 
@@ -77,7 +176,7 @@ impl Store {
         let replay = self.replay_entry(request, reply);
         self.transact(|tx| {
             let old = match tx.entities.get(id.as_bytes())? {
-                Some(v) => Some(decode::<EntityRecord>("entities", &v).map_err(abort)?),
+                Some(v) => Some(EntityRecord::from_bytes(&v).map_err(abort)?),
                 None => None,
             };
             let mut new = record.clone();
@@ -93,7 +192,7 @@ impl Store {
             if let Some(owner) = &new.owner {
                 tx.entity_owners.insert(owner_key(owner, id), &[][..])?;
             }
-            tx.entities.insert(id.as_bytes(), encode(&new))?;
+            tx.entities.insert(id.as_bytes(), new.to_bytes())?;
             tx.put_replay(&replay)?;
             Ok(if old.is_some() {
                 PutOutcome::Replaced
@@ -123,7 +222,7 @@ impl Store {
         self.transact(|tx| {
             let existed = match tx.entities.remove(id.as_bytes())? {
                 Some(v) => {
-                    let old: EntityRecord = decode("entities", &v).map_err(abort)?;
+                    let old = EntityRecord::from_bytes(&v).map_err(abort)?;
                     if let Some(owner) = &old.owner {
                         tx.entity_owners.remove(owner_key(owner, id))?;
                     }
@@ -134,7 +233,7 @@ impl Store {
             let mut tokens = 0;
             for key in &token_keys {
                 if let Some(old) = tx.tokens.remove(&key[..])? {
-                    let old: super::TokenRecord = decode("tokens", &old).map_err(abort)?;
+                    let old: super::TokenRecord = super::decode("tokens", &old).map_err(abort)?;
                     tx.token_ids.remove(&old.token_id[..])?;
                     tokens += 1;
                 }
@@ -188,7 +287,7 @@ impl Store {
                     None => continue,
                 }
             } else {
-                decode("entities", &value)?
+                EntityRecord::from_bytes(&value)?
             };
             page.entities.push((id, record));
         }
@@ -227,6 +326,40 @@ mod tests {
 
     fn ids(page: &EntityPage) -> Vec<&str> {
         page.entities.iter().map(|(id, _)| id.as_str()).collect()
+    }
+
+    #[test]
+    fn records_round_trip_and_damage_is_refused() {
+        let full = EntityRecord {
+            owner: Some("alice".into()),
+            psk: Some(PskHash {
+                key_id: 7,
+                hash: [3; 32],
+            }),
+            cert_sha256: Some([4; 32]),
+            disabled: true,
+            created: 1_700_000_000,
+        };
+        let empty = EntityRecord {
+            owner: None,
+            psk: None,
+            cert_sha256: None,
+            disabled: false,
+            created: 0,
+        };
+        for r in [&full, &empty] {
+            assert_eq!(&EntityRecord::from_bytes(&r.to_bytes()).unwrap(), r);
+        }
+        let bytes = full.to_bytes();
+        for cut in 0..bytes.len() {
+            assert!(EntityRecord::from_bytes(&bytes[..cut]).is_err(), "{cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(EntityRecord::from_bytes(&longer).is_err());
+        let mut other_version = bytes;
+        other_version[0] = 2;
+        assert!(EntityRecord::from_bytes(&other_version).is_err());
     }
 
     #[test]
