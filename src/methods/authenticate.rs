@@ -411,10 +411,7 @@ mod tests {
             ),
             (
                 "psk unknown",
-                raw(
-                    "dev94242",
-                    serde_json::json!({"psk": "a wrong psk value"}),
-                ),
+                raw("dev94242", serde_json::json!({"psk": "a wrong psk value"})),
             ),
             (
                 "psk known, right",
