@@ -296,6 +296,29 @@ mod tests {
     }
 
     #[test]
+    fn lockout_settings_are_checked_unless_the_guard_is_off() {
+        let c = Config {
+            lockout_base_ms: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            lockout_base_ms: 5_000,
+            lockout_max_secs: 1,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            lockout_failures: 0,
+            lockout_base_ms: 0,
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        let p = Config::default().lockout();
+        assert_eq!((p.failures, p.max.as_secs()), (5, 900));
+    }
+
+    #[test]
     fn defaults_validate() {
         Config::default().validate().unwrap();
         let c = Config {
