@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::caller::CallerKeyConfig;
+use crate::lockout::LockoutPolicy;
 
 /// The Mongoose OS cloud's service address, the default `src` of every response.
 pub const DEFAULT_SERVICE_ID: &str = "//api.mongoose-iot.com";
@@ -51,6 +52,17 @@ pub struct Config {
     pub keep_alive_secs: u64,
     /// How long shutdown waits for requests in flight, seconds.
     pub drain_secs: u64,
+    /// Authenticate's brute-force guard: consecutive failures that lock an id; 0 turns the
+    /// guard off.
+    pub lockout_failures: u32,
+    /// Length of the first lock, milliseconds; each further lock doubles it.
+    pub lockout_base_ms: u64,
+    /// Longest lock, seconds.
+    pub lockout_max_secs: u64,
+    /// A failure streak idle this long (seconds) is forgotten.
+    pub lockout_forget_secs: u64,
+    /// Ids the guard remembers at most (bounds its memory).
+    pub lockout_max_entries: usize,
     /// Caller keys (`[[caller]]` tables). Empty: a generated admin key is used.
     #[serde(rename = "caller")]
     pub callers: Vec<CallerKeyConfig>,
@@ -74,6 +86,11 @@ impl Default for Config {
             cache_mib: 64,
             keep_alive_secs: 30,
             drain_secs: 10,
+            lockout_failures: 5,
+            lockout_base_ms: 1000,
+            lockout_max_secs: 15 * 60,
+            lockout_forget_secs: 60 * 60,
+            lockout_max_entries: 100_000,
             callers: Vec::new(),
         }
     }
@@ -134,6 +151,17 @@ impl Config {
         Duration::from_secs(self.replay_window_secs)
     }
 
+    /// The brute-force guard's settings.
+    pub fn lockout(&self) -> LockoutPolicy {
+        LockoutPolicy {
+            failures: self.lockout_failures,
+            base: Duration::from_millis(self.lockout_base_ms),
+            max: Duration::from_secs(self.lockout_max_secs),
+            forget: Duration::from_secs(self.lockout_forget_secs),
+            max_entries: self.lockout_max_entries,
+        }
+    }
+
     /// Checks values that would otherwise fail later and less clearly.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
@@ -156,6 +184,20 @@ impl Config {
         }
         if self.max_in_flight == 0 {
             return invalid("max_in_flight must be at least 1".into());
+        }
+        if self.lockout_failures > 0 {
+            if self.lockout_base_ms == 0
+                || self.lockout_max_secs.saturating_mul(1000) < self.lockout_base_ms
+            {
+                return invalid(
+                    "lockout_base_ms must be at least 1 and at most lockout_max_secs".into(),
+                );
+            }
+            if self.lockout_max_entries == 0 {
+                return invalid(
+                    "lockout_max_entries must be at least 1 (set lockout_failures = 0 to turn the guard off)".into(),
+                );
+            }
         }
         BrokerAddress::parse(&self.broker)?;
         Ok(())
@@ -251,6 +293,29 @@ mod tests {
         assert!(!format!("{:?}", c.redacted()).contains("k1"));
         std::fs::write(&path, "idd = \"svc\"\n").unwrap();
         assert!(Config::from_file(&path).is_err());
+    }
+
+    #[test]
+    fn lockout_settings_are_checked_unless_the_guard_is_off() {
+        let c = Config {
+            lockout_base_ms: 0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            lockout_base_ms: 5_000,
+            lockout_max_secs: 1,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        let c = Config {
+            lockout_failures: 0,
+            lockout_base_ms: 0,
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        let p = Config::default().lockout();
+        assert_eq!((p.failures, p.max.as_secs()), (5, 900));
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub const TOKEN_ID_BYTES: usize = 16;
 
 pub type KeyId = u32;
 pub type TokenId = [u8; TOKEN_ID_BYTES];
+/// The random input of a generated PSK.
+pub type PskNonce = [u8; 16];
 
 /// Fills a buffer from the operating system's CSPRNG.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
@@ -184,6 +186,15 @@ impl ServerKeys {
     pub fn psk_hash(&self, key_id: KeyId, entity: &str, psk: &str) -> Option<[u8; 32]> {
         self.mac(key_id, "authd/psk/v1", &[entity.as_bytes(), psk.as_bytes()])
     }
+
+    /// A PSK generated for `entity` (`Entity.Put {generate_psk: true}`): 256 bits derived from
+    /// a random nonce and the server key, base64url. Only the nonce is ever recorded (in the
+    /// replay record, so a redelivered request gets the same PSK); the entity record keeps
+    /// the PSK's [`psk_hash`](Self::psk_hash).
+    pub fn generated_psk(&self, key_id: KeyId, entity: &str, nonce: &PskNonce) -> Option<String> {
+        let mac = self.mac(key_id, "authd/psk-gen/v1", &[entity.as_bytes(), nonce])?;
+        Some(URL_SAFE_NO_PAD.encode(mac))
+    }
 }
 
 /// The parts of a presented token string.
@@ -254,6 +265,22 @@ mod tests {
         assert!(!keys.verify_token(&parsed, "alice", "app.exampl"));
         // Length prefixes: moving a byte between user and host changes the token.
         assert!(!keys.verify_token(&parsed, "alicea", "pp.example"));
+    }
+
+    #[test]
+    fn generated_psks_are_bound_to_entity_and_nonce() {
+        let keys = ServerKeys::for_tests();
+        let a = keys.generated_psk(1, "dev1", &[1; 16]).unwrap();
+        assert_eq!(a.len(), 43, "256 bits, base64url without padding");
+        assert_eq!(a, keys.generated_psk(1, "dev1", &[1; 16]).unwrap());
+        assert_ne!(a, keys.generated_psk(1, "dev2", &[1; 16]).unwrap());
+        assert_ne!(a, keys.generated_psk(1, "dev1", &[2; 16]).unwrap());
+        assert!(keys.generated_psk(2, "dev1", &[1; 16]).is_none());
+        // Domain separation: not the stored hash of anything.
+        assert_ne!(
+            URL_SAFE_NO_PAD.encode(keys.psk_hash(1, "dev1", "x").unwrap()),
+            a
+        );
     }
 
     #[test]

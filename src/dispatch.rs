@@ -8,6 +8,7 @@ use crate::caller::{Caller, CallerKeys};
 use crate::config::Config;
 use crate::crypto::ServerKeys;
 use crate::frame::{self, Address, Reject, Request, RpcError};
+use crate::lockout::Lockout;
 use crate::methods::{self, Ctx, Handler, Method};
 use crate::metrics::Metrics;
 use crate::store::{RequestKey, Store};
@@ -43,6 +44,7 @@ pub struct Dispatcher {
     store: Store,
     keys: ServerKeys,
     metrics: Arc<Metrics>,
+    lockout: Lockout,
 }
 
 impl Dispatcher {
@@ -54,6 +56,7 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
     ) -> Self {
         Dispatcher {
+            lockout: Lockout::new(config.lockout()),
             config,
             callers,
             store,
@@ -151,6 +154,7 @@ impl Dispatcher {
                 id: req.to.id,
                 at_ms: now_ms,
             },
+            lockout: &self.lockout,
         };
         self.run(method, &ctx, req, caller)
     }

@@ -12,8 +12,10 @@
 //! | [`server`] | wiring and shutdown: one task per request, drain, flush, disconnect |
 //! | [`dispatch`] | envelope checks, caller keys, method table, deadline, redelivery record |
 //! | [`methods`] | one file per method family, typed args → typed result against the store |
-//! | [`store`] | sled trees behind product words (tokens, replays), group commit |
+//! | [`store`] | sled trees behind product words (tokens, entities, replays), group commit |
+//! | [`cert`] | X.509 certificates: PEM parsing, SHA-256 fingerprint, validity |
 //! | [`crypto`] | server keys, keyed hashes, token derivation, constant-time comparison |
+//! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
 //! | [`caller`] | caller API keys and scopes |
 //! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
 //! | [`metrics`] | counters of requests and dropped frames |
@@ -21,11 +23,13 @@
 
 pub mod bench;
 pub mod caller;
+pub mod cert;
 pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod dispatch;
 pub mod frame;
+pub mod lockout;
 pub mod methods;
 pub mod metrics;
 pub mod mqtt;

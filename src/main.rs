@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use authd::caller::{admin_key_path, parse_caller_keys};
 use authd::client::{CallError, Client, ClientOptions};
 use authd::config::{default_data_dir, BrokerAddress, Config, DEFAULT_BROKER, DEFAULT_SERVICE_ID};
+use authd::frame::RpcError;
+use serde_json::{json, Value};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +39,8 @@ enum Command {
     /// Send one request and print the response frame (exit 0: result, 1: error frame,
     /// 2: timeout or transport failure).
     Call(CallArgs),
+    /// Admin commands (exit codes as for `call`): `authd ctl entity put dev1 --generate-psk`.
+    Ctl(CtlArgs),
     /// Load generator: authd beside the null-worker ceiling, on the same broker, in one run.
     Bench(BenchArgs),
     /// The ceiling for `bench`: answers `true` to every frame, on the same MQTT stack.
@@ -109,30 +113,126 @@ struct CallArgs {
     /// Arguments as a JSON object.
     #[arg(default_value = "{}")]
     args: String,
-    #[arg(long, env = "AUTHD_BROKER", default_value = DEFAULT_BROKER)]
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// Where the worker is and which key to call it with (`call` and `ctl`).
+#[derive(Args)]
+#[command(next_help_heading = "Connection")]
+struct Connection {
+    #[arg(long, global = true, env = "AUTHD_BROKER", default_value = DEFAULT_BROKER)]
     broker: String,
     /// Service id of the worker.
-    #[arg(long, env = "AUTHD_ID", default_value = DEFAULT_SERVICE_ID)]
-    id: String,
+    #[arg(long = "id", value_name = "ID", global = true, env = "AUTHD_ID", default_value = DEFAULT_SERVICE_ID)]
+    service_id: String,
     /// Caller key. Default: the generated admin key in the data directory.
-    #[arg(long, env = "AUTHD_KEY", hide_env_values = true)]
+    #[arg(long, global = true, env = "AUTHD_KEY", hide_env_values = true)]
     key: Option<String>,
     /// File holding the caller key.
-    #[arg(long)]
+    #[arg(long, global = true)]
     key_file: Option<PathBuf>,
     /// Data directory whose generated admin key to use when no key is given.
-    #[arg(long, env = "AUTHD_DATA")]
+    #[arg(long, global = true, env = "AUTHD_DATA")]
     data: Option<PathBuf>,
     /// Our address (replies come on `{src}/rpc`); it is the user of the token methods.
-    #[arg(long)]
+    #[arg(long, global = true)]
     src: Option<String>,
-    #[arg(long, env = "AUTHD_BROKER_USERNAME")]
+    #[arg(long, global = true, env = "AUTHD_BROKER_USERNAME")]
     broker_username: Option<String>,
-    #[arg(long, env = "AUTHD_BROKER_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "AUTHD_BROKER_PASSWORD",
+        hide_env_values = true
+    )]
     broker_password: Option<String>,
     /// Seconds to wait for the response.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, global = true, default_value_t = 5.0)]
     timeout: f64,
+}
+
+/// Provisioning, in the style of `mosquitto_ctrl dynsec`: each command is one admin method.
+#[derive(Args)]
+struct CtlArgs {
+    #[command(subcommand)]
+    what: CtlCommand,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Entities: the devices and users that sign in (Entity.Put/Get/List/Delete).
+    #[command(subcommand)]
+    Entity(EntityCommand),
+}
+
+#[derive(Subcommand)]
+enum EntityCommand {
+    /// Create or replace an entity (Entity.Put). Prints `{"psk": …}` with --generate-psk.
+    Put(EntityPutArgs),
+    /// Show an entity, never its secrets (Entity.Get).
+    Get {
+        /// Entity id.
+        id: String,
+    },
+    /// List entities in id order (Entity.List).
+    List(EntityListArgs),
+    /// Remove an entity and its app tokens (Entity.Delete). Idempotent.
+    Delete {
+        /// Entity id.
+        id: String,
+    },
+}
+
+#[derive(Args)]
+struct EntityPutArgs {
+    /// Entity id.
+    id: String,
+    /// The PSK. Visible to other local users in the process list: prefer --psk-file.
+    #[arg(long, conflicts_with_all = ["psk_file", "generate_psk"])]
+    psk: Option<String>,
+    /// File holding the PSK (trailing newline ignored); `-` reads standard input.
+    #[arg(long, conflicts_with = "generate_psk")]
+    psk_file: Option<PathBuf>,
+    /// Make a 256-bit PSK; it is printed once.
+    #[arg(long)]
+    generate_psk: bool,
+    /// PEM certificate file to pin.
+    #[arg(long, conflicts_with = "cert_sha256")]
+    cert: Option<PathBuf>,
+    /// SHA-256 fingerprint of the certificate to pin (hex, colons allowed).
+    #[arg(long)]
+    cert_sha256: Option<String>,
+    /// The owning user.
+    #[arg(long)]
+    owner: Option<String>,
+    /// Create it disabled (every sign-in refused).
+    #[arg(long)]
+    disabled: bool,
+    /// Fail (exit 1, error 409) if the id exists instead of replacing it.
+    #[arg(long)]
+    create_only: bool,
+}
+
+#[derive(Args)]
+struct EntityListArgs {
+    /// Only entities of this owner.
+    #[arg(long)]
+    owner: Option<String>,
+    /// Only ids starting with this.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Start after this id (the `next` of the previous page).
+    #[arg(long, conflicts_with = "all")]
+    after: Option<String>,
+    /// Page size (1 to 1000).
+    #[arg(long)]
+    limit: Option<u32>,
+    /// Follow `next` and print every page as one list.
+    #[arg(long)]
+    all: bool,
 }
 
 fn main() -> ExitCode {
@@ -140,7 +240,7 @@ fn main() -> ExitCode {
     // The worker logs its life at info; a one-shot client speaks only when something is wrong.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Call(_) | Command::Bench(_) | Command::NullWorker(_) => "warn",
+        Command::Call(_) | Command::Ctl(_) | Command::Bench(_) | Command::NullWorker(_) => "warn",
     };
     init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -157,6 +257,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Call(args) => call(args).await,
+            Command::Ctl(args) => ctl(args).await,
             Command::Bench(args) => bench(args).await,
             Command::NullWorker(args) => null_worker(args).await,
         }
@@ -256,50 +357,25 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Exit status of `call` and `ctl`: 1 for an error frame, 2 for anything else that failed.
+fn failed(command: &str, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("authd {command}: {msg}");
+    ExitCode::from(2)
+}
+
 async fn call(args: CallArgs) -> ExitCode {
-    let fail = |msg: String| {
-        eprintln!("authd call: {msg}");
-        ExitCode::from(2)
-    };
-    let broker = match BrokerAddress::parse(&args.broker) {
-        Ok(b) => b,
-        Err(e) => return fail(e.to_string()),
-    };
     let call_args: serde_json::Value = match serde_json::from_str(&args.args) {
         Ok(v @ serde_json::Value::Object(_)) => v,
         _ => {
-            return fail(
-                "ARGS_JSON must be a JSON object, e.g. '{\"host\":\"app.example.com\"}'".into(),
+            return failed(
+                "call",
+                "ARGS_JSON must be a JSON object, e.g. '{\"host\":\"app.example.com\"}'",
             )
         }
     };
-    let key = match (args.key, args.key_file) {
-        (Some(k), _) => Some(k),
-        (None, Some(path)) => match std::fs::read_to_string(&path) {
-            Ok(k) => Some(k.trim().to_owned()),
-            Err(e) => return fail(format!("{}: {e}", path.display())),
-        },
-        (None, None) => {
-            let path = admin_key_path(&args.data.unwrap_or_else(default_data_dir));
-            std::fs::read_to_string(path)
-                .ok()
-                .map(|k| k.trim().to_owned())
-        }
-    };
-    let mut options = ClientOptions::new(broker);
-    options.request_topic = format!("{}/rpc", args.id);
-    options.service_id = args.id;
-    options.key = key;
-    options.credentials = args
-        .broker_username
-        .map(|u| (u, args.broker_password.unwrap_or_default()));
-    if let Some(src) = args.src {
-        options.src = src;
-    }
-    let timeout = Duration::from_secs_f64(args.timeout.max(0.0));
-    let client = match Client::connect(options, timeout).await {
+    let (client, timeout) = match connect(args.connection).await {
         Ok(c) => c,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return failed("call", e),
     };
     let result = client.call(&args.method, call_args, timeout).await;
     client.close().await;
@@ -307,7 +383,7 @@ async fn call(args: CallArgs) -> ExitCode {
         Ok(response) => {
             match serde_json::to_string(&response) {
                 Ok(text) => println!("{text}"),
-                Err(e) => return fail(e.to_string()),
+                Err(e) => return failed("call", e),
             }
             if response.error.is_some() {
                 ExitCode::from(1)
@@ -315,8 +391,166 @@ async fn call(args: CallArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
         }
-        Err(e @ (CallError::Timeout(_) | CallError::Closed | CallError::Connect(_))) => {
-            fail(e.to_string())
+        Err(e) => failed("call", e),
+    }
+}
+
+/// Connects as `connection` says; returns the client and the per-call timeout.
+async fn connect(connection: Connection) -> Result<(Client, Duration), String> {
+    let broker = BrokerAddress::parse(&connection.broker).map_err(|e| e.to_string())?;
+    let key = match (connection.key, connection.key_file) {
+        (Some(k), _) => Some(k),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None) => {
+            let path = admin_key_path(&connection.data.unwrap_or_else(default_data_dir));
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|k| k.trim().to_owned())
+        }
+    };
+    let mut options = ClientOptions::new(broker);
+    options.request_topic = format!("{}/rpc", connection.service_id);
+    options.service_id = connection.service_id;
+    options.key = key;
+    options.credentials = connection
+        .broker_username
+        .map(|u| (u, connection.broker_password.unwrap_or_default()));
+    if let Some(src) = connection.src {
+        options.src = src;
+    }
+    let timeout = Duration::from_secs_f64(connection.timeout.max(0.0));
+    let client = Client::connect(options, timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((client, timeout))
+}
+
+async fn ctl(args: CtlArgs) -> ExitCode {
+    let CtlCommand::Entity(command) = args.what;
+    let (method, call_args, follow) = match entity_request(command) {
+        Ok(r) => r,
+        Err(e) => return failed("ctl", e),
+    };
+    let (client, timeout) = match connect(args.connection).await {
+        Ok(c) => c,
+        Err(e) => return failed("ctl", e),
+    };
+    let result = ctl_call(&client, method, call_args, follow, timeout).await;
+    client.close().await;
+    match result {
+        Ok(Ok(Some(value))) => match serde_json::to_string_pretty(&value) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => failed("ctl", e),
+        },
+        Ok(Ok(None)) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("authd ctl: {} {}", e.code, e.message);
+            ExitCode::from(1)
+        }
+        Err(e) => failed("ctl", e),
+    }
+}
+
+/// One `ctl` command's method and arguments, and whether to follow `next` (list --all).
+fn entity_request(command: EntityCommand) -> Result<(&'static str, Value, bool), String> {
+    Ok(match command {
+        EntityCommand::Put(put) => {
+            let mut args = json!({ "id": put.id });
+            let psk = match (put.psk, put.psk_file) {
+                (Some(psk), _) => Some(psk),
+                (None, Some(path)) => Some(read_secret(&path)?),
+                (None, None) => None,
+            };
+            if let Some(psk) = psk {
+                args["psk"] = json!(psk);
+            }
+            if put.generate_psk {
+                args["generate_psk"] = json!(true);
+            }
+            if let Some(path) = put.cert {
+                let pem = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                args["cert"] = json!(pem);
+            }
+            if let Some(fp) = put.cert_sha256 {
+                args["cert_sha256"] = json!(fp);
+            }
+            if let Some(owner) = put.owner {
+                args["owner"] = json!(owner);
+            }
+            if put.disabled {
+                args["disabled"] = json!(true);
+            }
+            if put.create_only {
+                args["create_only"] = json!(true);
+            }
+            ("/v1/Entity.Put", args, false)
+        }
+        EntityCommand::Get { id } => ("/v1/Entity.Get", json!({ "id": id }), false),
+        EntityCommand::Delete { id } => ("/v1/Entity.Delete", json!({ "id": id }), false),
+        EntityCommand::List(list) => {
+            let mut args = json!({});
+            for (name, value) in [
+                ("owner", list.owner),
+                ("prefix", list.prefix),
+                ("after", list.after),
+            ] {
+                if let Some(v) = value {
+                    args[name] = json!(v);
+                }
+            }
+            if let Some(limit) = list.limit {
+                args["limit"] = json!(limit);
+            }
+            ("/v1/Entity.List", args, list.all)
+        }
+    })
+}
+
+/// A PSK from a file, or from standard input for `-`; one trailing newline is dropped.
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).map_err(|e| format!("standard input: {e}"))?
+    } else {
+        std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    Ok(text.strip_suffix('\r').unwrap_or(text).to_owned())
+}
+
+/// Calls `method`; with `follow`, repeats with `after` = `next` and joins the pages'
+/// `entities`. The outer error is a transport failure, the inner one an error frame.
+async fn ctl_call(
+    client: &Client,
+    method: &str,
+    mut args: Value,
+    follow: bool,
+    timeout: Duration,
+) -> Result<Result<Option<Value>, RpcError>, CallError> {
+    let mut all: Vec<Value> = Vec::new();
+    loop {
+        let response = client.call(method, args.clone(), timeout).await?;
+        if let Some(e) = response.error {
+            return Ok(Err(e));
+        }
+        if !follow {
+            return Ok(Ok(response.result));
+        }
+        let mut page = response.result.unwrap_or_default();
+        if let Some(Value::Array(entities)) = page.get_mut("entities").map(Value::take) {
+            all.extend(entities);
+        }
+        match page.get("next") {
+            Some(next) => args["after"] = next.clone(),
+            None => return Ok(Ok(Some(json!({ "entities": all })))),
         }
     }
 }

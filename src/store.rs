@@ -9,6 +9,8 @@
 //! - `meta`: `schema_version`.
 //! - `tokens`: `lp(user) ‖ host` → [`TokenRecord`] — the live token of each (user, host).
 //! - `token_ids`: `token id` → `lp(user) ‖ host` — finds a presented token's owner.
+//! - `entities`: `id` → [`EntityRecord`] — devices and users that sign in (see [`entities`]).
+//! - `entity_owners`: `lp(owner) ‖ id` → `` — lists an owner's entities in id order.
 //! - `replays`: `lp(src) ‖ id` → [`ReplayEntry`]; `replay_times`: `at ‖ lp(src) ‖ id` → ``
 //!   so old records are pruned by a range scan.
 
@@ -20,7 +22,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::crypto::{KeyId, TokenId};
+use crate::crypto::{KeyId, PskNonce, TokenId};
+
+mod entities;
+pub use entities::{EntityPage, EntityRecord, PskHash, PutOutcome};
 
 /// Version of the on-disk layout this build reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -61,6 +66,13 @@ pub enum Replay {
         token_id: TokenId,
         key_id: KeyId,
     },
+    /// `{"psk": …}` of `Entity.Put {generate_psk: true}`, re-derived from the nonce on
+    /// replay: the record holds no secret.
+    Psk {
+        id: String,
+        key_id: KeyId,
+        nonce: PskNonce,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,6 +96,8 @@ pub struct Store {
     db: sled::Db,
     tokens: sled::Tree,
     token_ids: sled::Tree,
+    entities: sled::Tree,
+    entity_owners: sled::Tree,
     replays: sled::Tree,
     replay_times: sled::Tree,
 }
@@ -121,6 +135,8 @@ impl Store {
         Ok(Store {
             tokens: db.open_tree("tokens")?,
             token_ids: db.open_tree("token_ids")?,
+            entities: db.open_tree("entities")?,
+            entity_owners: db.open_tree("entity_owners")?,
             replays: db.open_tree("replays")?,
             replay_times: db.open_tree("replay_times")?,
             db,
@@ -255,6 +271,8 @@ impl Store {
         let trees = [
             &self.tokens,
             &self.token_ids,
+            &self.entities,
+            &self.entity_owners,
             &self.replays,
             &self.replay_times,
         ];
@@ -264,8 +282,10 @@ impl Store {
                 f(&Tx {
                     tokens: &t[0],
                     token_ids: &t[1],
-                    replays: &t[2],
-                    replay_times: &t[3],
+                    entities: &t[2],
+                    entity_owners: &t[3],
+                    replays: &t[4],
+                    replay_times: &t[5],
                 })
             })
             .map_err(|e| match e {
@@ -279,6 +299,8 @@ impl Store {
 struct Tx<'a> {
     tokens: &'a TransactionalTree,
     token_ids: &'a TransactionalTree,
+    entities: &'a TransactionalTree,
+    entity_owners: &'a TransactionalTree,
     replays: &'a TransactionalTree,
     replay_times: &'a TransactionalTree,
 }

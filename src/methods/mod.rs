@@ -12,8 +12,11 @@ use serde_json::Value;
 use crate::caller::Scope;
 use crate::crypto::ServerKeys;
 use crate::frame::{valid_name, RpcError};
+use crate::lockout::Lockout;
 use crate::store::{Replay, RequestKey, Store, StoreError};
 
+pub mod authenticate;
+pub mod entity;
 pub mod token;
 
 /// What a method runs against.
@@ -22,6 +25,8 @@ pub struct Ctx<'a> {
     pub keys: &'a ServerKeys,
     /// The request: its `src` is the subject of the token methods.
     pub request: RequestKey<'a>,
+    /// `Authenticate`'s brute-force guard.
+    pub lockout: &'a Lockout,
 }
 
 impl Ctx<'_> {
@@ -51,6 +56,11 @@ pub struct Method {
 
 static METHODS: &[Method] = &[
     Method {
+        name: "Auth.Authenticate",
+        scope: Scope::Service,
+        handler: Handler::Read(authenticate::authenticate),
+    },
+    Method {
         name: "Auth.GenerateToken",
         scope: Scope::Service,
         handler: Handler::Write(token::generate),
@@ -69,6 +79,26 @@ static METHODS: &[Method] = &[
         name: "Auth.RevokeToken",
         scope: Scope::Service,
         handler: Handler::Write(token::revoke),
+    },
+    Method {
+        name: "Entity.Put",
+        scope: Scope::Admin,
+        handler: Handler::Write(entity::put),
+    },
+    Method {
+        name: "Entity.Get",
+        scope: Scope::Admin,
+        handler: Handler::Read(entity::get),
+    },
+    Method {
+        name: "Entity.Delete",
+        scope: Scope::Admin,
+        handler: Handler::Write(entity::delete),
+    },
+    Method {
+        name: "Entity.List",
+        scope: Scope::Admin,
+        handler: Handler::Read(entity::list),
     },
 ];
 
@@ -103,6 +133,10 @@ pub fn render(reply: &Replay, keys: &ServerKeys) -> Result<Option<Value>, RpcErr
         } => {
             let token = token::token_string(keys, *key_id, token_id, user, host)?;
             Ok(Some(serde_json::json!({ "token": token })))
+        }
+        Replay::Psk { .. } => {
+            let psk = entity::generated_psk(keys, reply)?;
+            Ok(Some(serde_json::json!({ "psk": psk })))
         }
     }
 }

@@ -13,6 +13,8 @@ use authd::frame::Response;
 use authd::Worker;
 use serde_json::Value;
 
+pub mod certs;
+
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 pub const ADMIN_KEY: &str = "test-admin-key";
 pub const SERVICE_KEY: &str = "test-service-key";
