@@ -88,7 +88,10 @@ pub struct BenchOptions {
 }
 
 /// The scenarios `authd bench` knows.
-pub const SCENARIOS: &[&str] = &["get-token", "generate-token"];
+pub const SCENARIOS: &[&str] = &["authenticate", "get-token", "generate-token"];
+
+/// Devices provisioned for the `authenticate` scenario.
+const DEVICES: usize = 1000;
 
 /// One measured run.
 #[derive(Debug, Clone)]
@@ -318,6 +321,18 @@ struct Scenario {
 impl Scenario {
     async fn prepare(name: &str, authd: &Target, _requests: usize) -> anyhow::Result<Scenario> {
         match name {
+            "authenticate" => {
+                provision_devices(authd).await?;
+                Ok(Scenario {
+                    name: "authenticate",
+                    method: "Auth.Authenticate",
+                    args: |i| {
+                        let d = i % DEVICES;
+                        json!({"id": format!("bench-dev-{d}"), "credentials": {"psk": format!("bench-psk-{d}")}})
+                    },
+                    check: |r| *r == json!(true),
+                })
+            }
             "get-token" => {
                 // Each bench client (the token's user) gets a token for host "app".
                 for c in &authd.clients {
@@ -352,6 +367,34 @@ impl Scenario {
             ),
         }
     }
+}
+
+/// Creates `bench-dev-<i>` with PSK `bench-psk-<i>`, a few calls in flight per client.
+async fn provision_devices(authd: &Target) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for k in 0..authd.clients.len() * 8 {
+        let client = authd.clients[k % authd.clients.len()].clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let d = next.fetch_add(1, Ordering::Relaxed);
+                if d >= DEVICES {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let args = json!({"id": format!("bench-dev-{d}"), "psk": format!("bench-psk-{d}")});
+                ensure_ok(
+                    client
+                        .call("Entity.Put", args, Duration::from_secs(10))
+                        .await?,
+                )?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
 }
 
 fn ensure_ok(r: Response) -> anyhow::Result<Value> {

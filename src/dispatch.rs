@@ -45,6 +45,7 @@ pub struct Dispatcher {
     keys: ServerKeys,
     metrics: Arc<Metrics>,
     lockout: Lockout,
+    record_replies: bool,
 }
 
 impl Dispatcher {
@@ -62,7 +63,14 @@ impl Dispatcher {
             store,
             keys,
             metrics,
+            record_replies: true,
         }
+    }
+
+    /// Stops recording replies of changes for redelivery (`authd import`: nobody redelivers).
+    pub fn without_replay_records(mut self) -> Self {
+        self.record_replies = false;
+        self
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -153,6 +161,7 @@ impl Dispatcher {
                 src: &req.to.src,
                 id: req.to.id,
                 at_ms: now_ms,
+                record_reply: self.record_replies,
             },
             lockout: &self.lockout,
         };

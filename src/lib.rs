@@ -19,6 +19,7 @@
 //! | [`caller`] | caller API keys and scopes |
 //! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
 //! | [`metrics`] | counters of requests and dropped frames |
+//! | [`import`] | `authd import`: bulk provisioning of a stopped worker's data directory |
 //! | [`bench`] | `authd bench` load generator and the null worker (the ceiling) |
 
 pub mod bench;
@@ -29,6 +30,7 @@ pub mod config;
 pub mod crypto;
 pub mod dispatch;
 pub mod frame;
+pub mod import;
 pub mod lockout;
 pub mod methods;
 pub mod metrics;

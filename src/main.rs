@@ -41,10 +41,25 @@ enum Command {
     Call(CallArgs),
     /// Admin commands (exit codes as for `call`): `authd ctl entity put dev1 --generate-psk`.
     Ctl(CtlArgs),
+    /// Bulk provisioning into a stopped worker's data directory: JSON lines of
+    /// `{"method": "Entity.Put", "args": {…}}` (or ACL.Add, …).
+    Import(ImportArgs),
     /// Load generator: authd beside the null-worker ceiling, on the same broker, in one run.
     Bench(BenchArgs),
     /// The ceiling for `bench`: answers `true` to every frame, on the same MQTT stack.
     NullWorker(NullWorkerArgs),
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    /// JSON lines file; `-` reads standard input.
+    file: PathBuf,
+    /// TOML configuration file (for `data` and `cache_mib`).
+    #[arg(long, env = "AUTHD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory of the (stopped) worker.
+    #[arg(long, env = "AUTHD_DATA")]
+    data: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -240,7 +255,11 @@ fn main() -> ExitCode {
     // The worker logs its life at info; a one-shot client speaks only when something is wrong.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Call(_) | Command::Ctl(_) | Command::Bench(_) | Command::NullWorker(_) => "warn",
+        Command::Call(_)
+        | Command::Ctl(_)
+        | Command::Import(_)
+        | Command::Bench(_)
+        | Command::NullWorker(_) => "warn",
     };
     init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -258,6 +277,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Call(args) => call(args).await,
             Command::Ctl(args) => ctl(args).await,
+            Command::Import(args) => import(args),
             Command::Bench(args) => bench(args).await,
             Command::NullWorker(args) => null_worker(args).await,
         }
@@ -591,6 +611,42 @@ async fn null_worker(args: NullWorkerArgs) -> ExitCode {
         Err(e) => {
             eprintln!("authd null-worker: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn import(args: ImportArgs) -> ExitCode {
+    let result = (|| -> anyhow::Result<authd::import::ImportReport> {
+        let mut config = match &args.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(data) = args.data {
+            config.data = data;
+        }
+        if args.file.as_os_str() == "-" {
+            authd::import::import(&config, std::io::stdin().lock())
+        } else {
+            let file = std::fs::File::open(&args.file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+            authd::import::import(&config, std::io::BufReader::new(file))
+        }
+    })();
+    match result {
+        Ok(report) => {
+            for (line, error) in &report.errors {
+                eprintln!("line {line}: {error}");
+            }
+            println!("{} applied, {} refused", report.applied, report.refused);
+            if report.refused == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("authd import: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

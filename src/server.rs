@@ -50,16 +50,7 @@ pub struct Worker {
 impl Worker {
     /// Opens the store and keys in `config.data` and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Worker> {
-        config.validate()?;
-        create_private_dir(&config.data)?;
-        let keys = ServerKeys::load_or_create(&config.data.join("server.key"))?;
-        let store =
-            Store::open(&config.data.join("db"), config.cache_mib * 1024 * 1024).map_err(|e| {
-                anyhow::anyhow!(
-                    "opening the database in {}: {e} (is another authd using it?)",
-                    config.data.display()
-                )
-            })?;
+        let (store, keys) = open_data(&config)?;
         let callers = if config.callers.is_empty() {
             let (key, created) = caller::load_or_create_admin_key(&config.data)?;
             let path = caller::admin_key_path(&config.data);
@@ -273,6 +264,22 @@ async fn handle(
     if let Some(ack) = msg.ack {
         publisher.complete(ack).await;
     }
+}
+
+/// Opens the data directory of `config`: the database and the server key (both created
+/// on first use). Only one process at a time can hold the database.
+pub fn open_data(config: &Config) -> anyhow::Result<(Store, ServerKeys)> {
+    config.validate()?;
+    create_private_dir(&config.data)?;
+    let keys = ServerKeys::load_or_create(&config.data.join("server.key"))?;
+    let store =
+        Store::open(&config.data.join("db"), config.cache_mib * 1024 * 1024).map_err(|e| {
+            anyhow::anyhow!(
+                "opening the database in {}: {e} (is another authd using it?)",
+                config.data.display()
+            )
+        })?;
+    Ok((store, keys))
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {

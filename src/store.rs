@@ -88,6 +88,8 @@ pub struct RequestKey<'a> {
     pub src: &'a str,
     pub id: u64,
     pub at_ms: u64,
+    /// Keep the reply for redelivery (false only for `authd import`, which nobody redelivers).
+    pub record_reply: bool,
 }
 
 /// The authd database.
@@ -251,7 +253,10 @@ impl Store {
         &self,
         request: &RequestKey<'_>,
         reply: &Replay,
-    ) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    ) -> Option<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+        if !request.record_reply {
+            return None;
+        }
         let key = replay_key(request.src, request.id);
         let mut time_key = request.at_ms.to_be_bytes().to_vec();
         time_key.extend_from_slice(&key);
@@ -259,7 +264,7 @@ impl Store {
             at: request.at_ms,
             reply: reply.clone(),
         });
-        (key, time_key, value)
+        Some((key, time_key, value))
     }
 
     /// Runs `f` as one transaction over every tree. sled re-runs it on conflict, so `f` has
@@ -309,8 +314,11 @@ impl Tx<'_> {
     /// Records the reply of the request that made this change.
     fn put_replay(
         &self,
-        (key, time_key, value): &(Vec<u8>, Vec<u8>, Vec<u8>),
+        entry: &Option<(Vec<u8>, Vec<u8>, Vec<u8>)>,
     ) -> Result<(), ConflictableTransactionError<StoreError>> {
+        let Some((key, time_key, value)) = entry else {
+            return Ok(());
+        };
         self.replays.insert(key.as_slice(), value.as_slice())?;
         self.replay_times.insert(time_key.as_slice(), &[][..])?;
         Ok(())
@@ -436,7 +444,12 @@ mod tests {
     use super::*;
 
     fn req(src: &str, id: u64, at_ms: u64) -> RequestKey<'_> {
-        RequestKey { src, id, at_ms }
+        RequestKey {
+            src,
+            id,
+            at_ms,
+            record_reply: true,
+        }
     }
 
     #[test]

@@ -284,6 +284,7 @@ mod tests {
                     src: "backend",
                     id: 1,
                     at_ms: crate::unix_ms(),
+                    record_reply: true,
                 },
                 lockout: &self.lockout,
             }

@@ -311,6 +311,7 @@ mod tests {
             src: "ops",
             id,
             at_ms: 1,
+            record_reply: true,
         }
     }
 
