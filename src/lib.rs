@@ -12,7 +12,8 @@
 //! | [`server`] | wiring and shutdown: one task per request, drain, flush, disconnect |
 //! | [`dispatch`] | envelope checks, caller keys, method table, deadline, redelivery record |
 //! | [`methods`] | one file per method family, typed args → typed result against the store |
-//! | [`store`] | sled trees behind product words (tokens, replays), group commit |
+//! | [`rules`] | access rules: `*` patterns, the AuthorizeCommand decision order, the rule index |
+//! | [`store`] | sled trees behind product words (tokens, rules, replays), group commit |
 //! | [`crypto`] | server keys, keyed hashes, token derivation, constant-time comparison |
 //! | [`caller`] | caller API keys and scopes |
 //! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
@@ -27,6 +28,7 @@ pub mod frame;
 pub mod methods;
 pub mod metrics;
 pub mod mqtt;
+pub mod rules;
 pub mod server;
 pub mod store;
 

@@ -14,6 +14,8 @@ use crate::crypto::ServerKeys;
 use crate::frame::{valid_name, RpcError};
 use crate::store::{Replay, RequestKey, Store, StoreError};
 
+pub mod acl;
+pub mod authorize;
 pub mod token;
 
 /// What a method runs against.
@@ -69,6 +71,26 @@ static METHODS: &[Method] = &[
         name: "Auth.RevokeToken",
         scope: Scope::Service,
         handler: Handler::Write(token::revoke),
+    },
+    Method {
+        name: "Auth.AuthorizeCommand",
+        scope: Scope::Service,
+        handler: Handler::Read(authorize::authorize),
+    },
+    Method {
+        name: "ACL.Add",
+        scope: Scope::Admin,
+        handler: Handler::Write(acl::add),
+    },
+    Method {
+        name: "ACL.Delete",
+        scope: Scope::Admin,
+        handler: Handler::Write(acl::delete),
+    },
+    Method {
+        name: "ACL.List",
+        scope: Scope::Admin,
+        handler: Handler::Read(acl::list),
     },
 ];
 

@@ -1,0 +1,659 @@
+//! Access rules (SPEC §4 AuthorizeCommand, §6 ACL.*): the pattern language, the decision
+//! order, and an in-memory index that keeps a decision's cost independent of the number of
+//! rules that cannot match it.
+//!
+//! A pattern is literal text in which `*` matches any run of characters (none, or many,
+//! `/` included). Nothing else is special: `.`, `+`, `#`, `?`, `[` and `\` are themselves.
+//!
+//! The index is a three-level tree, one level per field (`src` → `dst` → `cmd`), with the
+//! rule ids at the leaves and one tree per effect. Each level ([`FieldIndex`]) looks a field
+//! up by hash when its pattern is literal, and buckets wildcard patterns by their literal
+//! prefix (or, for patterns starting with `*`, by their literal suffix), so a lookup visits
+//! only buckets whose affix the text actually has. Only patterns that start *and* end with
+//! `*` (like `*` itself, one shared entry however many rules use it) are scanned.
+//!
+//! Pure in-memory logic: the store keeps the rules and rebuilds this index from them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// What a matching rule decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Effect {
+    Allow,
+    Deny,
+}
+
+impl Effect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+        }
+    }
+}
+
+/// One access rule: whether `src` may send `cmd` to `dst`, each a pattern.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub src: String,
+    pub dst: String,
+    pub cmd: String,
+    pub effect: Effect,
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} src={:?} dst={:?} cmd={:?}",
+            self.effect.as_str(),
+            self.src,
+            self.dst,
+            self.cmd
+        )
+    }
+}
+
+/// Why AuthorizeCommand answered as it did, in SPEC order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// A `deny` rule matched (the lowest-numbered one is named).
+    Deny(u64),
+    /// `dst` is an entity owned by `src`.
+    Owner,
+    /// An `allow` rule matched (the lowest-numbered one is named).
+    Allow(u64),
+    /// Nothing matched.
+    DefaultDeny,
+}
+
+impl Decision {
+    pub fn allowed(self) -> bool {
+        matches!(self, Decision::Owner | Decision::Allow(_))
+    }
+
+    /// A word for logs: `deny_rule`, `owner`, `allow_rule` or `default_deny`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Decision::Deny(_) => "deny_rule",
+            Decision::Owner => "owner",
+            Decision::Allow(_) => "allow_rule",
+            Decision::DefaultDeny => "default_deny",
+        }
+    }
+
+    /// The deciding rule, if a rule decided.
+    pub fn rule_id(self) -> Option<u64> {
+        match self {
+            Decision::Deny(id) | Decision::Allow(id) => Some(id),
+            Decision::Owner | Decision::DefaultDeny => None,
+        }
+    }
+}
+
+/// Whether `text` matches `pattern` (`*` = any run of characters, all else literal).
+pub fn matches(pattern: &str, text: &str) -> bool {
+    match Glob::compile(pattern) {
+        None => pattern == text,
+        Some(glob) => glob.matches(text),
+    }
+}
+
+/// A pattern with at least one `*`, split at its stars: `prefix*middle*…*suffix`.
+#[derive(Debug, Clone)]
+struct Glob {
+    prefix: Box<str>,
+    /// Non-empty pieces between stars, in order (runs of `*` collapse).
+    middles: Box<[Box<str>]>,
+    suffix: Box<str>,
+}
+
+impl Glob {
+    /// `None` for a pattern without `*` (a literal).
+    fn compile(pattern: &str) -> Option<Glob> {
+        let mut pieces = pattern.split('*');
+        let prefix = pieces.next().unwrap_or_default();
+        let mut rest: Vec<&str> = pieces.collect();
+        let suffix = rest.pop()?; // no star: a literal
+        Some(Glob {
+            prefix: prefix.into(),
+            middles: rest
+                .into_iter()
+                .filter(|m| !m.is_empty())
+                .map(Into::into)
+                .collect(),
+            suffix: suffix.into(),
+        })
+    }
+
+    fn matches(&self, text: &str) -> bool {
+        if text.len() < self.prefix.len() + self.suffix.len()
+            || !text.starts_with(&*self.prefix)
+            || !text.ends_with(&*self.suffix)
+        {
+            return false;
+        }
+        // Both ends are anchored; each middle piece is placed leftmost, which leaves the most
+        // room for the pieces after it, so greedy search is exact.
+        let mut rest = &text[self.prefix.len()..text.len() - self.suffix.len()];
+        for piece in self.middles.iter() {
+            match rest.find(&**piece) {
+                Some(at) => rest = &rest[at + piece.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
+}
+
+/// A node of the index: something that can become empty and be pruned.
+trait Node: Default {
+    fn is_empty(&self) -> bool;
+}
+
+impl Node for BTreeSet<u64> {
+    fn is_empty(&self) -> bool {
+        BTreeSet::is_empty(self)
+    }
+}
+
+/// Wildcard patterns by their text, each with its compiled form and its child node.
+type Globs<T> = HashMap<Box<str>, (Glob, T)>;
+
+/// Wildcard patterns grouped by one literal affix (prefix or suffix) of a known length.
+struct AffixBuckets<T> {
+    /// affix → pattern → (compiled pattern, child).
+    buckets: HashMap<Box<str>, Globs<T>>,
+    /// affix length → how many buckets have an affix of that length. A lookup tries each
+    /// length once, so its cost is bounded by the distinct lengths (≤ 256), not the rules.
+    lengths: BTreeMap<usize, usize>,
+}
+
+impl<T> Default for AffixBuckets<T> {
+    fn default() -> Self {
+        AffixBuckets {
+            buckets: HashMap::new(),
+            lengths: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T: Node> AffixBuckets<T> {
+    fn entry(&mut self, affix: &str, pattern: &str, glob: Glob) -> &mut T {
+        if !self.buckets.contains_key(affix) {
+            *self.lengths.entry(affix.len()).or_default() += 1;
+        }
+        let bucket = self.buckets.entry(affix.into()).or_default();
+        &mut bucket
+            .entry(pattern.into())
+            .or_insert_with(|| (glob, T::default()))
+            .1
+    }
+
+    fn get_mut(&mut self, affix: &str, pattern: &str) -> Option<&mut T> {
+        self.buckets
+            .get_mut(affix)?
+            .get_mut(pattern)
+            .map(|(_, t)| t)
+    }
+
+    fn prune(&mut self, affix: &str, pattern: &str) {
+        let Some(bucket) = self.buckets.get_mut(affix) else {
+            return;
+        };
+        if bucket.get(pattern).is_some_and(|(_, t)| t.is_empty()) {
+            bucket.remove(pattern);
+        }
+        if bucket.is_empty() {
+            self.buckets.remove(affix);
+            if let Some(n) = self.lengths.get_mut(&affix.len()) {
+                *n -= 1;
+                if *n == 0 {
+                    self.lengths.remove(&affix.len());
+                }
+            }
+        }
+    }
+
+    /// Calls `f` with the child of every pattern that matches `text` in a bucket whose
+    /// affix `text` has (at its end if `suffixes`, else at its start).
+    fn for_each_match<'a>(&'a self, text: &str, suffixes: bool, f: &mut impl FnMut(&'a T)) {
+        for &len in self.lengths.keys() {
+            if len > text.len() {
+                break; // lengths are sorted: no longer affix fits either
+            }
+            let affix = if suffixes {
+                text.get(text.len() - len..)
+            } else {
+                text.get(..len)
+            };
+            // `None`: the cut falls inside a character, so no affix (whole characters) equals it.
+            if let Some(bucket) = affix.and_then(|a| self.buckets.get(a)) {
+                for (glob, child) in bucket.values() {
+                    if glob.matches(text) {
+                        f(child);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Where a pattern lives in a [`FieldIndex`].
+enum Place<'p> {
+    Literal,
+    Prefixed(&'p str, Glob),
+    Suffixed(&'p str, Glob),
+    Floating(Glob),
+}
+
+fn place(pattern: &str) -> Place<'_> {
+    match Glob::compile(pattern) {
+        None => Place::Literal,
+        Some(glob) if !glob.prefix.is_empty() => {
+            Place::Prefixed(&pattern[..glob.prefix.len()], glob)
+        }
+        Some(glob) if !glob.suffix.is_empty() => {
+            Place::Suffixed(&pattern[pattern.len() - glob.suffix.len()..], glob)
+        }
+        Some(glob) => Place::Floating(glob),
+    }
+}
+
+/// The patterns of one field, each leading to a child node (the next field's index, or the
+/// rule ids at the last field).
+struct FieldIndex<T> {
+    literals: HashMap<Box<str>, T>,
+    prefixed: AffixBuckets<T>,
+    suffixed: AffixBuckets<T>,
+    /// Patterns that start and end with `*`: the only ones a lookup tries one by one.
+    floating: Globs<T>,
+}
+
+impl<T> Default for FieldIndex<T> {
+    fn default() -> Self {
+        FieldIndex {
+            literals: HashMap::new(),
+            prefixed: AffixBuckets::default(),
+            suffixed: AffixBuckets::default(),
+            floating: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Node> Node for FieldIndex<T> {
+    fn is_empty(&self) -> bool {
+        self.literals.is_empty()
+            && self.prefixed.buckets.is_empty()
+            && self.suffixed.buckets.is_empty()
+            && self.floating.is_empty()
+    }
+}
+
+impl<T: Node> FieldIndex<T> {
+    /// The child of `pattern`, created if new.
+    fn entry(&mut self, pattern: &str) -> &mut T {
+        match place(pattern) {
+            Place::Literal => self.literals.entry(pattern.into()).or_default(),
+            Place::Prefixed(affix, glob) => self.prefixed.entry(affix, pattern, glob),
+            Place::Suffixed(affix, glob) => self.suffixed.entry(affix, pattern, glob),
+            Place::Floating(glob) => {
+                &mut self
+                    .floating
+                    .entry(pattern.into())
+                    .or_insert_with(|| (glob, T::default()))
+                    .1
+            }
+        }
+    }
+
+    /// Runs `f` on the child of `pattern` if it exists, then drops the child if that left it
+    /// empty.
+    fn update<R>(&mut self, pattern: &str, f: impl FnOnce(&mut T) -> R) -> Option<R> {
+        match place(pattern) {
+            Place::Literal => {
+                let child = self.literals.get_mut(pattern)?;
+                let r = f(child);
+                if child.is_empty() {
+                    self.literals.remove(pattern);
+                }
+                Some(r)
+            }
+            Place::Prefixed(affix, _) => {
+                let r = f(self.prefixed.get_mut(affix, pattern)?);
+                self.prefixed.prune(affix, pattern);
+                Some(r)
+            }
+            Place::Suffixed(affix, _) => {
+                let r = f(self.suffixed.get_mut(affix, pattern)?);
+                self.suffixed.prune(affix, pattern);
+                Some(r)
+            }
+            Place::Floating(_) => {
+                let (_, child) = self.floating.get_mut(pattern)?;
+                let r = f(child);
+                if child.is_empty() {
+                    self.floating.remove(pattern);
+                }
+                Some(r)
+            }
+        }
+    }
+
+    /// Calls `f` with the child of every pattern that matches `text`.
+    fn for_each_match<'a>(&'a self, text: &str, f: &mut impl FnMut(&'a T)) {
+        if let Some(child) = self.literals.get(text) {
+            f(child);
+        }
+        self.prefixed.for_each_match(text, false, f);
+        self.suffixed.for_each_match(text, true, f);
+        for (glob, child) in self.floating.values() {
+            if glob.matches(text) {
+                f(child);
+            }
+        }
+    }
+}
+
+type Ids = BTreeSet<u64>;
+type ByCmd = FieldIndex<Ids>;
+type ByDst = FieldIndex<ByCmd>;
+type BySrc = FieldIndex<ByDst>;
+
+/// All rules, indexed for [`RuleIndex::decide`].
+#[derive(Default)]
+pub struct RuleIndex {
+    deny: BySrc,
+    allow: BySrc,
+    rules: HashMap<u64, Rule>,
+}
+
+impl RuleIndex {
+    pub fn new() -> RuleIndex {
+        RuleIndex::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    fn tree_mut(&mut self, effect: Effect) -> &mut BySrc {
+        match effect {
+            Effect::Allow => &mut self.allow,
+            Effect::Deny => &mut self.deny,
+        }
+    }
+
+    /// Adds (or replaces) rule `id`.
+    pub fn insert(&mut self, id: u64, rule: Rule) {
+        self.remove(id);
+        self.tree_mut(rule.effect)
+            .entry(&rule.src)
+            .entry(&rule.dst)
+            .entry(&rule.cmd)
+            .insert(id);
+        self.rules.insert(id, rule);
+    }
+
+    /// Removes rule `id`; returns it if it was there.
+    pub fn remove(&mut self, id: u64) -> Option<Rule> {
+        let rule = self.rules.remove(&id)?;
+        self.tree_mut(rule.effect).update(&rule.src, |by_dst| {
+            by_dst.update(&rule.dst, |by_cmd| {
+                by_cmd.update(&rule.cmd, |ids| ids.remove(&id));
+            });
+        });
+        Some(rule)
+    }
+
+    /// The lowest id of the rules with `effect` that match (src, dst, cmd).
+    pub fn first_match(&self, effect: Effect, src: &str, dst: &str, cmd: &str) -> Option<u64> {
+        let tree = match effect {
+            Effect::Allow => &self.allow,
+            Effect::Deny => &self.deny,
+        };
+        let mut best: Option<u64> = None;
+        tree.for_each_match(src, &mut |by_dst| {
+            by_dst.for_each_match(dst, &mut |by_cmd| {
+                by_cmd.for_each_match(cmd, &mut |ids| {
+                    if let Some(&id) = ids.first() {
+                        best = Some(best.map_or(id, |b| b.min(id)));
+                    }
+                });
+            });
+        });
+        best
+    }
+
+    /// Decides whether `src` may send `cmd` to `dst`, in SPEC order: a matching deny rule,
+    /// then ownership (`owner_of_dst` is asked only when no deny rule matched), then a
+    /// matching allow rule, else deny.
+    pub fn decide<E>(
+        &self,
+        src: &str,
+        dst: &str,
+        cmd: &str,
+        owner_of_dst: impl FnOnce() -> Result<Option<String>, E>,
+    ) -> Result<Decision, E> {
+        if let Some(id) = self.first_match(Effect::Deny, src, dst, cmd) {
+            return Ok(Decision::Deny(id));
+        }
+        if owner_of_dst()?.as_deref() == Some(src) {
+            return Ok(Decision::Owner);
+        }
+        Ok(match self.first_match(Effect::Allow, src, dst, cmd) {
+            Some(id) => Decision::Allow(id),
+            None => Decision::DefaultDeny,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The obvious definition, by dynamic programming over characters.
+    fn reference(pattern: &str, text: &str) -> bool {
+        let p: Vec<char> = pattern.chars().collect();
+        let t: Vec<char> = text.chars().collect();
+        // m[i][j]: p[..i] matches t[..j].
+        let mut m = vec![vec![false; t.len() + 1]; p.len() + 1];
+        m[0][0] = true;
+        for i in 1..=p.len() {
+            for j in 0..=t.len() {
+                m[i][j] = if p[i - 1] == '*' {
+                    m[i - 1][j] || (j > 0 && m[i][j - 1])
+                } else {
+                    j > 0 && m[i - 1][j - 1] && p[i - 1] == t[j - 1]
+                };
+            }
+        }
+        m[p.len()][t.len()]
+    }
+
+    fn rule(src: &str, dst: &str, cmd: &str, effect: Effect) -> Rule {
+        Rule {
+            src: src.into(),
+            dst: dst.into(),
+            cmd: cmd.into(),
+            effect,
+        }
+    }
+
+    const ALPHABET: &str = "[ab*/.+#?é]{0,8}";
+
+    proptest! {
+        #[test]
+        fn matcher_agrees_with_the_reference(pattern in ALPHABET, text in "[ab*/.+#?é]{0,10}") {
+            prop_assert_eq!(matches(&pattern, &text), reference(&pattern, &text));
+        }
+
+        /// Text derived from the pattern (each star replaced by something) always matches.
+        #[test]
+        fn a_pattern_matches_its_own_expansions(pattern in ALPHABET, fill in "[ab/é]{0,3}") {
+            let text = pattern.replace('*', &fill);
+            prop_assert!(matches(&pattern, &text));
+            prop_assert!(reference(&pattern, &text));
+        }
+
+        /// The index finds exactly what a scan of every rule finds, also after removals.
+        #[test]
+        fn index_agrees_with_a_scan(
+            rules in prop::collection::vec(
+                (ALPHABET, ALPHABET, "[ab*]{0,3}", any::<bool>()), 0..40),
+            removed in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+            queries in prop::collection::vec(
+                ("[ab/.+#é]{0,6}", "[ab/.+#é]{0,6}", "[ab]{0,3}"), 1..20),
+        ) {
+            let mut index = RuleIndex::new();
+            let mut all = BTreeMap::new();
+            for (n, (s, d, c, deny)) in rules.iter().enumerate() {
+                let effect = if *deny { Effect::Deny } else { Effect::Allow };
+                let id = n as u64 + 1;
+                index.insert(id, rule(s, d, c, effect));
+                all.insert(id, rule(s, d, c, effect));
+            }
+            for r in &removed {
+                if !all.is_empty() {
+                    let id = *all.keys().nth(r.index(all.len())).unwrap_or(&0);
+                    all.remove(&id);
+                    prop_assert!(index.remove(id).is_some());
+                }
+            }
+            prop_assert_eq!(index.len(), all.len());
+            // Random texts rarely match long patterns: also ask with each rule's expansion.
+            let expansions = rules.iter().map(|(s, d, c, _)| {
+                (s.replace('*', "a/"), d.replace('*', ""), c.replace('*', "b"))
+            });
+            for (s, d, c) in queries.iter().cloned().chain(expansions) {
+                let (s, d, c) = (s.as_str(), d.as_str(), c.as_str());
+                for effect in [Effect::Allow, Effect::Deny] {
+                    let scan = all.iter().find(|(_, r)| {
+                        r.effect == effect
+                            && reference(&r.src, s)
+                            && reference(&r.dst, d)
+                            && reference(&r.cmd, c)
+                    }).map(|(id, _)| *id);
+                    prop_assert_eq!(index.first_match(effect, s, d, c), scan,
+                        "{:?} {} {} {}", effect, s, d, c);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn metacharacters_are_literal() {
+        assert!(matches("a.b", "a.b"));
+        assert!(!matches("a.b", "axb"));
+        assert!(matches("dev/+/cmd", "dev/+/cmd"));
+        assert!(!matches("dev/+/cmd", "dev/x/cmd"));
+        assert!(!matches("dev/#", "dev/x"));
+        assert!(!matches("a?", "ab"));
+        assert!(!matches("[ab]", "a"));
+        assert!(matches("[ab]", "[ab]"));
+        assert!(
+            matches("a\\*", "a\\anything"),
+            "backslash does not escape the star"
+        );
+        assert!(!matches("^a$", "a"));
+        assert!(matches("*", ""));
+        assert!(matches("*", "a/b/c"));
+        assert!(matches("dev/*", "dev/"));
+        assert!(matches("dev/*/reboot", "dev/x/y/reboot"));
+        assert!(!matches("dev/*/reboot", "dev/reboot"));
+        assert!(matches("a*a", "aa"));
+        assert!(!matches("a*a", "a"));
+    }
+
+    #[test]
+    fn deny_beats_owner_beats_allow() {
+        let mut index = RuleIndex::new();
+        let owner = |who: &str| {
+            let who = who.to_owned();
+            move || Ok::<_, ()>(Some(who))
+        };
+        let nobody = || Ok::<_, ()>(None);
+
+        assert_eq!(
+            index.decide("u", "d", "c", nobody),
+            Ok(Decision::DefaultDeny)
+        );
+        assert_eq!(index.decide("u", "d", "c", owner("u")), Ok(Decision::Owner));
+        assert_eq!(
+            index.decide("u", "d", "c", owner("someone else")),
+            Ok(Decision::DefaultDeny)
+        );
+
+        index.insert(1, rule("u", "d", "*", Effect::Allow));
+        assert_eq!(index.decide("u", "d", "c", nobody), Ok(Decision::Allow(1)));
+        assert_eq!(index.decide("u", "d", "c", owner("u")), Ok(Decision::Owner));
+
+        index.insert(2, rule("*", "d", "c", Effect::Deny));
+        assert_eq!(index.decide("u", "d", "c", nobody), Ok(Decision::Deny(2)));
+        assert_eq!(
+            index.decide("u", "d", "c", owner("u")),
+            Ok(Decision::Deny(2))
+        );
+        assert!(!Decision::Deny(2).allowed());
+        assert_eq!(
+            index.decide("u", "d", "other", nobody),
+            Ok(Decision::Allow(1))
+        );
+
+        // Removing the deny rule takes effect at once.
+        assert_eq!(index.remove(2).map(|r| r.effect), Some(Effect::Deny));
+        assert_eq!(index.decide("u", "d", "c", nobody), Ok(Decision::Allow(1)));
+        assert_eq!(index.remove(2), None);
+    }
+
+    #[test]
+    fn the_owner_is_not_asked_when_a_deny_rule_matched() {
+        let mut index = RuleIndex::new();
+        index.insert(7, rule("*", "*", "*", Effect::Deny));
+        let asked = std::cell::Cell::new(false);
+        let decision = index.decide("u", "d", "c", || {
+            asked.set(true);
+            Ok::<_, ()>(None)
+        });
+        assert_eq!(decision, Ok(Decision::Deny(7)));
+        assert!(!asked.get());
+    }
+
+    #[test]
+    fn lowest_matching_rule_is_named_and_duplicates_are_separate() {
+        let mut index = RuleIndex::new();
+        index.insert(5, rule("u", "d/*", "c", Effect::Allow));
+        index.insert(3, rule("u*", "d/1", "*", Effect::Allow));
+        index.insert(9, rule("u", "d/*", "c", Effect::Allow));
+        assert_eq!(index.first_match(Effect::Allow, "u", "d/1", "c"), Some(3));
+        index.remove(3);
+        assert_eq!(index.first_match(Effect::Allow, "u", "d/1", "c"), Some(5));
+        index.remove(5);
+        assert_eq!(index.first_match(Effect::Allow, "u", "d/1", "c"), Some(9));
+        index.remove(9);
+        assert_eq!(index.first_match(Effect::Allow, "u", "d/1", "c"), None);
+        assert!(index.is_empty());
+        assert!(index.allow.is_empty(), "removals prune the tree");
+    }
+
+    #[test]
+    fn affixes_that_split_a_character_are_skipped() {
+        let mut index = RuleIndex::new();
+        // "é" is two bytes; a one-byte prefix of the text falls inside it.
+        index.insert(1, rule("x*", "*", "*", Effect::Allow));
+        index.insert(2, rule("*x", "*", "*", Effect::Allow));
+        index.insert(3, rule("éé*", "*", "*", Effect::Allow));
+        assert_eq!(index.first_match(Effect::Allow, "é", "d", "c"), None);
+        assert_eq!(index.first_match(Effect::Allow, "ééa", "d", "c"), Some(3));
+        assert_eq!(index.first_match(Effect::Allow, "éx", "d", "c"), Some(2));
+    }
+}
