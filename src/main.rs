@@ -37,6 +37,10 @@ enum Command {
     /// Send one request and print the response frame (exit 0: result, 1: error frame,
     /// 2: timeout or transport failure).
     Call(CallArgs),
+    /// Administer authd over the bus, in the style of mosquitto_ctrl (`authd ctl acl add …`).
+    /// Prints the result as JSON (exit 0), or the error (exit 1: error frame, 2: timeout or
+    /// transport failure).
+    Ctl(CtlArgs),
 }
 
 /// Flags override `AUTHD_*` variables, which override the config file.
@@ -80,30 +84,115 @@ struct CallArgs {
     /// Arguments as a JSON object.
     #[arg(default_value = "{}")]
     args: String,
-    #[arg(long, env = "AUTHD_BROKER", default_value = DEFAULT_BROKER)]
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// How `call` and `ctl` reach the worker. Global, so `ctl` takes them after its
+/// subcommands too (`authd ctl acl list --broker …`).
+#[derive(Args)]
+struct Connection {
+    #[arg(long, global = true, env = "AUTHD_BROKER", default_value = DEFAULT_BROKER)]
     broker: String,
     /// Service id of the worker.
-    #[arg(long, env = "AUTHD_ID", default_value = DEFAULT_SERVICE_ID)]
+    #[arg(long, global = true, env = "AUTHD_ID", default_value = DEFAULT_SERVICE_ID)]
     id: String,
     /// Caller key. Default: the generated admin key in the data directory.
-    #[arg(long, env = "AUTHD_KEY", hide_env_values = true)]
+    #[arg(long, global = true, env = "AUTHD_KEY", hide_env_values = true)]
     key: Option<String>,
     /// File holding the caller key.
-    #[arg(long)]
+    #[arg(long, global = true)]
     key_file: Option<PathBuf>,
     /// Data directory whose generated admin key to use when no key is given.
-    #[arg(long, env = "AUTHD_DATA")]
+    #[arg(long, global = true, env = "AUTHD_DATA")]
     data: Option<PathBuf>,
     /// Our address (replies come on `{src}/rpc`); it is the user of the token methods.
-    #[arg(long)]
+    #[arg(long, global = true)]
     src: Option<String>,
-    #[arg(long, env = "AUTHD_BROKER_USERNAME")]
+    #[arg(long, global = true, env = "AUTHD_BROKER_USERNAME")]
     broker_username: Option<String>,
-    #[arg(long, env = "AUTHD_BROKER_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "AUTHD_BROKER_PASSWORD",
+        hide_env_values = true
+    )]
     broker_password: Option<String>,
     /// Seconds to wait for the response.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, global = true, default_value_t = 5.0)]
     timeout: f64,
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    group: CtlGroup,
+}
+
+/// One group per admin method family; each command maps onto one method.
+#[derive(Subcommand)]
+enum CtlGroup {
+    /// Access rules for AuthorizeCommand (ACL.Add, ACL.List, ACL.Delete).
+    #[command(subcommand)]
+    Acl(AclCommand),
+}
+
+#[derive(Subcommand)]
+enum AclCommand {
+    /// Add a rule (`*` in a pattern matches any run of characters); prints {"rule_id": N}.
+    Add {
+        /// Who sends the command (pattern).
+        #[arg(value_name = "SRC")]
+        src_pattern: String,
+        /// Whom it is sent to (pattern).
+        #[arg(value_name = "DST")]
+        dst_pattern: String,
+        /// Which command (pattern).
+        #[arg(value_name = "CMD")]
+        cmd_pattern: String,
+        #[arg(value_enum)]
+        effect: EffectArg,
+    },
+    /// List the rules, by rule id.
+    List,
+    /// Delete a rule (succeeds if there is no such rule).
+    Delete { rule_id: u64 },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EffectArg {
+    Allow,
+    Deny,
+}
+
+impl CtlGroup {
+    /// The method and arguments this command stands for.
+    fn request(self) -> (&'static str, serde_json::Value) {
+        use serde_json::json;
+        match self {
+            CtlGroup::Acl(AclCommand::Add {
+                src_pattern,
+                dst_pattern,
+                cmd_pattern,
+                effect,
+            }) => {
+                let effect = match effect {
+                    EffectArg::Allow => "allow",
+                    EffectArg::Deny => "deny",
+                };
+                (
+                    "/v1/ACL.Add",
+                    json!({"src": src_pattern, "dst": dst_pattern, "cmd": cmd_pattern, "effect": effect}),
+                )
+            }
+            CtlGroup::Acl(AclCommand::List) => ("/v1/ACL.List", json!({})),
+            CtlGroup::Acl(AclCommand::Delete { rule_id }) => {
+                ("/v1/ACL.Delete", json!({ "rule_id": rule_id }))
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -111,7 +200,7 @@ fn main() -> ExitCode {
     // The worker logs its life at info; a one-shot client speaks only when something is wrong.
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        Command::Call(_) => "warn",
+        Command::Call(_) | Command::Ctl(_) => "warn",
     };
     init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -128,6 +217,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Call(args) => call(args).await,
+            Command::Ctl(args) => {
+                let (method, call_args) = args.group.request();
+                send(args.connection, method, call_args, Print::Result).await
+            }
         }
     })
 }
@@ -226,66 +319,107 @@ async fn shutdown_signal() {
 }
 
 async fn call(args: CallArgs) -> ExitCode {
-    let fail = |msg: String| {
-        eprintln!("authd call: {msg}");
-        ExitCode::from(2)
-    };
-    let broker = match BrokerAddress::parse(&args.broker) {
-        Ok(b) => b,
-        Err(e) => return fail(e.to_string()),
-    };
     let call_args: serde_json::Value = match serde_json::from_str(&args.args) {
         Ok(v @ serde_json::Value::Object(_)) => v,
         _ => {
-            return fail(
-                "ARGS_JSON must be a JSON object, e.g. '{\"host\":\"app.example.com\"}'".into(),
-            )
+            return Print::Frame
+                .fail("ARGS_JSON must be a JSON object, e.g. '{\"host\":\"app.example.com\"}'")
         }
     };
-    let key = match (args.key, args.key_file) {
+    send(args.connection, &args.method, call_args, Print::Frame).await
+}
+
+/// What `send` prints on success: the whole response frame (`call`) or its result (`ctl`).
+#[derive(Clone, Copy)]
+enum Print {
+    Frame,
+    Result,
+}
+
+impl Print {
+    fn fail(self, msg: impl std::fmt::Display) -> ExitCode {
+        let who = match self {
+            Print::Frame => "call",
+            Print::Result => "ctl",
+        };
+        eprintln!("authd {who}: {msg}");
+        ExitCode::from(2)
+    }
+}
+
+/// Sends one request and prints the answer. Exit 0: a result, 1: an error frame,
+/// 2: a timeout or transport failure.
+async fn send(
+    connection: Connection,
+    method: &str,
+    call_args: serde_json::Value,
+    print: Print,
+) -> ExitCode {
+    let broker = match BrokerAddress::parse(&connection.broker) {
+        Ok(b) => b,
+        Err(e) => return print.fail(e),
+    };
+    let key = match (connection.key, connection.key_file) {
         (Some(k), _) => Some(k),
         (None, Some(path)) => match std::fs::read_to_string(&path) {
             Ok(k) => Some(k.trim().to_owned()),
-            Err(e) => return fail(format!("{}: {e}", path.display())),
+            Err(e) => return print.fail(format!("{}: {e}", path.display())),
         },
         (None, None) => {
-            let path = admin_key_path(&args.data.unwrap_or_else(default_data_dir));
+            let path = admin_key_path(&connection.data.unwrap_or_else(default_data_dir));
             std::fs::read_to_string(path)
                 .ok()
                 .map(|k| k.trim().to_owned())
         }
     };
     let mut options = ClientOptions::new(broker);
-    options.request_topic = format!("{}/rpc", args.id);
-    options.service_id = args.id;
+    options.request_topic = format!("{}/rpc", connection.id);
+    options.service_id = connection.id;
     options.key = key;
-    options.credentials = args
+    options.credentials = connection
         .broker_username
-        .map(|u| (u, args.broker_password.unwrap_or_default()));
-    if let Some(src) = args.src {
+        .map(|u| (u, connection.broker_password.unwrap_or_default()));
+    if let Some(src) = connection.src {
         options.src = src;
     }
-    let timeout = Duration::from_secs_f64(args.timeout.max(0.0));
+    let timeout = Duration::from_secs_f64(connection.timeout.max(0.0));
     let client = match Client::connect(options, timeout).await {
         Ok(c) => c,
-        Err(e) => return fail(e.to_string()),
+        Err(e) => return print.fail(e),
     };
-    let result = client.call(&args.method, call_args, timeout).await;
+    let result = client.call(method, call_args, timeout).await;
     client.close().await;
-    match result {
-        Ok(response) => {
-            match serde_json::to_string(&response) {
-                Ok(text) => println!("{text}"),
-                Err(e) => return fail(e.to_string()),
-            }
-            if response.error.is_some() {
-                ExitCode::from(1)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
+    let response = match result {
+        Ok(response) => response,
         Err(e @ (CallError::Timeout(_) | CallError::Closed | CallError::Connect(_))) => {
-            fail(e.to_string())
+            return print.fail(e)
         }
+    };
+    match (print, &response.error) {
+        (Print::Frame, _) => match serde_json::to_string(&response) {
+            Ok(text) => println!("{text}"),
+            Err(e) => return print.fail(e),
+        },
+        (Print::Result, Some(e)) => eprintln!("authd ctl: error {}: {}", e.code, e.message),
+        (Print::Result, None) => {
+            if let Some(result) = &response.result {
+                println!("{result}");
+            }
+        }
+    }
+    if response.error.is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
     }
 }

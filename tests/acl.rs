@@ -312,3 +312,67 @@ async fn rules_survive_a_worker_restart() {
     let c = add(&admin, "bob", "dev/1", "*", "allow").await;
     assert!(c > b, "the id counter survives the restart too: {c}");
 }
+
+/// Runs the `authd` binary with `args` (blocking, off the runtime the worker runs on).
+async fn authd(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(authd_bin())
+            .args(&args)
+            .output()
+            .expect("run authd")
+    })
+    .await
+    .expect("join")
+}
+
+#[tokio::test]
+async fn ctl_acl_add_list_delete() {
+    let s = Setup::start().await;
+    let ctl = |words: &[&str]| {
+        let mut args: Vec<String> = ["ctl", "acl"].iter().map(|w| w.to_string()).collect();
+        args.extend(words.iter().map(|w| w.to_string()));
+        args.extend([
+            "--broker".into(),
+            s.broker.url(),
+            "--key".into(),
+            ADMIN_KEY.into(),
+        ]);
+        authd(args)
+    };
+    let text = |out: &std::process::Output| String::from_utf8_lossy(&out.stdout).trim().to_owned();
+
+    let out = ctl(&["add", "alice", "dev/*", "*", "allow"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let added: Value = serde_json::from_str(&text(&out)).unwrap();
+    let id = added["rule_id"].as_u64().expect("rule_id");
+
+    let out = ctl(&["list"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_str(&text(&out)).unwrap();
+    assert_eq!(
+        listed,
+        json!({"rules": [{"rule_id": id, "src": "alice", "dst": "dev/*", "cmd": "*", "effect": "allow"}]})
+    );
+
+    let out = ctl(&["delete", &id.to_string()]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(text(&out), "", "no result, nothing printed");
+    assert_eq!(text(&ctl(&["list"]).await), r#"{"rules":[]}"#);
+
+    // An error frame: exit 1, the error on stderr.
+    let mut args: Vec<String> = ["ctl", "acl", "list", "--broker", &s.broker.url(), "--key"]
+        .iter()
+        .map(|w| w.to_string())
+        .collect();
+    args.push(SERVICE_KEY.into());
+    let out = authd(args).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{out:?}"
+    );
+
+    // A bad effect is refused before anything is sent.
+    let out = ctl(&["add", "a", "b", "c", "perhaps"]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
