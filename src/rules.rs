@@ -14,8 +14,11 @@
 //!
 //! Pure in-memory logic: the store keeps the rules and rebuilds this index from them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::hash::BuildHasherDefault;
+
+use fxhash::FxHasher;
 
 use serde::{Deserialize, Serialize};
 
@@ -131,9 +134,11 @@ impl Glob {
     }
 
     fn matches(&self, text: &str) -> bool {
+        // The emptiness tests are not redundant: they keep the common `*…` and `…*` patterns
+        // from calling memcmp, which costs more than everything else here.
         if text.len() < self.prefix.len() + self.suffix.len()
-            || !text.starts_with(&*self.prefix)
-            || !text.ends_with(&*self.suffix)
+            || (!self.prefix.is_empty() && !text.starts_with(&*self.prefix))
+            || (!self.suffix.is_empty() && !text.ends_with(&*self.suffix))
         {
             return false;
         }
@@ -150,24 +155,32 @@ impl Glob {
     }
 }
 
+/// Hash maps of the index. FxHash, not SipHash: keys are patterns an admin wrote, lookups
+/// are on the hot path, and the hash of a short name is most of a lookup's cost.
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
 /// A node of the index: something that can become empty and be pruned.
 trait Node: Default {
     fn is_empty(&self) -> bool;
 }
 
-impl Node for BTreeSet<u64> {
+/// The rules at the end of one (src, dst, cmd) path: `(id, effect)` sorted by id. Usually
+/// one; more when rules repeat a pattern triple.
+type Leaf = Vec<(u64, Effect)>;
+
+impl Node for Leaf {
     fn is_empty(&self) -> bool {
-        BTreeSet::is_empty(self)
+        <[_]>::is_empty(self)
     }
 }
 
 /// Wildcard patterns by their text, each with its compiled form and its child node.
-type Globs<T> = HashMap<Box<str>, (Glob, T)>;
+type Globs<T> = Map<Box<str>, (Glob, T)>;
 
 /// Wildcard patterns grouped by one literal affix (prefix or suffix) of a known length.
 struct AffixBuckets<T> {
     /// affix → pattern → (compiled pattern, child).
-    buckets: HashMap<Box<str>, Globs<T>>,
+    buckets: Map<Box<str>, Globs<T>>,
     /// affix length → how many buckets have an affix of that length. A lookup tries each
     /// length once, so its cost is bounded by the distinct lengths (≤ 256), not the rules.
     lengths: BTreeMap<usize, usize>,
@@ -176,7 +189,7 @@ struct AffixBuckets<T> {
 impl<T> Default for AffixBuckets<T> {
     fn default() -> Self {
         AffixBuckets {
-            buckets: HashMap::new(),
+            buckets: Map::default(),
             lengths: BTreeMap::new(),
         }
     }
@@ -219,6 +232,10 @@ impl<T: Node> AffixBuckets<T> {
         }
     }
 
+    fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
     /// Calls `f` with the child of every pattern that matches `text` in a bucket whose
     /// affix `text` has (at its end if `suffixes`, else at its start).
     fn for_each_match<'a>(&'a self, text: &str, suffixes: bool, f: &mut impl FnMut(&'a T)) {
@@ -239,6 +256,24 @@ impl<T: Node> AffixBuckets<T> {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The wildcard patterns of one field. Boxed and made on demand: most nodes have none.
+struct Wildcards<T> {
+    prefixed: AffixBuckets<T>,
+    suffixed: AffixBuckets<T>,
+    /// Patterns that start and end with `*`: the only ones a lookup tries one by one.
+    floating: Globs<T>,
+}
+
+impl<T> Default for Wildcards<T> {
+    fn default() -> Self {
+        Wildcards {
+            prefixed: AffixBuckets::default(),
+            suffixed: AffixBuckets::default(),
+            floating: Map::default(),
         }
     }
 }
@@ -265,44 +300,41 @@ fn place(pattern: &str) -> Place<'_> {
 }
 
 /// The patterns of one field, each leading to a child node (the next field's index, or the
-/// rule ids at the last field).
+/// rules at the last field).
 struct FieldIndex<T> {
-    literals: HashMap<Box<str>, T>,
-    prefixed: AffixBuckets<T>,
-    suffixed: AffixBuckets<T>,
-    /// Patterns that start and end with `*`: the only ones a lookup tries one by one.
-    floating: Globs<T>,
+    literals: Map<Box<str>, T>,
+    wildcards: Option<Box<Wildcards<T>>>,
 }
 
 impl<T> Default for FieldIndex<T> {
     fn default() -> Self {
         FieldIndex {
-            literals: HashMap::new(),
-            prefixed: AffixBuckets::default(),
-            suffixed: AffixBuckets::default(),
-            floating: HashMap::new(),
+            literals: Map::default(),
+            wildcards: None,
         }
     }
 }
 
 impl<T: Node> Node for FieldIndex<T> {
     fn is_empty(&self) -> bool {
-        self.literals.is_empty()
-            && self.prefixed.buckets.is_empty()
-            && self.suffixed.buckets.is_empty()
-            && self.floating.is_empty()
+        self.literals.is_empty() && self.wildcards.is_none()
     }
 }
 
 impl<T: Node> FieldIndex<T> {
     /// The child of `pattern`, created if new.
     fn entry(&mut self, pattern: &str) -> &mut T {
-        match place(pattern) {
-            Place::Literal => self.literals.entry(pattern.into()).or_default(),
-            Place::Prefixed(affix, glob) => self.prefixed.entry(affix, pattern, glob),
-            Place::Suffixed(affix, glob) => self.suffixed.entry(affix, pattern, glob),
+        let place = place(pattern);
+        if let Place::Literal = place {
+            return self.literals.entry(pattern.into()).or_default();
+        }
+        let wild = self.wildcards.get_or_insert_with(Box::default);
+        match place {
+            Place::Literal => unreachable!("handled above"),
+            Place::Prefixed(affix, glob) => wild.prefixed.entry(affix, pattern, glob),
+            Place::Suffixed(affix, glob) => wild.suffixed.entry(affix, pattern, glob),
             Place::Floating(glob) => {
-                &mut self
+                &mut wild
                     .floating
                     .entry(pattern.into())
                     .or_insert_with(|| (glob, T::default()))
@@ -314,34 +346,41 @@ impl<T: Node> FieldIndex<T> {
     /// Runs `f` on the child of `pattern` if it exists, then drops the child if that left it
     /// empty.
     fn update<R>(&mut self, pattern: &str, f: impl FnOnce(&mut T) -> R) -> Option<R> {
-        match place(pattern) {
-            Place::Literal => {
-                let child = self.literals.get_mut(pattern)?;
-                let r = f(child);
-                if child.is_empty() {
-                    self.literals.remove(pattern);
-                }
-                Some(r)
+        let place = place(pattern);
+        if let Place::Literal = place {
+            let child = self.literals.get_mut(pattern)?;
+            let r = f(child);
+            if child.is_empty() {
+                self.literals.remove(pattern);
             }
+            return Some(r);
+        }
+        let wild = self.wildcards.as_mut()?;
+        let r = match place {
+            Place::Literal => unreachable!("handled above"),
             Place::Prefixed(affix, _) => {
-                let r = f(self.prefixed.get_mut(affix, pattern)?);
-                self.prefixed.prune(affix, pattern);
-                Some(r)
+                let r = f(wild.prefixed.get_mut(affix, pattern)?);
+                wild.prefixed.prune(affix, pattern);
+                r
             }
             Place::Suffixed(affix, _) => {
-                let r = f(self.suffixed.get_mut(affix, pattern)?);
-                self.suffixed.prune(affix, pattern);
-                Some(r)
+                let r = f(wild.suffixed.get_mut(affix, pattern)?);
+                wild.suffixed.prune(affix, pattern);
+                r
             }
             Place::Floating(_) => {
-                let (_, child) = self.floating.get_mut(pattern)?;
+                let (_, child) = wild.floating.get_mut(pattern)?;
                 let r = f(child);
                 if child.is_empty() {
-                    self.floating.remove(pattern);
+                    wild.floating.remove(pattern);
                 }
-                Some(r)
+                r
             }
+        };
+        if wild.prefixed.is_empty() && wild.suffixed.is_empty() && wild.floating.is_empty() {
+            self.wildcards = None;
         }
+        Some(r)
     }
 
     /// Calls `f` with the child of every pattern that matches `text`.
@@ -349,27 +388,34 @@ impl<T: Node> FieldIndex<T> {
         if let Some(child) = self.literals.get(text) {
             f(child);
         }
-        self.prefixed.for_each_match(text, false, f);
-        self.suffixed.for_each_match(text, true, f);
-        for (glob, child) in self.floating.values() {
-            if glob.matches(text) {
-                f(child);
+        if let Some(wild) = &self.wildcards {
+            wild.prefixed.for_each_match(text, false, f);
+            wild.suffixed.for_each_match(text, true, f);
+            for (glob, child) in wild.floating.values() {
+                if glob.matches(text) {
+                    f(child);
+                }
             }
         }
     }
 }
 
-type Ids = BTreeSet<u64>;
-type ByCmd = FieldIndex<Ids>;
-type ByDst = FieldIndex<ByCmd>;
-type BySrc = FieldIndex<ByDst>;
+/// src → dst → cmd → rules.
+type BySrc = FieldIndex<FieldIndex<FieldIndex<Leaf>>>;
 
-/// All rules, indexed for [`RuleIndex::decide`].
+/// The lowest-numbered matching rule of each effect.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Matches {
+    pub deny: Option<u64>,
+    pub allow: Option<u64>,
+}
+
+/// All rules, indexed for [`RuleIndex::decide`]. Holds the patterns only once (as the tree's
+/// keys); removing a rule takes the rule, which the store reads back from its record.
 #[derive(Default)]
 pub struct RuleIndex {
-    deny: BySrc,
-    allow: BySrc,
-    rules: HashMap<u64, Rule>,
+    tree: BySrc,
+    len: usize,
 }
 
 impl RuleIndex {
@@ -377,60 +423,63 @@ impl RuleIndex {
         RuleIndex::default()
     }
 
+    /// How many rules are indexed.
     pub fn len(&self) -> usize {
-        self.rules.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
+        self.len == 0
     }
 
-    fn tree_mut(&mut self, effect: Effect) -> &mut BySrc {
-        match effect {
-            Effect::Allow => &mut self.allow,
-            Effect::Deny => &mut self.deny,
+    /// Adds rule `id` (ids are unique: adding one twice keeps one).
+    pub fn insert(&mut self, id: u64, rule: &Rule) {
+        let leaf = self.tree.entry(&rule.src).entry(&rule.dst).entry(&rule.cmd);
+        if let Err(at) = leaf.binary_search_by_key(&id, |&(i, _)| i) {
+            leaf.insert(at, (id, rule.effect));
+            self.len += 1;
         }
     }
 
-    /// Adds (or replaces) rule `id`.
-    pub fn insert(&mut self, id: u64, rule: Rule) {
-        self.remove(id);
-        self.tree_mut(rule.effect)
-            .entry(&rule.src)
-            .entry(&rule.dst)
-            .entry(&rule.cmd)
-            .insert(id);
-        self.rules.insert(id, rule);
-    }
-
-    /// Removes rule `id`; returns it if it was there.
-    pub fn remove(&mut self, id: u64) -> Option<Rule> {
-        let rule = self.rules.remove(&id)?;
-        self.tree_mut(rule.effect).update(&rule.src, |by_dst| {
+    /// Removes rule `id`, which is `rule`. Returns whether it was there.
+    pub fn remove(&mut self, id: u64, rule: &Rule) -> bool {
+        let removed = self.tree.update(&rule.src, |by_dst| {
             by_dst.update(&rule.dst, |by_cmd| {
-                by_cmd.update(&rule.cmd, |ids| ids.remove(&id));
-            });
+                by_cmd.update(&rule.cmd, |leaf| {
+                    let at = leaf.binary_search_by_key(&id, |&(i, _)| i).ok()?;
+                    leaf.remove(at);
+                    Some(())
+                })
+            })
         });
-        Some(rule)
+        let removed = removed.flatten().flatten().flatten().is_some();
+        if removed {
+            self.len -= 1;
+        }
+        removed
     }
 
-    /// The lowest id of the rules with `effect` that match (src, dst, cmd).
-    pub fn first_match(&self, effect: Effect, src: &str, dst: &str, cmd: &str) -> Option<u64> {
-        let tree = match effect {
-            Effect::Allow => &self.allow,
-            Effect::Deny => &self.deny,
-        };
-        let mut best: Option<u64> = None;
-        tree.for_each_match(src, &mut |by_dst| {
+    /// The lowest-numbered deny and allow rules that match (src, dst, cmd), found in one
+    /// walk of the index.
+    pub fn matches(&self, src: &str, dst: &str, cmd: &str) -> Matches {
+        let mut found = Matches::default();
+        self.tree.for_each_match(src, &mut |by_dst| {
             by_dst.for_each_match(dst, &mut |by_cmd| {
-                by_cmd.for_each_match(cmd, &mut |ids| {
-                    if let Some(&id) = ids.first() {
-                        best = Some(best.map_or(id, |b| b.min(id)));
+                by_cmd.for_each_match(cmd, &mut |leaf| {
+                    for &(id, effect) in leaf {
+                        let slot = match effect {
+                            Effect::Deny => &mut found.deny,
+                            Effect::Allow => &mut found.allow,
+                        };
+                        // The leaf is sorted: its first rule of an effect is its lowest.
+                        if !matches!(*slot, Some(s) if s <= id) {
+                            *slot = Some(id);
+                        }
                     }
                 });
             });
         });
-        best
+        found
     }
 
     /// Decides whether `src` may send `cmd` to `dst`, in SPEC order: a matching deny rule,
@@ -443,13 +492,14 @@ impl RuleIndex {
         cmd: &str,
         owner_of_dst: impl FnOnce() -> Result<Option<String>, E>,
     ) -> Result<Decision, E> {
-        if let Some(id) = self.first_match(Effect::Deny, src, dst, cmd) {
+        let found = self.matches(src, dst, cmd);
+        if let Some(id) = found.deny {
             return Ok(Decision::Deny(id));
         }
         if owner_of_dst()?.as_deref() == Some(src) {
             return Ok(Decision::Owner);
         }
-        Ok(match self.first_match(Effect::Allow, src, dst, cmd) {
+        Ok(match found.allow {
             Some(id) => Decision::Allow(id),
             None => Decision::DefaultDeny,
         })
@@ -519,14 +569,14 @@ mod tests {
             for (n, (s, d, c, deny)) in rules.iter().enumerate() {
                 let effect = if *deny { Effect::Deny } else { Effect::Allow };
                 let id = n as u64 + 1;
-                index.insert(id, rule(s, d, c, effect));
+                index.insert(id, &rule(s, d, c, effect));
                 all.insert(id, rule(s, d, c, effect));
             }
             for r in &removed {
                 if !all.is_empty() {
                     let id = *all.keys().nth(r.index(all.len())).unwrap_or(&0);
-                    all.remove(&id);
-                    prop_assert!(index.remove(id).is_some());
+                    let gone = all.remove(&id).unwrap();
+                    prop_assert!(index.remove(id, &gone));
                 }
             }
             prop_assert_eq!(index.len(), all.len());
@@ -543,8 +593,12 @@ mod tests {
                             && reference(&r.dst, d)
                             && reference(&r.cmd, c)
                     }).map(|(id, _)| *id);
-                    prop_assert_eq!(index.first_match(effect, s, d, c), scan,
-                        "{:?} {} {} {}", effect, s, d, c);
+                    let found = index.matches(s, d, c);
+                    let indexed = match effect {
+                        Effect::Allow => found.allow,
+                        Effect::Deny => found.deny,
+                    };
+                    prop_assert_eq!(indexed, scan, "{:?} {} {} {}", effect, s, d, c);
                 }
             }
         }
@@ -593,11 +647,12 @@ mod tests {
             Ok(Decision::DefaultDeny)
         );
 
-        index.insert(1, rule("u", "d", "*", Effect::Allow));
+        index.insert(1, &rule("u", "d", "*", Effect::Allow));
         assert_eq!(index.decide("u", "d", "c", nobody), Ok(Decision::Allow(1)));
         assert_eq!(index.decide("u", "d", "c", owner("u")), Ok(Decision::Owner));
 
-        index.insert(2, rule("*", "d", "c", Effect::Deny));
+        let deny = rule("*", "d", "c", Effect::Deny);
+        index.insert(2, &deny);
         assert_eq!(index.decide("u", "d", "c", nobody), Ok(Decision::Deny(2)));
         assert_eq!(
             index.decide("u", "d", "c", owner("u")),
@@ -610,15 +665,16 @@ mod tests {
         );
 
         // Removing the deny rule takes effect at once.
-        assert_eq!(index.remove(2).map(|r| r.effect), Some(Effect::Deny));
+        assert!(index.remove(2, &deny));
         assert_eq!(index.decide("u", "d", "c", nobody), Ok(Decision::Allow(1)));
-        assert_eq!(index.remove(2), None);
+        assert!(!index.remove(2, &deny));
+        assert_eq!(index.len(), 1);
     }
 
     #[test]
     fn the_owner_is_not_asked_when_a_deny_rule_matched() {
         let mut index = RuleIndex::new();
-        index.insert(7, rule("*", "*", "*", Effect::Deny));
+        index.insert(7, &rule("*", "*", "*", Effect::Deny));
         let asked = std::cell::Cell::new(false);
         let decision = index.decide("u", "d", "c", || {
             asked.set(true);
@@ -631,29 +687,37 @@ mod tests {
     #[test]
     fn lowest_matching_rule_is_named_and_duplicates_are_separate() {
         let mut index = RuleIndex::new();
-        index.insert(5, rule("u", "d/*", "c", Effect::Allow));
-        index.insert(3, rule("u*", "d/1", "*", Effect::Allow));
-        index.insert(9, rule("u", "d/*", "c", Effect::Allow));
-        assert_eq!(index.first_match(Effect::Allow, "u", "d/1", "c"), Some(3));
-        index.remove(3);
-        assert_eq!(index.first_match(Effect::Allow, "u", "d/1", "c"), Some(5));
-        index.remove(5);
-        assert_eq!(index.first_match(Effect::Allow, "u", "d/1", "c"), Some(9));
-        index.remove(9);
-        assert_eq!(index.first_match(Effect::Allow, "u", "d/1", "c"), None);
+        let (r5, r3, r9) = (
+            rule("u", "d/*", "c", Effect::Allow),
+            rule("u*", "d/1", "*", Effect::Allow),
+            rule("u", "d/*", "c", Effect::Allow),
+        );
+        index.insert(5, &r5);
+        index.insert(3, &r3);
+        index.insert(9, &r9);
+        index.insert(9, &r9);
+        assert_eq!(index.len(), 3, "an id is indexed once");
+        let allow = |index: &RuleIndex| index.matches("u", "d/1", "c").allow;
+        assert_eq!(allow(&index), Some(3));
+        assert!(index.remove(3, &r3));
+        assert_eq!(allow(&index), Some(5));
+        assert!(index.remove(5, &r5));
+        assert_eq!(allow(&index), Some(9));
+        assert!(index.remove(9, &r9));
+        assert_eq!(allow(&index), None);
         assert!(index.is_empty());
-        assert!(index.allow.is_empty(), "removals prune the tree");
+        assert!(index.tree.is_empty(), "removals prune the tree");
     }
 
     #[test]
     fn affixes_that_split_a_character_are_skipped() {
         let mut index = RuleIndex::new();
         // "é" is two bytes; a one-byte prefix of the text falls inside it.
-        index.insert(1, rule("x*", "*", "*", Effect::Allow));
-        index.insert(2, rule("*x", "*", "*", Effect::Allow));
-        index.insert(3, rule("éé*", "*", "*", Effect::Allow));
-        assert_eq!(index.first_match(Effect::Allow, "é", "d", "c"), None);
-        assert_eq!(index.first_match(Effect::Allow, "ééa", "d", "c"), Some(3));
-        assert_eq!(index.first_match(Effect::Allow, "éx", "d", "c"), Some(2));
+        index.insert(1, &rule("x*", "*", "*", Effect::Allow));
+        index.insert(2, &rule("*x", "*", "*", Effect::Allow));
+        index.insert(3, &rule("éé*", "*", "*", Effect::Allow));
+        assert_eq!(index.matches("é", "d", "c").allow, None);
+        assert_eq!(index.matches("ééa", "d", "c").allow, Some(3));
+        assert_eq!(index.matches("éx", "d", "c").allow, Some(2));
     }
 }

@@ -138,7 +138,7 @@ impl Store {
         let mut index = RuleIndex::new();
         for item in rules.iter() {
             let (k, v) = item?;
-            index.insert(rule_id_of(&k)?, decode("rules", &v)?);
+            index.insert(rule_id_of(&k)?, &decode("rules", &v)?);
         }
         Ok(Store {
             meta,
@@ -181,7 +181,7 @@ impl Store {
             Ok((Some(id), reply))
         })?;
         if let Some(id) = added {
-            write(&self.rule_index).insert(id, rule.clone());
+            write(&self.rule_index).insert(id, rule);
         }
         Ok(reply)
     }
@@ -196,15 +196,17 @@ impl Store {
         let replay = self.replay_entry(request, &Replay::Empty);
         let _writing = lock(&self.rule_writes);
         let removed = self.transact(|tx| {
-            let old = tx.rules.remove(&id.to_be_bytes())?;
+            let old = match tx.rules.remove(&id.to_be_bytes())? {
+                None => None,
+                Some(v) => Some(decode::<Rule>("rules", &v).map_err(abort)?),
+            };
             tx.put_replay(&replay)?;
-            Ok(old.is_some())
+            Ok(old)
         })?;
-        Ok(if removed {
-            write(&self.rule_index).remove(id)
-        } else {
-            None
-        })
+        if let Some(rule) = &removed {
+            write(&self.rule_index).remove(id, rule);
+        }
+        Ok(removed)
     }
 
     /// Rules with an id above `after`, in id order, at most `limit`.
