@@ -122,6 +122,13 @@ fn measure(
     (at(0.5), at(0.99), allowed)
 }
 
+/// This process's resident memory (Linux), for the index's footprint.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let rounds = if quick { 5 } else { 40 };
@@ -136,9 +143,16 @@ fn main() {
             &[("same questions", &same), ("spread", &spread)]
         };
 
+        let before = resident_bytes();
         let mut index = RuleIndex::new();
         for (i, r) in rules.iter().enumerate() {
             index.insert(i as u64 + 1, r);
+        }
+        if let (Some(before), Some(after)) = (before, resident_bytes()) {
+            println!(
+                "  {n:>6} rules: the index adds {:.1} MiB resident",
+                after.saturating_sub(before) as f64 / (1 << 20) as f64
+            );
         }
         for (name, qs) in sets {
             let no_owner = || Ok::<_, ()>(None);

@@ -14,7 +14,7 @@
 //!
 //! Pure in-memory logic: the store keeps the rules and rebuilds this index from them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasherDefault;
 
@@ -106,47 +106,51 @@ pub fn matches(pattern: &str, text: &str) -> bool {
     }
 }
 
-/// A pattern with at least one `*`, split at its stars: `prefix*middle*…*suffix`.
+/// A pattern with at least one `*`: `prefix*…*suffix`, kept as its text and where its
+/// literal prefix and suffix end (the index holds many; one allocation each).
 #[derive(Debug, Clone)]
 struct Glob {
-    prefix: Box<str>,
-    /// Non-empty pieces between stars, in order (runs of `*` collapse).
-    middles: Box<[Box<str>]>,
-    suffix: Box<str>,
+    pattern: Box<str>,
+    prefix_len: u32,
+    suffix_len: u32,
 }
 
 impl Glob {
     /// `None` for a pattern without `*` (a literal).
     fn compile(pattern: &str) -> Option<Glob> {
-        let mut pieces = pattern.split('*');
-        let prefix = pieces.next().unwrap_or_default();
-        let mut rest: Vec<&str> = pieces.collect();
-        let suffix = rest.pop()?; // no star: a literal
+        let first = pattern.find('*')?;
+        let last = pattern.rfind('*')?;
         Some(Glob {
-            prefix: prefix.into(),
-            middles: rest
-                .into_iter()
-                .filter(|m| !m.is_empty())
-                .map(Into::into)
-                .collect(),
-            suffix: suffix.into(),
+            pattern: pattern.into(),
+            prefix_len: u32::try_from(first).ok()?,
+            suffix_len: u32::try_from(pattern.len() - last - 1).ok()?,
         })
     }
 
+    fn prefix(&self) -> &str {
+        &self.pattern[..self.prefix_len as usize]
+    }
+
+    fn suffix(&self) -> &str {
+        &self.pattern[self.pattern.len() - self.suffix_len as usize..]
+    }
+
     fn matches(&self, text: &str) -> bool {
+        let (prefix, suffix) = (self.prefix(), self.suffix());
         // The emptiness tests are not redundant: they keep the common `*…` and `…*` patterns
         // from calling memcmp, which costs more than everything else here.
-        if text.len() < self.prefix.len() + self.suffix.len()
-            || (!self.prefix.is_empty() && !text.starts_with(&*self.prefix))
-            || (!self.suffix.is_empty() && !text.ends_with(&*self.suffix))
+        if text.len() < prefix.len() + suffix.len()
+            || (!prefix.is_empty() && !text.starts_with(prefix))
+            || (!suffix.is_empty() && !text.ends_with(suffix))
         {
             return false;
         }
-        // Both ends are anchored; each middle piece is placed leftmost, which leaves the most
-        // room for the pieces after it, so greedy search is exact.
-        let mut rest = &text[self.prefix.len()..text.len() - self.suffix.len()];
-        for piece in self.middles.iter() {
-            match rest.find(&**piece) {
+        // Both ends are anchored; each piece between stars is placed leftmost, which leaves
+        // the most room for the pieces after it, so greedy search is exact.
+        let mut rest = &text[prefix.len()..text.len() - suffix.len()];
+        let middle = &self.pattern[prefix.len()..self.pattern.len() - suffix.len()];
+        for piece in middle.split('*').filter(|p| !p.is_empty()) {
+            match rest.find(piece) {
                 Some(at) => rest = &rest[at + piece.len()..],
                 None => return false,
             }
@@ -158,6 +162,13 @@ impl Glob {
 /// Hash maps of the index. FxHash, not SipHash: keys are patterns an admin wrote, lookups
 /// are on the hot path, and the hash of a short name is most of a lookup's cost.
 type Map<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// Appends to a vector that stays small, growing it by one, not by doubling: the index has
+/// a great many of them and most hold a single item.
+fn push_exact<T>(v: &mut Vec<T>, item: T) {
+    v.reserve_exact(1);
+    v.push(item);
+}
 
 /// A node of the index: something that can become empty and be pruned.
 trait Node: Default {
@@ -174,59 +185,138 @@ impl Node for Leaf {
     }
 }
 
-/// Wildcard patterns by their text, each with its compiled form and its child node.
-type Globs<T> = Map<Box<str>, (Glob, T)>;
+/// Literal patterns and their children: a short list while there are few (most nodes have
+/// one or two), a hash map beyond that.
+enum Literals<T> {
+    Few(Vec<(Box<str>, T)>),
+    Many(Map<Box<str>, T>),
+}
+
+const FEW_LITERALS: usize = 8;
+
+impl<T: Node> Literals<T> {
+    fn get(&self, text: &str) -> Option<&T> {
+        match self {
+            Literals::Few(v) => v.iter().find(|(k, _)| **k == *text).map(|(_, t)| t),
+            Literals::Many(m) => m.get(text),
+        }
+    }
+
+    fn get_mut(&mut self, text: &str) -> Option<&mut T> {
+        match self {
+            Literals::Few(v) => v.iter_mut().find(|(k, _)| **k == *text).map(|(_, t)| t),
+            Literals::Many(m) => m.get_mut(text),
+        }
+    }
+
+    fn entry(&mut self, pattern: &str) -> &mut T {
+        if let Literals::Few(v) = self {
+            if v.len() >= FEW_LITERALS && !v.iter().any(|(k, _)| **k == *pattern) {
+                *self = Literals::Many(std::mem::take(v).into_iter().collect());
+            }
+        }
+        match self {
+            Literals::Few(v) => {
+                let at = match v.iter().position(|(k, _)| **k == *pattern) {
+                    Some(at) => at,
+                    None => {
+                        push_exact(v, (pattern.into(), T::default()));
+                        v.len() - 1
+                    }
+                };
+                &mut v[at].1
+            }
+            Literals::Many(m) => m.entry(pattern.into()).or_default(),
+        }
+    }
+
+    fn remove(&mut self, pattern: &str) {
+        match self {
+            Literals::Few(v) => v.retain(|(k, _)| **k != *pattern),
+            Literals::Many(m) => {
+                m.remove(pattern);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Literals::Few(v) => v.is_empty(),
+            Literals::Many(m) => m.is_empty(),
+        }
+    }
+}
+
+/// Wildcard patterns with their children. Few per bucket, so a list.
+type Globs<T> = Vec<(Glob, T)>;
+
+fn glob_entry<T: Default>(globs: &mut Globs<T>, glob: Glob) -> &mut T {
+    let at = match globs.iter().position(|(g, _)| g.pattern == glob.pattern) {
+        Some(at) => at,
+        None => {
+            push_exact(globs, (glob, T::default()));
+            globs.len() - 1
+        }
+    };
+    &mut globs[at].1
+}
+
+fn glob_mut<'a, T>(globs: &'a mut Globs<T>, pattern: &str) -> Option<&'a mut T> {
+    globs
+        .iter_mut()
+        .find(|(g, _)| *g.pattern == *pattern)
+        .map(|(_, t)| t)
+}
+
+fn prune_globs<T: Node>(globs: &mut Globs<T>) {
+    globs.retain(|(_, t)| !t.is_empty());
+}
 
 /// Wildcard patterns grouped by one literal affix (prefix or suffix) of a known length.
 struct AffixBuckets<T> {
-    /// affix → pattern → (compiled pattern, child).
+    /// affix → its patterns.
     buckets: Map<Box<str>, Globs<T>>,
-    /// affix length → how many buckets have an affix of that length. A lookup tries each
-    /// length once, so its cost is bounded by the distinct lengths (≤ 256), not the rules.
-    lengths: BTreeMap<usize, usize>,
+    /// (affix length, how many buckets have an affix of that length), by length. A lookup
+    /// tries each length once, so its cost is bounded by the distinct lengths (≤ 256), not
+    /// by the rules.
+    lengths: Vec<(usize, usize)>,
 }
 
 impl<T> Default for AffixBuckets<T> {
     fn default() -> Self {
         AffixBuckets {
             buckets: Map::default(),
-            lengths: BTreeMap::new(),
+            lengths: Vec::new(),
         }
     }
 }
 
 impl<T: Node> AffixBuckets<T> {
-    fn entry(&mut self, affix: &str, pattern: &str, glob: Glob) -> &mut T {
+    fn entry(&mut self, affix: &str, glob: Glob) -> &mut T {
         if !self.buckets.contains_key(affix) {
-            *self.lengths.entry(affix.len()).or_default() += 1;
+            match self.lengths.binary_search_by_key(&affix.len(), |&(l, _)| l) {
+                Ok(at) => self.lengths[at].1 += 1,
+                Err(at) => self.lengths.insert(at, (affix.len(), 1)),
+            }
         }
-        let bucket = self.buckets.entry(affix.into()).or_default();
-        &mut bucket
-            .entry(pattern.into())
-            .or_insert_with(|| (glob, T::default()))
-            .1
+        glob_entry(self.buckets.entry(affix.into()).or_default(), glob)
     }
 
     fn get_mut(&mut self, affix: &str, pattern: &str) -> Option<&mut T> {
-        self.buckets
-            .get_mut(affix)?
-            .get_mut(pattern)
-            .map(|(_, t)| t)
+        glob_mut(self.buckets.get_mut(affix)?, pattern)
     }
 
-    fn prune(&mut self, affix: &str, pattern: &str) {
+    fn prune(&mut self, affix: &str) {
         let Some(bucket) = self.buckets.get_mut(affix) else {
             return;
         };
-        if bucket.get(pattern).is_some_and(|(_, t)| t.is_empty()) {
-            bucket.remove(pattern);
-        }
+        prune_globs(bucket);
         if bucket.is_empty() {
             self.buckets.remove(affix);
-            if let Some(n) = self.lengths.get_mut(&affix.len()) {
-                *n -= 1;
-                if *n == 0 {
-                    self.lengths.remove(&affix.len());
+            if let Ok(at) = self.lengths.binary_search_by_key(&affix.len(), |&(l, _)| l) {
+                self.lengths[at].1 -= 1;
+                if self.lengths[at].1 == 0 {
+                    self.lengths.remove(at);
                 }
             }
         }
@@ -239,7 +329,7 @@ impl<T: Node> AffixBuckets<T> {
     /// Calls `f` with the child of every pattern that matches `text` in a bucket whose
     /// affix `text` has (at its end if `suffixes`, else at its start).
     fn for_each_match<'a>(&'a self, text: &str, suffixes: bool, f: &mut impl FnMut(&'a T)) {
-        for &len in self.lengths.keys() {
+        for &(len, _) in &self.lengths {
             if len > text.len() {
                 break; // lengths are sorted: no longer affix fits either
             }
@@ -250,7 +340,7 @@ impl<T: Node> AffixBuckets<T> {
             };
             // `None`: the cut falls inside a character, so no affix (whole characters) equals it.
             if let Some(bucket) = affix.and_then(|a| self.buckets.get(a)) {
-                for (glob, child) in bucket.values() {
+                for (glob, child) in bucket {
                     if glob.matches(text) {
                         f(child);
                     }
@@ -273,43 +363,22 @@ impl<T> Default for Wildcards<T> {
         Wildcards {
             prefixed: AffixBuckets::default(),
             suffixed: AffixBuckets::default(),
-            floating: Map::default(),
+            floating: Vec::new(),
         }
-    }
-}
-
-/// Where a pattern lives in a [`FieldIndex`].
-enum Place<'p> {
-    Literal,
-    Prefixed(&'p str, Glob),
-    Suffixed(&'p str, Glob),
-    Floating(Glob),
-}
-
-fn place(pattern: &str) -> Place<'_> {
-    match Glob::compile(pattern) {
-        None => Place::Literal,
-        Some(glob) if !glob.prefix.is_empty() => {
-            Place::Prefixed(&pattern[..glob.prefix.len()], glob)
-        }
-        Some(glob) if !glob.suffix.is_empty() => {
-            Place::Suffixed(&pattern[pattern.len() - glob.suffix.len()..], glob)
-        }
-        Some(glob) => Place::Floating(glob),
     }
 }
 
 /// The patterns of one field, each leading to a child node (the next field's index, or the
 /// rules at the last field).
 struct FieldIndex<T> {
-    literals: Map<Box<str>, T>,
+    literals: Literals<T>,
     wildcards: Option<Box<Wildcards<T>>>,
 }
 
 impl<T> Default for FieldIndex<T> {
     fn default() -> Self {
         FieldIndex {
-            literals: Map::default(),
+            literals: Literals::Few(Vec::new()),
             wildcards: None,
         }
     }
@@ -324,58 +393,47 @@ impl<T: Node> Node for FieldIndex<T> {
 impl<T: Node> FieldIndex<T> {
     /// The child of `pattern`, created if new.
     fn entry(&mut self, pattern: &str) -> &mut T {
-        let place = place(pattern);
-        if let Place::Literal = place {
-            return self.literals.entry(pattern.into()).or_default();
-        }
+        let Some(glob) = Glob::compile(pattern) else {
+            return self.literals.entry(pattern);
+        };
         let wild = self.wildcards.get_or_insert_with(Box::default);
-        match place {
-            Place::Literal => unreachable!("handled above"),
-            Place::Prefixed(affix, glob) => wild.prefixed.entry(affix, pattern, glob),
-            Place::Suffixed(affix, glob) => wild.suffixed.entry(affix, pattern, glob),
-            Place::Floating(glob) => {
-                &mut wild
-                    .floating
-                    .entry(pattern.into())
-                    .or_insert_with(|| (glob, T::default()))
-                    .1
-            }
+        if glob.prefix_len > 0 {
+            wild.prefixed
+                .entry(&pattern[..glob.prefix_len as usize], glob)
+        } else if glob.suffix_len > 0 {
+            let affix = &pattern[pattern.len() - glob.suffix_len as usize..];
+            wild.suffixed.entry(affix, glob)
+        } else {
+            glob_entry(&mut wild.floating, glob)
         }
     }
 
     /// Runs `f` on the child of `pattern` if it exists, then drops the child if that left it
     /// empty.
     fn update<R>(&mut self, pattern: &str, f: impl FnOnce(&mut T) -> R) -> Option<R> {
-        let place = place(pattern);
-        if let Place::Literal = place {
+        let Some(glob) = Glob::compile(pattern) else {
             let child = self.literals.get_mut(pattern)?;
             let r = f(child);
             if child.is_empty() {
                 self.literals.remove(pattern);
             }
             return Some(r);
-        }
+        };
         let wild = self.wildcards.as_mut()?;
-        let r = match place {
-            Place::Literal => unreachable!("handled above"),
-            Place::Prefixed(affix, _) => {
-                let r = f(wild.prefixed.get_mut(affix, pattern)?);
-                wild.prefixed.prune(affix, pattern);
-                r
-            }
-            Place::Suffixed(affix, _) => {
-                let r = f(wild.suffixed.get_mut(affix, pattern)?);
-                wild.suffixed.prune(affix, pattern);
-                r
-            }
-            Place::Floating(_) => {
-                let (_, child) = wild.floating.get_mut(pattern)?;
-                let r = f(child);
-                if child.is_empty() {
-                    wild.floating.remove(pattern);
-                }
-                r
-            }
+        let r = if glob.prefix_len > 0 {
+            let affix = glob.prefix();
+            let r = f(wild.prefixed.get_mut(affix, pattern)?);
+            wild.prefixed.prune(affix);
+            r
+        } else if glob.suffix_len > 0 {
+            let affix = glob.suffix();
+            let r = f(wild.suffixed.get_mut(affix, pattern)?);
+            wild.suffixed.prune(affix);
+            r
+        } else {
+            let r = f(glob_mut(&mut wild.floating, pattern)?);
+            prune_globs(&mut wild.floating);
+            r
         };
         if wild.prefixed.is_empty() && wild.suffixed.is_empty() && wild.floating.is_empty() {
             self.wildcards = None;
@@ -391,7 +449,7 @@ impl<T: Node> FieldIndex<T> {
         if let Some(wild) = &self.wildcards {
             wild.prefixed.for_each_match(text, false, f);
             wild.suffixed.for_each_match(text, true, f);
-            for (glob, child) in wild.floating.values() {
+            for (glob, child) in &wild.floating {
                 if glob.matches(text) {
                     f(child);
                 }
@@ -436,6 +494,7 @@ impl RuleIndex {
     pub fn insert(&mut self, id: u64, rule: &Rule) {
         let leaf = self.tree.entry(&rule.src).entry(&rule.dst).entry(&rule.cmd);
         if let Err(at) = leaf.binary_search_by_key(&id, |&(i, _)| i) {
+            leaf.reserve_exact(1);
             leaf.insert(at, (id, rule.effect));
             self.len += 1;
         }
@@ -508,6 +567,8 @@ impl RuleIndex {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use proptest::prelude::*;
 

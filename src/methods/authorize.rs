@@ -122,6 +122,68 @@ mod tests {
         assert!(ask(&ctx, "bob", "lamp", "On"));
     }
 
+    /// A log sink for one test.
+    #[derive(Clone, Default)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_decision_has_one_audit_line_naming_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = ServerKeys::load_or_create(&dir.path().join("server.key")).unwrap();
+        let store = Store::temporary().unwrap();
+        store.put_entity_json("lamp", &json!({"owner": "alice"}));
+        add(&store, 1, "bob", "lamp", "On", Effect::Allow);
+        add(&store, 2, "bob", "lamp", "Reboot", Effect::Deny);
+
+        let capture = Capture::default();
+        let sink = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let ctx = ctx(&store, &keys, 41);
+            ask(&ctx, "bob", "lamp", "On");
+            ask(&ctx, "bob", "lamp", "Reboot");
+            ask(&ctx, "alice", "lamp", "Reboot");
+            ask(&ctx, "carol", "lamp", "On");
+        });
+        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|l: &Value| l["target"] == "authd::audit")
+            .collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        let fields: Vec<&Value> = lines.iter().map(|l| &l["fields"]).collect();
+        assert_eq!(fields[0]["rpc_id"], 41);
+        assert_eq!(fields[0]["src"], "backend");
+        assert_eq!(fields[0]["subject_src"], "bob");
+        assert_eq!(fields[0]["subject_dst"], "lamp");
+        assert_eq!(fields[0]["subject_cmd"], "On");
+        let outcome = |f: &Value| {
+            (
+                f["result"].as_bool().unwrap(),
+                f["reason"].as_str().unwrap().to_owned(),
+                f["rule_id"].as_u64(),
+            )
+        };
+        assert_eq!(outcome(fields[0]), (true, "allow_rule".into(), Some(1)));
+        assert_eq!(outcome(fields[1]), (false, "deny_rule".into(), Some(2)));
+        assert_eq!(outcome(fields[2]), (true, "owner".into(), None));
+        assert_eq!(outcome(fields[3]), (false, "default_deny".into(), None));
+    }
+
     #[test]
     fn arguments_are_checked() {
         let dir = tempfile::tempdir().unwrap();
