@@ -12,8 +12,9 @@
 //! | [`server`] | wiring and shutdown: one task per request, drain, flush, disconnect |
 //! | [`dispatch`] | envelope checks, caller keys, method table, deadline, redelivery record |
 //! | [`methods`] | one file per method family, typed args → typed result against the store |
-//! | [`store`] | sled trees behind product words (tokens, entities, replays), group commit |
 //! | [`cert`] | X.509 certificates: PEM parsing, SHA-256 fingerprint, validity |
+//! | [`rules`] | access rules: `*` patterns, the AuthorizeCommand decision order, the rule index |
+//! | [`store`] | sled trees behind product words (tokens, entities, rules, replays), group commit |
 //! | [`crypto`] | server keys, keyed hashes, token derivation, constant-time comparison |
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
 //! | [`caller`] | caller API keys and scopes |
@@ -35,6 +36,7 @@ pub mod lockout;
 pub mod methods;
 pub mod metrics;
 pub mod mqtt;
+pub mod rules;
 pub mod server;
 pub mod store;
 

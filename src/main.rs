@@ -181,6 +181,37 @@ enum CtlCommand {
     /// Entities: the devices and users that sign in (Entity.Put/Get/List/Delete).
     #[command(subcommand)]
     Entity(EntityCommand),
+    /// Access rules for AuthorizeCommand (ACL.Add, ACL.List, ACL.Delete).
+    #[command(subcommand)]
+    Acl(AclCommand),
+}
+
+#[derive(Subcommand)]
+enum AclCommand {
+    /// Add a rule (`*` in a pattern matches any run of characters); prints {"rule_id": N}.
+    Add {
+        /// Who sends the command (pattern).
+        #[arg(value_name = "SRC")]
+        src_pattern: String,
+        /// Whom it is sent to (pattern).
+        #[arg(value_name = "DST")]
+        dst_pattern: String,
+        /// Which command (pattern).
+        #[arg(value_name = "CMD")]
+        cmd_pattern: String,
+        #[arg(value_enum)]
+        effect: EffectArg,
+    },
+    /// List the rules, by rule id.
+    List,
+    /// Delete a rule (succeeds if there is no such rule).
+    Delete { rule_id: u64 },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EffectArg {
+    Allow,
+    Deny,
 }
 
 #[derive(Subcommand)]
@@ -451,8 +482,11 @@ async fn connect(connection: Connection) -> Result<(Client, Duration), String> {
 }
 
 async fn ctl(args: CtlArgs) -> ExitCode {
-    let CtlCommand::Entity(command) = args.what;
-    let (method, call_args, follow) = match entity_request(command) {
+    let request = match args.what {
+        CtlCommand::Entity(command) => entity_request(command),
+        CtlCommand::Acl(command) => Ok(acl_request(command)),
+    };
+    let (method, call_args, follow) = match request {
         Ok(r) => r,
         Err(e) => return failed("ctl", e),
     };
@@ -533,6 +567,27 @@ fn entity_request(command: EntityCommand) -> Result<(&'static str, Value, bool),
             ("/v1/Entity.List", args, list.all)
         }
     })
+}
+
+/// One `ctl acl` command's method and arguments.
+fn acl_request(command: AclCommand) -> (&'static str, Value, bool) {
+    match command {
+        AclCommand::Add {
+            src_pattern,
+            dst_pattern,
+            cmd_pattern,
+            effect,
+        } => {
+            let effect = match effect {
+                EffectArg::Allow => "allow",
+                EffectArg::Deny => "deny",
+            };
+            let args = json!({"src": src_pattern, "dst": dst_pattern, "cmd": cmd_pattern, "effect": effect});
+            ("/v1/ACL.Add", args, false)
+        }
+        AclCommand::List => ("/v1/ACL.List", json!({}), false),
+        AclCommand::Delete { rule_id } => ("/v1/ACL.Delete", json!({ "rule_id": rule_id }), false),
+    }
 }
 
 /// A PSK from a file, or from standard input for `-`; one trailing newline is dropped.

@@ -6,7 +6,10 @@
 //! Changes become durable through [`GroupCommit`]: concurrent writers share one flush.
 //!
 //! Trees (all keys binary, values JSON records):
-//! - `meta`: `schema_version`.
+//! - `meta`: `schema_version`; `next_rule_id` (u64 BE), so rule ids are never reused.
+//! - `rules`: `rule id` (u64 BE) → [`Rule`]; mirrored in memory by a [`RuleIndex`], rebuilt
+//!   at open and updated with every change, so AuthorizeCommand never reads this tree.
+//! - `entities`: `id` → entity record; only its `owner` is read here (for AuthorizeCommand).
 //! - `tokens`: `lp(user) ‖ host` → [`TokenRecord`] — the live token of each (user, host).
 //! - `token_ids`: `token id` → `lp(user) ‖ host` — finds a presented token's owner.
 //! - `entities`: `id` → [`EntityRecord`] — devices and users that sign in (see [`entities`]).
@@ -15,6 +18,7 @@
 //!   so old records are pruned by a range scan.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +27,7 @@ use sled::Transactional;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::crypto::{KeyId, PskNonce, TokenId};
+use crate::rules::{Decision, Rule, RuleIndex};
 
 mod entities;
 pub use entities::{EntityPage, EntityRecord, PskHash, PutOutcome};
@@ -96,13 +101,23 @@ pub struct RequestKey<'a> {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    meta: sled::Tree,
     tokens: sled::Tree,
     token_ids: sled::Tree,
     entities: sled::Tree,
     entity_owners: sled::Tree,
     replays: sled::Tree,
     replay_times: sled::Tree,
+    rules: sled::Tree,
+    /// The rules of the `rules` tree, indexed. A std lock, not a Tokio one: it is never held
+    /// across an await, and readers (every AuthorizeCommand) do not block each other.
+    rule_index: Arc<RwLock<RuleIndex>>,
+    /// Held across a rule change's transaction and its index update, so the index applies
+    /// changes in the order the tree did.
+    rule_writes: Arc<Mutex<()>>,
 }
+
+const NEXT_RULE_ID: &str = "next_rule_id";
 
 impl Store {
     /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's page cache.
@@ -134,15 +149,118 @@ impl Store {
                 return Err(StoreError::Schema { found });
             }
         }
+        let rules = db.open_tree("rules")?;
+        let mut index = RuleIndex::new();
+        for item in rules.iter() {
+            let (k, v) = item?;
+            index.insert(rule_id_of(&k)?, &decode("rules", &v)?);
+        }
         Ok(Store {
+            meta,
             tokens: db.open_tree("tokens")?,
             token_ids: db.open_tree("token_ids")?,
             entities: db.open_tree("entities")?,
             entity_owners: db.open_tree("entity_owners")?,
             replays: db.open_tree("replays")?,
             replay_times: db.open_tree("replay_times")?,
+            rules,
+            rule_index: Arc::new(RwLock::new(index)),
+            rule_writes: Arc::new(Mutex::new(())),
             db,
         })
+    }
+
+    /// Adds `rule` under a new id (never one used before) and records `reply(id)` for
+    /// `request`. If a reply is already recorded for `request` (a redelivery that raced
+    /// past the dispatcher's check), nothing changes and that reply is returned.
+    pub fn add_rule(
+        &self,
+        rule: &Rule,
+        request: &RequestKey<'_>,
+        reply: impl Fn(u64) -> Replay,
+    ) -> Result<Replay, StoreError> {
+        let value = encode(rule);
+        let _writing = lock(&self.rule_writes);
+        let (added, reply) = self.transact(|tx| {
+            if let Some(earlier) = tx.replays.get(replay_key(request.src, request.id))? {
+                let earlier: ReplayEntry = decode("replays", &earlier).map_err(abort)?;
+                return Ok((None, earlier.reply));
+            }
+            let id = match tx.meta.get(NEXT_RULE_ID)? {
+                None => 1,
+                Some(v) => u64_of(&v).map_err(abort)?,
+            };
+            tx.meta.insert(NEXT_RULE_ID, &(id + 1).to_be_bytes())?;
+            tx.rules.insert(&id.to_be_bytes(), value.as_slice())?;
+            let reply = reply(id);
+            tx.put_replay(&self.replay_entry(request, &reply))?;
+            Ok((Some(id), reply))
+        })?;
+        if let Some(id) = added {
+            write(&self.rule_index).insert(id, rule);
+        }
+        Ok(reply)
+    }
+
+    /// Deletes rule `id` if it exists (returning it) and records an empty reply for
+    /// `request`.
+    pub fn delete_rule(
+        &self,
+        id: u64,
+        request: &RequestKey<'_>,
+    ) -> Result<Option<Rule>, StoreError> {
+        let replay = self.replay_entry(request, &Replay::Empty);
+        let _writing = lock(&self.rule_writes);
+        let removed = self.transact(|tx| {
+            let old = match tx.rules.remove(&id.to_be_bytes())? {
+                None => None,
+                Some(v) => Some(decode::<Rule>("rules", &v).map_err(abort)?),
+            };
+            tx.put_replay(&replay)?;
+            Ok(old)
+        })?;
+        if let Some(rule) = &removed {
+            write(&self.rule_index).remove(id, rule);
+        }
+        Ok(removed)
+    }
+
+    /// Rules with an id above `after`, in id order, at most `limit`.
+    pub fn rules(&self, after: u64, limit: usize) -> Result<Vec<(u64, Rule)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .rules
+            .range((after.saturating_add(1)).to_be_bytes()..)
+            .take(limit)
+        {
+            let (k, v) = item?;
+            out.push((rule_id_of(&k)?, decode("rules", &v)?));
+        }
+        Ok(out)
+    }
+
+    /// AuthorizeCommand's decision for (src, dst, cmd): see [`RuleIndex::decide`].
+    pub fn authorize(&self, src: &str, dst: &str, cmd: &str) -> Result<Decision, StoreError> {
+        read(&self.rule_index).decide(src, dst, cmd, || self.entity_owner(dst))
+    }
+
+    /// The `owner` of entity `id`, if it exists and has one.
+    pub fn entity_owner(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.entity(id)?.and_then(|e| e.owner))
+    }
+
+    /// Writes an entity with the `owner` and `created` of `record` (tests: owners without
+    /// Entity.Put).
+    #[cfg(test)]
+    pub(crate) fn put_entity_json(&self, id: &str, record: &serde_json::Value) {
+        let entity = EntityRecord {
+            owner: record["owner"].as_str().map(str::to_owned),
+            psk: None,
+            cert_sha256: None,
+            disabled: false,
+            created: record["created"].as_u64().unwrap_or(0),
+        };
+        let _ = self.entities.insert(id.as_bytes(), entity.to_bytes());
     }
 
     /// The live token record of (user, host).
@@ -280,6 +398,8 @@ impl Store {
             &self.entity_owners,
             &self.replays,
             &self.replay_times,
+            &self.meta,
+            &self.rules,
         ];
         trees
             .as_slice()
@@ -291,6 +411,8 @@ impl Store {
                     entity_owners: &t[3],
                     replays: &t[4],
                     replay_times: &t[5],
+                    meta: &t[6],
+                    rules: &t[7],
                 })
             })
             .map_err(|e| match e {
@@ -308,6 +430,8 @@ struct Tx<'a> {
     entity_owners: &'a TransactionalTree,
     replays: &'a TransactionalTree,
     replay_times: &'a TransactionalTree,
+    meta: &'a TransactionalTree,
+    rules: &'a TransactionalTree,
 }
 
 impl Tx<'_> {
@@ -323,6 +447,33 @@ impl Tx<'_> {
         self.replay_times.insert(time_key.as_slice(), &[][..])?;
         Ok(())
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn u64_of(bytes: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Corrupt {
+            tree: "meta",
+            detail: format!("{NEXT_RULE_ID} is not 8 bytes"),
+        })
+}
+
+fn rule_id_of(key: &[u8]) -> Result<u64, StoreError> {
+    <[u8; 8]>::try_from(key)
+        .map(u64::from_be_bytes)
+        .map_err(|_| corrupt("rules", "key is not an 8-byte rule id"))
 }
 
 fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
@@ -512,6 +663,116 @@ mod tests {
         assert_eq!(s.prune_replays(1_000).unwrap(), 0);
         assert_eq!(s.prune_replays(1_001).unwrap(), 1);
         assert_eq!(s.replay("caller", 9).unwrap(), None);
+    }
+
+    fn rule(src: &str, effect: crate::rules::Effect) -> Rule {
+        Rule {
+            src: src.into(),
+            dst: "d".into(),
+            cmd: "c".into(),
+            effect,
+        }
+    }
+
+    fn rule_id(reply: Replay) -> u64 {
+        match reply {
+            Replay::Value(v) => v["rule_id"].as_u64().unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn id_reply(id: u64) -> Replay {
+        Replay::Value(serde_json::json!({ "rule_id": id }))
+    }
+
+    #[test]
+    fn rules_and_their_counter_survive_a_reopen() {
+        use crate::rules::{Decision, Effect};
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path(), 1 << 20).unwrap();
+            assert_eq!(
+                rule_id(
+                    s.add_rule(&rule("a", Effect::Allow), &req("op", 1, 1), id_reply)
+                        .unwrap()
+                ),
+                1
+            );
+            assert_eq!(
+                rule_id(
+                    s.add_rule(&rule("b", Effect::Deny), &req("op", 2, 1), id_reply)
+                        .unwrap()
+                ),
+                2
+            );
+            assert_eq!(
+                rule_id(
+                    s.add_rule(&rule("c", Effect::Allow), &req("op", 3, 1), id_reply)
+                        .unwrap()
+                ),
+                3
+            );
+            assert_eq!(
+                s.delete_rule(3, &req("op", 4, 1)).unwrap(),
+                Some(rule("c", Effect::Allow))
+            );
+            assert_eq!(s.delete_rule(3, &req("op", 5, 1)).unwrap(), None);
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path(), 1 << 20).unwrap();
+        let ids: Vec<u64> = s
+            .rules(0, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(ids, [1, 2]);
+        assert_eq!(s.rules(1, 10).unwrap().len(), 1);
+        assert_eq!(
+            s.authorize("a", "d", "c").unwrap(),
+            Decision::Allow(1),
+            "index rebuilt"
+        );
+        assert_eq!(s.authorize("b", "d", "c").unwrap(), Decision::Deny(2));
+        assert_eq!(s.authorize("c", "d", "c").unwrap(), Decision::DefaultDeny);
+        let next = s
+            .add_rule(&rule("c", Effect::Allow), &req("op", 6, 1), id_reply)
+            .unwrap();
+        assert_eq!(rule_id(next), 4, "a deleted rule's id is not reused");
+    }
+
+    #[test]
+    fn a_recorded_add_adds_nothing() {
+        use crate::rules::Effect;
+        let s = Store::temporary().unwrap();
+        let first = s
+            .add_rule(&rule("a", Effect::Allow), &req("op", 7, 1), id_reply)
+            .unwrap();
+        // The same request again, as if it raced past the dispatcher's replay check.
+        let again = s
+            .add_rule(&rule("a", Effect::Allow), &req("op", 7, 1), id_reply)
+            .unwrap();
+        assert_eq!(first, again);
+        assert_eq!(s.rules(0, usize::MAX).unwrap().len(), 1);
+        assert_eq!(s.rule_index.read().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn entity_owner_reads_only_the_owner() {
+        let s = Store::temporary().unwrap();
+        s.put_entity_json(
+            "lamp",
+            &serde_json::json!({"owner": "alice", "psk_hash": "x", "created": 5}),
+        );
+        s.put_entity_json("free", &serde_json::json!({"created": 5}));
+        assert_eq!(s.entity_owner("lamp").unwrap().as_deref(), Some("alice"));
+        assert_eq!(s.entity_owner("free").unwrap(), None);
+        assert_eq!(s.entity_owner("nothing").unwrap(), None);
+        s.entities.insert("broken", &b"not json"[..]).unwrap();
+        assert!(matches!(
+            s.entity_owner("broken"),
+            Err(StoreError::Corrupt { .. })
+        ));
     }
 
     #[test]

@@ -15,7 +15,9 @@ use crate::frame::{valid_name, RpcError};
 use crate::lockout::Lockout;
 use crate::store::{Replay, RequestKey, Store, StoreError};
 
+pub mod acl;
 pub mod authenticate;
+pub mod authorize;
 pub mod entity;
 pub mod token;
 
@@ -99,6 +101,26 @@ static METHODS: &[Method] = &[
         name: "Entity.List",
         scope: Scope::Admin,
         handler: Handler::Read(entity::list),
+    },
+    Method {
+        name: "Auth.AuthorizeCommand",
+        scope: Scope::Service,
+        handler: Handler::Read(authorize::authorize),
+    },
+    Method {
+        name: "ACL.Add",
+        scope: Scope::Admin,
+        handler: Handler::Write(acl::add),
+    },
+    Method {
+        name: "ACL.Delete",
+        scope: Scope::Admin,
+        handler: Handler::Write(acl::delete),
+    },
+    Method {
+        name: "ACL.List",
+        scope: Scope::Admin,
+        handler: Handler::Read(acl::list),
     },
 ];
 

@@ -203,6 +203,17 @@ impl Setup {
             w.stop().await.expect("clean stop");
         }
     }
+
+    /// Stops the worker and starts a new one on the same broker and data directory.
+    pub async fn restart_worker(&mut self) {
+        self.stop().await;
+        let config = worker_config(&self.broker, self.data.path());
+        let worker = Worker::start(config).await.expect("worker restarts");
+        tokio::time::timeout(TIMEOUT, worker.ready())
+            .await
+            .expect("restarted worker ready");
+        self.worker = Some(worker);
+    }
 }
 
 /// A connected client with `key`, as `src` (default: random).

@@ -1,0 +1,129 @@
+//! Access rule administration (SPEC §6, admin scope): `ACL.Add`, `ACL.Delete`, `ACL.List`.
+//! A change takes effect on the next AuthorizeCommand: the store updates its rule index with
+//! the change.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use super::{storage_failed, Ctx, Name};
+use crate::frame::{parse_args, RpcError};
+use crate::rules::{Effect, Rule};
+use crate::store::Replay;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddArgs {
+    src: Name,
+    dst: Name,
+    cmd: Name,
+    effect: Effect,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteArgs {
+    rule_id: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListArgs {
+    /// Only rules with a higher id (the previous page's `next`).
+    #[serde(default)]
+    after: u64,
+    /// At most this many rules; absent: all of them.
+    limit: Option<usize>,
+}
+
+/// `ACL.Add {src, dst, cmd, effect}` → `{"rule_id": N}`; ids increase and are never reused.
+pub fn add(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
+    let AddArgs {
+        src,
+        dst,
+        cmd,
+        effect,
+    } = parse_args(args)?;
+    let rule = Rule {
+        src: src.0,
+        dst: dst.0,
+        cmd: cmd.0,
+        effect,
+    };
+    let reply = ctx
+        .store
+        .add_rule(&rule, &ctx.request, |id| {
+            Replay::Value(json!({ "rule_id": id }))
+        })
+        .map_err(storage_failed)?;
+    let rule_id = match &reply {
+        Replay::Value(v) => v.get("rule_id").and_then(Value::as_u64),
+        _ => None,
+    };
+    tracing::info!(
+        target: "authd::audit",
+        rpc_id = ctx.request.id,
+        src = ctx.request.src,
+        method = "ACL.Add",
+        rule_id,
+        rule = %rule,
+        "rule added"
+    );
+    Ok(reply)
+}
+
+/// `ACL.Delete {rule_id}` → no result. Deleting an id that does not exist succeeds.
+pub fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
+    let DeleteArgs { rule_id } = parse_args(args)?;
+    let removed = ctx
+        .store
+        .delete_rule(rule_id, &ctx.request)
+        .map_err(storage_failed)?;
+    tracing::info!(
+        target: "authd::audit",
+        rpc_id = ctx.request.id,
+        src = ctx.request.src,
+        method = "ACL.Delete",
+        rule_id,
+        existed = removed.is_some(),
+        rule = removed.as_ref().map(tracing::field::display),
+        "rule deleted"
+    );
+    Ok(Replay::Empty)
+}
+
+/// `ACL.List {after?, limit?}` → `{"rules": [{rule_id, src, dst, cmd, effect}, …]}` sorted by
+/// rule id, plus `"next": <rule_id>` when `limit` cut the list short.
+pub fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
+    let ListArgs { after, limit } = parse_args(args)?;
+    if limit == Some(0) {
+        return Err(RpcError::bad_request("args.limit", "must be at least 1"));
+    }
+    // One more than asked for tells whether there is a next page.
+    let fetch = limit.map_or(usize::MAX, |l| l.saturating_add(1));
+    let mut rules = ctx.store.rules(after, fetch).map_err(storage_failed)?;
+    let more = limit.is_some_and(|l| rules.len() > l);
+    if let Some(l) = limit {
+        rules.truncate(l);
+    }
+    let listed: Vec<Value> = rules
+        .into_iter()
+        .map(|(id, r)| {
+            json!({
+                "rule_id": id,
+                "src": r.src,
+                "dst": r.dst,
+                "cmd": r.cmd,
+                "effect": r.effect,
+            })
+        })
+        .collect();
+    let mut result = json!({});
+    if more {
+        if let Some(last) = listed.last() {
+            result["next"] = last["rule_id"].clone();
+        }
+    }
+    result["rules"] = Value::Array(listed);
+    Ok(Some(result))
+}

@@ -1,0 +1,212 @@
+//! `AuthorizeCommand {src, dst, cmd}` → `true` | `false` (SPEC §4): may `src` send `cmd` to
+//! `dst`? Deny by default; the order (deny rule, owner, allow rule) is in [`crate::rules`].
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::{storage_failed, Ctx, Name};
+use crate::frame::{parse_args, RpcError};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorizeArgs {
+    src: Name,
+    dst: Name,
+    cmd: Name,
+}
+
+/// `AuthorizeCommand {src, dst, cmd}` → `true` | `false`, with one audit line per decision.
+pub fn authorize(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
+    let AuthorizeArgs { src, dst, cmd } = parse_args(args)?;
+    let decision = ctx
+        .store
+        .authorize(&src, &dst, &cmd)
+        .map_err(storage_failed)?;
+    tracing::info!(
+        target: "authd::audit",
+        rpc_id = ctx.request.id,
+        src = ctx.request.src,
+        method = "Auth.AuthorizeCommand",
+        subject_src = &*src,
+        subject_dst = &*dst,
+        subject_cmd = &*cmd,
+        result = decision.allowed(),
+        reason = decision.reason(),
+        rule_id = decision.rule_id(),
+        "decision"
+    );
+    Ok(Some(Value::Bool(decision.allowed())))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::crypto::ServerKeys;
+    use crate::lockout::{Lockout, LockoutPolicy};
+    use crate::rules::{Decision, Effect, Rule};
+    use crate::store::{Replay, RequestKey, Store};
+
+    fn ctx<'a>(store: &'a Store, keys: &'a ServerKeys, lockout: &'a Lockout, id: u64) -> Ctx<'a> {
+        Ctx {
+            store,
+            keys,
+            request: RequestKey {
+                src: "backend",
+                id,
+                at_ms: 1,
+                record_reply: true,
+            },
+            lockout,
+        }
+    }
+
+    fn ask(ctx: &Ctx<'_>, src: &str, dst: &str, cmd: &str) -> bool {
+        let args = json!({"src": src, "dst": dst, "cmd": cmd}).to_string();
+        let raw = RawValue::from_string(args).expect("json");
+        match authorize(ctx, Some(&raw)) {
+            Ok(Some(Value::Bool(b))) => b,
+            other => panic!("{src} {dst} {cmd}: {other:?}"),
+        }
+    }
+
+    fn add(store: &Store, id: u64, src: &str, dst: &str, cmd: &str, effect: Effect) {
+        let rule = Rule {
+            src: src.into(),
+            dst: dst.into(),
+            cmd: cmd.into(),
+            effect,
+        };
+        let request = RequestKey {
+            src: "admin",
+            id,
+            at_ms: 1,
+            record_reply: true,
+        };
+        store
+            .add_rule(&rule, &request, |_| Replay::Empty)
+            .expect("rule added");
+    }
+
+    #[test]
+    fn deny_beats_owner_beats_allow_against_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = ServerKeys::load_or_create(&dir.path().join("server.key")).unwrap();
+        let lockout = Lockout::new(LockoutPolicy::default());
+        let store = Store::temporary().unwrap();
+        let ctx = ctx(&store, &keys, &lockout, 1);
+        store.put_entity_json(
+            "lamp",
+            &json!({"id": "lamp", "owner": "alice", "has_psk": true}),
+        );
+        store.put_entity_json("sensor", &json!({"id": "sensor"}));
+
+        // Deny by default; owners command their devices; nobody else does.
+        assert!(!ask(&ctx, "bob", "lamp", "On"));
+        assert!(ask(&ctx, "alice", "lamp", "On"));
+        assert!(!ask(&ctx, "alice", "sensor", "Read"), "no owner field");
+        assert!(!ask(&ctx, "alice", "unknown", "Read"), "no such entity");
+
+        add(&store, 1, "bob", "lamp", "*", Effect::Allow);
+        assert!(ask(&ctx, "bob", "lamp", "On"));
+        assert_eq!(
+            store.authorize("bob", "lamp", "On").unwrap(),
+            Decision::Allow(1)
+        );
+        assert_eq!(
+            store.authorize("alice", "lamp", "On").unwrap(),
+            Decision::Owner
+        );
+
+        add(&store, 2, "*", "lamp", "Reboot", Effect::Deny);
+        assert!(!ask(&ctx, "alice", "lamp", "Reboot"), "deny beats owner");
+        assert!(!ask(&ctx, "bob", "lamp", "Reboot"), "deny beats allow");
+        assert!(ask(&ctx, "alice", "lamp", "On"));
+        assert!(ask(&ctx, "bob", "lamp", "On"));
+    }
+
+    /// A log sink for one test.
+    #[derive(Clone, Default)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn every_decision_has_one_audit_line_naming_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = ServerKeys::load_or_create(&dir.path().join("server.key")).unwrap();
+        let lockout = Lockout::new(LockoutPolicy::default());
+        let store = Store::temporary().unwrap();
+        store.put_entity_json("lamp", &json!({"owner": "alice"}));
+        add(&store, 1, "bob", "lamp", "On", Effect::Allow);
+        add(&store, 2, "bob", "lamp", "Reboot", Effect::Deny);
+
+        let capture = Capture::default();
+        let sink = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || sink.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let ctx = ctx(&store, &keys, &lockout, 41);
+            ask(&ctx, "bob", "lamp", "On");
+            ask(&ctx, "bob", "lamp", "Reboot");
+            ask(&ctx, "alice", "lamp", "Reboot");
+            ask(&ctx, "carol", "lamp", "On");
+        });
+        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|l: &Value| l["target"] == "authd::audit")
+            .collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        let fields: Vec<&Value> = lines.iter().map(|l| &l["fields"]).collect();
+        assert_eq!(fields[0]["rpc_id"], 41);
+        assert_eq!(fields[0]["src"], "backend");
+        assert_eq!(fields[0]["subject_src"], "bob");
+        assert_eq!(fields[0]["subject_dst"], "lamp");
+        assert_eq!(fields[0]["subject_cmd"], "On");
+        let outcome = |f: &Value| {
+            (
+                f["result"].as_bool().unwrap(),
+                f["reason"].as_str().unwrap().to_owned(),
+                f["rule_id"].as_u64(),
+            )
+        };
+        assert_eq!(outcome(fields[0]), (true, "allow_rule".into(), Some(1)));
+        assert_eq!(outcome(fields[1]), (false, "deny_rule".into(), Some(2)));
+        assert_eq!(outcome(fields[2]), (true, "owner".into(), None));
+        assert_eq!(outcome(fields[3]), (false, "default_deny".into(), None));
+    }
+
+    #[test]
+    fn arguments_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = ServerKeys::load_or_create(&dir.path().join("server.key")).unwrap();
+        let lockout = Lockout::new(LockoutPolicy::default());
+        let store = Store::temporary().unwrap();
+        let ctx = ctx(&store, &keys, &lockout, 1);
+        for (args, field) in [
+            (json!({"dst": "d", "cmd": "c"}), "src"),
+            (json!({"src": "s", "dst": "", "cmd": "c"}), "args.dst"),
+            (json!({"src": "s", "dst": "d", "cmd": "a\nb"}), "args.cmd"),
+            (json!({"src": "s", "dst": "d", "cmd": 5}), "args.cmd"),
+        ] {
+            let raw = RawValue::from_string(args.to_string()).unwrap();
+            let e = authorize(&ctx, Some(&raw)).unwrap_err();
+            assert_eq!(e.code, 400, "{args}");
+            assert!(e.message.contains(field), "{args}: {}", e.message);
+        }
+    }
+}
