@@ -100,7 +100,11 @@ async fn bad_arguments_get_400_naming_the_argument() {
         (json!({"host": "a\nb"}), "args.host", "control"),
         (json!({"host": "a\u{7f}b"}), "args.host", "control"),
         (json!({"host": "a\u{85}b"}), "args.host", "control"),
-        (json!({"host": "h", "extra": 1}), "args.extra", "unknown field"),
+        (
+            json!({"host": "h", "extra": 1}),
+            "args.extra",
+            "unknown field",
+        ),
     ];
     for (args, field, detail) in cases {
         let f = frame(&c, "/v1/Auth.GenerateToken", args.clone(), json!({}));

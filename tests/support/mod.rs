@@ -242,7 +242,15 @@ pub async fn raw(client: &Client, payload: &str, id: u64) -> Response {
     client
         .call_raw(&topic, payload.as_bytes().to_vec(), id, TIMEOUT)
         .await
-        .unwrap_or_else(|e| panic!("{payload}: {e}"))
+        .unwrap_or_else(|e| panic!("{}: {e}", shorten(payload)))
+}
+
+/// At most the first 200 characters of `text`, for assertion messages.
+pub fn shorten(text: &str) -> String {
+    match text.char_indices().nth(200) {
+        Some((i, _)) => format!("{}… ({} bytes)", &text[..i], text.len()),
+        None => text.to_owned(),
+    }
 }
 
 /// The built `authd` binary (for crash and CLI tests).
