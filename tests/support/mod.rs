@@ -55,8 +55,11 @@ impl Broker {
             "{MOSQUITTO} is missing: apt-get install mosquitto"
         );
         let conf = self.dir.path().join("mosquitto.conf");
+        // `user root`: started as root, mosquitto otherwise drops to the `mosquitto` user,
+        // which cannot write the persistence file into our temp dir, so every restart
+        // silently lost every session. (Not root: the line changes nothing.)
         let text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence true\npersistence_location {dir}/\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n",
+            "listener {port} 127.0.0.1\nallow_anonymous true\nuser root\nset_tcp_nodelay true\npersistence true\npersistence_location {dir}/\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra}\n",
             port = self.port,
             dir = self.dir.path().display(),
             extra = self.extra_config,
