@@ -38,9 +38,11 @@ pub struct Config {
     pub reply_topic: String,
     /// Largest request frame answered normally; larger frames get 413.
     pub max_frame_bytes: usize,
-    /// Largest MQTT packet we accept from the broker at all. A packet above this breaks the
-    /// connection (the MQTT client refuses it), so keep it well above `max_frame_bytes` and
-    /// cap message size at the broker (`message_size_limit`).
+    /// Largest MQTT packet read or sent in normal operation. A larger incoming packet costs
+    /// a reconnect (the MQTT client refuses it unread); a QoS 1 one is then read on the next
+    /// connection and answered 413, a QoS 0 one is lost. Keep it well above
+    /// `max_frame_bytes` and cap message size at the broker (mosquitto: `max_packet_size`).
+    /// Replies that would exceed it are cut to a short error.
     pub max_packet_bytes: usize,
     /// Requests being worked on at once; QoS 0 requests beyond it are dropped and counted.
     pub max_in_flight: usize,

@@ -11,6 +11,7 @@ use crate::frame::{self, Address, Reject, Request, RpcError};
 use crate::lockout::Lockout;
 use crate::methods::{self, Ctx, Handler, Method};
 use crate::metrics::Metrics;
+use crate::mqtt;
 use crate::store::{RequestKey, Store};
 
 /// What to do after handling one frame.
@@ -104,9 +105,7 @@ impl Dispatcher {
                     .answered_ok
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Outcome {
-                    reply: self.reply(&to, || {
-                        frame::encode_result(&self.config.id, &to, result.as_ref())
-                    }),
+                    reply: self.reply(&to, Body::Result(result.as_ref())),
                     needs_durability,
                 }
             }
@@ -214,18 +213,71 @@ impl Dispatcher {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::debug!(rpc_id = to.id, src = %to.src, code = e.code, message = %e.message, "error reply");
         Outcome {
-            reply: self.reply(to, || frame::encode_error(&self.config.id, to, &e)),
+            reply: self.reply(to, Body::Error(&e)),
             needs_durability: false,
         }
     }
 
-    fn reply(
-        &self,
-        to: &Address<'_>,
-        encode: impl FnOnce() -> Vec<u8>,
-    ) -> Option<(String, Vec<u8>)> {
-        (!to.nr).then(|| (self.config.reply_topic(&to.src), encode()))
+    /// The reply's topic and payload, unless `nr`. A reply must fit in one MQTT packet: one
+    /// that does not would break the connection when written, and be written again after
+    /// every reconnect. A caller can make a reply that large (a big `tag` is echoed, error
+    /// messages quote argument names), so then it gets a short error without the tag.
+    fn reply(&self, to: &Address<'_>, body: Body<'_>) -> Option<(String, Vec<u8>)> {
+        if to.nr {
+            return None;
+        }
+        let topic = self.config.reply_topic(&to.src);
+        let service = self.config.id.as_str();
+        let max = self.config.max_packet_bytes;
+        let payload = match body {
+            Body::Result(r) => frame::encode_result(service, to, r),
+            Body::Error(e) => frame::encode_error(service, to, e),
+        };
+        if mqtt::publish_fits(&topic, payload.len(), max) {
+            return Some((topic, payload));
+        }
+        let short = match body {
+            Body::Result(_) => RpcError::new(
+                500,
+                format!(
+                    "the response of {} bytes is larger than the limit of {max} bytes",
+                    payload.len()
+                ),
+            ),
+            Body::Error(e) => RpcError::new(e.code, truncate(&e.message, 200)),
+        };
+        tracing::warn!(
+            rpc_id = to.id,
+            bytes = payload.len(),
+            limit = max,
+            "response too large; sending a short error without the tag"
+        );
+        let untagged = Address {
+            tag: None,
+            ..to.clone()
+        };
+        let payload = frame::encode_error(service, &untagged, &short);
+        mqtt::publish_fits(&topic, payload.len(), max).then_some((topic, payload))
     }
+}
+
+/// What a reply carries.
+#[derive(Clone, Copy)]
+enum Body<'a> {
+    Result(Option<&'a serde_json::Value>),
+    Error(&'a RpcError),
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary, with `…` when cut.
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 /// Whether the request's `deadline` (absolute) or `timeout` (from arrival) had passed.

@@ -132,12 +132,25 @@ impl fmt::Display for RpcError {
 }
 
 /// Checks a string used to build a topic name: 1..=256 bytes, no MQTT wildcard, no control
-/// character, no leading `$` (SPEC §3).
+/// character, no Unicode non-character, no leading `$` (SPEC §3).
+///
+/// Non-characters (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF) are valid UTF-8 but MQTT 3.1.1 §1.5.3
+/// says a topic should not hold them, and mosquitto disconnects a client that publishes to
+/// such a topic. Since an unacknowledged reply is sent again after every reconnect, one
+/// such `src` would otherwise cut the worker off the broker for good.
 pub fn valid_src(src: &str) -> bool {
     !src.is_empty()
         && src.len() <= MAX_NAME_BYTES
         && !src.starts_with('$')
-        && !src.chars().any(|c| c == '+' || c == '#' || c.is_control())
+        && !src
+            .chars()
+            .any(|c| c == '+' || c == '#' || c.is_control() || is_noncharacter(c))
+}
+
+/// Unicode non-characters: U+FDD0..=U+FDEF and the last two code points of every plane.
+fn is_noncharacter(c: char) -> bool {
+    let c = c as u32;
+    (0xFDD0..=0xFDEF).contains(&c) || c & 0xFFFE == 0xFFFE
 }
 
 /// Checks a name argument: 1..=256 bytes, no control characters (SPEC §4).
@@ -483,6 +496,11 @@ mod tests {
         assert_eq!(dropped(r#"{"id":1,"src":"$SYS/x"}"#), DropReason::BadSrc);
         assert_eq!(dropped(r#"{"id":1,"src":"a\u0000b"}"#), DropReason::BadSrc);
         assert_eq!(dropped(r#"{"id":1,"src":""}"#), DropReason::BadSrc);
+        for nonchar in [r"\ufdd0", r"\ufdef", r"\ufffe", r"\uffff", r"\ud83f\udfff"] {
+            let f = format!(r#"{{"id":1,"src":"a{nonchar}"}}"#);
+            assert_eq!(dropped(&f), DropReason::BadSrc, "{f}");
+        }
+        assert!(valid_src("a\u{fdcf}\u{fdf0}\u{fffd}\u{1f600}"));
         assert_eq!(dropped(r#"{"id":1,"src":5}"#), DropReason::BadSrc);
         assert_eq!(dropped(r#"{"src":"a"}"#), DropReason::BadId);
         assert_eq!(dropped(r#"{"src":"a","id":0}"#), DropReason::BadId);

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::{
-    AsyncClient, ClientError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
-    Publish, QoS, SubscribeReasonCode,
+    AsyncClient, ClientError, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions,
+    Outgoing, Packet, Publish, QoS, StateError, SubscribeReasonCode,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,18 @@ pub struct SessionOptions {
     pub subscriptions: Vec<String>,
     pub keep_alive: Duration,
     pub max_packet_bytes: usize,
+}
+
+/// Bytes a QoS 1 PUBLISH adds to its topic and payload: packet type, up to 4 bytes of
+/// remaining length, topic length, packet id.
+pub const PUBLISH_OVERHEAD: usize = 1 + 4 + 2 + 2;
+
+/// Whether a QoS 1 publish of `payload_len` bytes to `topic` fits in `max_packet_bytes`.
+/// One that does not is refused by the MQTT client when it is written, which drops the
+/// connection; the unacknowledged publish would then be written again after every
+/// reconnect. Check before publishing.
+pub fn publish_fits(topic: &str, payload_len: usize, max_packet_bytes: usize) -> bool {
+    topic.len() + payload_len + PUBLISH_OVERHEAD <= max_packet_bytes
 }
 
 /// One message received.
@@ -278,6 +290,11 @@ impl Session {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     connected = true;
                     backoff.reset();
+                    // A limit raised to read one refused packet lasts this connection only.
+                    self.eventloop.mqtt_options.set_max_packet_size(
+                        self.options.max_packet_bytes,
+                        self.options.max_packet_bytes,
+                    );
                     if ever_connected {
                         on_reconnect();
                     }
@@ -333,6 +350,23 @@ impl Session {
                         q.reset();
                         self.eventloop.clean();
                     }
+                    if let Some(size) = refused_packet_size(&e) {
+                        // The MQTT client refuses a packet above the limit before reading it,
+                        // so it is never acknowledged, and on our persistent session the
+                        // broker delivers it again first thing after every reconnect: one
+                        // oversized request would keep the worker off the broker for good.
+                        // Read packets up to its size on the next connection instead; it is
+                        // then answered (413) and acknowledged like any oversized frame.
+                        tracing::error!(
+                            bytes = size,
+                            limit = self.options.max_packet_bytes,
+                            "the broker delivered a packet larger than max_packet_bytes; reading it on the next connection. Cap message size at the broker (mosquitto: max_packet_size)"
+                        );
+                        self.eventloop.mqtt_options.set_max_packet_size(
+                            size.max(self.options.max_packet_bytes),
+                            self.options.max_packet_bytes,
+                        );
+                    }
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection lost or refused");
                     tokio::select! {
@@ -354,6 +388,17 @@ impl Session {
         if let Err(e) = self.client.try_subscribe_many(topics) {
             tracing::error!(error = %e, "could not queue the subscription");
         }
+    }
+}
+
+/// The size of an incoming packet the MQTT client refused as too large, if that is what
+/// ended the connection.
+fn refused_packet_size(e: &ConnectionError) -> Option<usize> {
+    match e {
+        ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc::Error::PayloadSizeLimitExceeded(size),
+        )) => Some(*size),
+        _ => None,
     }
 }
 

@@ -264,10 +264,116 @@ pub async fn raw(client: &Client, payload: &str, id: u64) -> Response {
     client
         .call_raw(&topic, payload.as_bytes().to_vec(), id, TIMEOUT)
         .await
-        .unwrap_or_else(|e| panic!("{payload}: {e}"))
+        .unwrap_or_else(|e| panic!("{}: {e}", shorten(payload)))
+}
+
+/// At most the first 200 characters of `text`, for assertion messages.
+pub fn shorten(text: &str) -> String {
+    match text.char_indices().nth(200) {
+        Some((i, _)) => format!("{}… ({} bytes)", &text[..i], text.len()),
+        None => text.to_owned(),
+    }
 }
 
 /// The built `authd` binary (for crash and CLI tests).
 pub fn authd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_authd"))
+}
+
+/// A raw subscriber: sees every message on its topic filters, byte for byte, with its topic.
+/// Used to assert what the worker published (and what it never published).
+pub struct Spy {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, bytes::Bytes)>,
+    publisher: authd::mqtt::Publisher,
+    close: tokio_util::sync::CancellationToken,
+    session: tokio::task::JoinHandle<()>,
+}
+
+impl Spy {
+    /// Connects and subscribes to `filters`; returns once the broker granted them.
+    pub async fn start(broker: &Broker, filters: &[&str]) -> Spy {
+        use authd::mqtt::{Link, Session, SessionOptions};
+        let (session, publisher, mut link) = Session::new(SessionOptions {
+            broker: broker.address(),
+            client_id: format!("spy-{}", uuid::Uuid::new_v4().simple()),
+            credentials: None,
+            persistent: false,
+            manual_acks: false,
+            subscriptions: filters.iter().map(|f| f.to_string()).collect(),
+            keep_alive: Duration::from_secs(30),
+            max_packet_bytes: 16 * 1024 * 1024,
+        });
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let close = tokio_util::sync::CancellationToken::new();
+        let session = tokio::spawn(session.run(
+            move |m: authd::mqtt::Message| {
+                let _ = tx.send((m.topic, m.payload));
+            },
+            tokio_util::sync::CancellationToken::new(),
+            close.clone(),
+            || {},
+        ));
+        tokio::time::timeout(TIMEOUT, link.wait_for(|l| *l == Link::Ready))
+            .await
+            .expect("spy subscribed")
+            .expect("spy session alive");
+        Spy {
+            rx,
+            publisher,
+            close,
+            session,
+        }
+    }
+
+    /// The next message, if one comes within `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<(String, bytes::Bytes)> {
+        tokio::time::timeout(timeout, self.rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The next message's payload as text; panics if none comes within [`TIMEOUT`].
+    pub async fn next_text(&mut self) -> (String, String) {
+        let (topic, payload) = self.next(TIMEOUT).await.expect("a message for the spy");
+        (topic, String::from_utf8(payload.to_vec()).expect("UTF-8"))
+    }
+
+    /// Everything received so far, without waiting.
+    pub fn drain(&mut self) -> Vec<(String, bytes::Bytes)> {
+        let mut out = Vec::new();
+        while let Ok(m) = self.rx.try_recv() {
+            out.push(m);
+        }
+        out
+    }
+
+    /// Publishes a raw payload (QoS 1) through the spy's own connection.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.publisher
+            .publish(topic.to_owned(), payload.into())
+            .await
+            .expect("spy publishes");
+    }
+}
+
+impl Drop for Spy {
+    fn drop(&mut self) {
+        self.close.cancel();
+        self.session.abort();
+    }
+}
+
+/// Waits until `cond` holds, polling every 20 ms; panics after [`TIMEOUT`] with `what`.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The request topic of the default service id.
+pub fn request_topic() -> String {
+    format!("{SERVICE_ID}/rpc")
 }
