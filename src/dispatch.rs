@@ -284,8 +284,9 @@ fn truncate(s: &str, max: usize) -> String {
 fn expired(req: &Request<'_>, arrived_ms: u64, now_ms: u64) -> bool {
     let now = now_ms as f64 / 1000.0;
     let by_deadline = req.deadline.is_some_and(|d| now > d);
+    // A timeout of zero or less has passed by definition, however fast we are.
     let by_timeout = req
         .timeout
-        .is_some_and(|t| now > arrived_ms as f64 / 1000.0 + t);
+        .is_some_and(|t| t <= 0.0 || now > arrived_ms as f64 / 1000.0 + t);
     by_deadline || by_timeout
 }

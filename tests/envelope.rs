@@ -294,6 +294,7 @@ async fn an_expired_request_is_504_and_not_executed() {
         json!({ "timeout": -1 }),
         json!({ "timeout": -0.001 }),
         json!({ "timeout": -1e300 }),
+        json!({ "timeout": 0 }),
     ];
     for extra in expired {
         let f = frame(&c, "Auth.GenerateToken", json!({"host": "h"}), extra);
