@@ -85,10 +85,12 @@ pub struct BenchOptions {
     pub scenarios: Vec<String>,
     /// The `authd` binary to start (default: this one).
     pub authd: PathBuf,
+    /// Load this many entities and rules (`authd import`) before starting authd.
+    pub scale: Option<(usize, usize)>,
 }
 
 /// The scenarios `authd bench` knows.
-pub const SCENARIOS: &[&str] = &["authenticate", "get-token", "generate-token"];
+pub const SCENARIOS: &[&str] = &["authenticate", "authorize", "get-token", "generate-token"];
 
 /// Devices provisioned for the `authenticate` scenario.
 const DEVICES: usize = 1000;
@@ -162,6 +164,28 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let authd_id = format!("bench-authd-{}", &run_id[..8]);
     let null_id = format!("bench-null-{}", &run_id[..8]);
 
+    let data = work.join("authd-data");
+    if let Some((entities, rules)) = options.scale {
+        let file = work.join("scale.jsonl");
+        write_scale_file(&file, entities, rules)?;
+        let started = Instant::now();
+        let out = Command::new(&options.authd)
+            .arg("import")
+            .arg("--data")
+            .arg(&data)
+            .arg(&file)
+            .output()
+            .context("running authd import")?;
+        if !out.status.success() {
+            bail!("authd import failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        println!(
+            "scale: imported {entities} entities and {rules} rules in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let _ = std::fs::remove_file(&file);
+    }
+    let spawned = Instant::now();
     let child = Command::new(&options.authd)
         .args([
             "serve",
@@ -173,12 +197,13 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             &authd_id,
         ])
         .arg("--data")
-        .arg(work.join("authd-data"))
+        .arg(&data)
         .env("AUTHD_CALLER_KEYS", format!("bench:admin:{key}"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .context("starting authd serve")?;
+    let authd_pid = child.id();
     processes.push(Process(child));
     let child = Command::new(&options.authd)
         .args(["null-worker", "--broker", &broker_url, "--id", &null_id])
@@ -196,6 +221,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         o
     };
     let authd = Target::connect("authd", connect(&authd_id)).await?;
+    let cold_start = spawned.elapsed();
     let null = Target::connect("ceiling", connect(&null_id)).await?;
 
     println!(
@@ -244,11 +270,56 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             );
         }
     }
+    let (rss, peak) = resident_mib(authd_pid);
+    println!(
+        "authd: cold start (spawn to first answer) {:.0} ms; resident memory {rss:.0} MiB, peak {peak:.0} MiB",
+        cold_start.as_secs_f64() * 1000.0
+    );
     for target in [authd, null] {
         target.close().await;
     }
     drop(processes);
     let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// VmRSS and VmHWM of a process, MiB (0 where /proc does not say).
+fn resident_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Import lines for `entities` entities (the bench devices first) and `rules` rules, none
+/// of which match the scenarios' callers, so answers stay as without them.
+fn write_scale_file(path: &std::path::Path, entities: usize, rules: usize) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for d in 0..entities {
+        let args = if d < DEVICES {
+            device(d)
+        } else {
+            json!({"id": format!("scale-dev-{d}"), "psk": format!("scale-psk-{d}"), "owner": format!("scale-user-{}", d % 10_000)})
+        };
+        writeln!(out, "{}", json!({"method": "Entity.Put", "args": args}))?;
+    }
+    for r in 0..rules {
+        // Mostly literal rules, a fifth with wildcards, as an operator's rule set might be.
+        let (src, dst, cmd) = match r % 5 {
+            0 => (format!("scale-team-{r}-*"), "scale-dev-*".to_string(), "Sys.*".to_string()),
+            _ => (format!("scale-user-{r}"), format!("scale-dev-{r}"), format!("Cmd.{}", r % 50)),
+        };
+        let effect = if r % 13 == 0 { "deny" } else { "allow" };
+        let args = json!({"src": src, "dst": dst, "cmd": cmd, "effect": effect});
+        writeln!(out, "{}", json!({"method": "ACL.Add", "args": args}))?;
+    }
+    out.flush()?;
     Ok(())
 }
 
@@ -315,7 +386,8 @@ struct Scenario {
     method: &'static str,
     /// `args(i)` for request i.
     args: fn(usize) -> Value,
-    check: fn(&Value) -> bool,
+    /// `check(i, result)`: is this the expected answer to request i?
+    check: fn(usize, &Value) -> bool,
 }
 
 impl Scenario {
@@ -330,7 +402,34 @@ impl Scenario {
                         let d = i % DEVICES;
                         json!({"id": format!("bench-dev-{d}"), "credentials": {"psk": format!("bench-psk-{d}")}})
                     },
-                    check: |r| *r == json!(true),
+                    check: |_, r| *r == json!(true),
+                })
+            }
+            "authorize" => {
+                provision_devices(authd).await?;
+                let admin = &authd.clients[0];
+                for (src, dst, cmd, effect) in [
+                    ("bench-ops-*", "bench-dev-*", "Sys.*", "allow"),
+                    ("*", "bench-dev-13", "Sys.Reboot", "deny"),
+                ] {
+                    let rule = json!({"src": src, "dst": dst, "cmd": cmd, "effect": effect});
+                    ensure_ok(admin.call("ACL.Add", rule, Duration::from_secs(5)).await?)?;
+                }
+                Ok(Scenario {
+                    name: "authorize",
+                    method: "Auth.AuthorizeCommand",
+                    // A third each: the owner, an operator allowed by a wildcard rule, a
+                    // stranger; bench-dev-13 is denied to everyone.
+                    args: |i| {
+                        let d = i % DEVICES;
+                        let src = match i % 3 {
+                            0 => format!("bench-user-{}", d % 100),
+                            1 => "bench-ops-1".into(),
+                            _ => "stranger".into(),
+                        };
+                        json!({"src": src, "dst": format!("bench-dev-{d}"), "cmd": "Sys.Reboot"})
+                    },
+                    check: |i, r| *r == json!(i % 3 != 2 && i % DEVICES != 13),
                 })
             }
             "get-token" => {
@@ -349,7 +448,7 @@ impl Scenario {
                     name: "get-token",
                     method: "Auth.GetToken",
                     args: |_| json!({"host": "app"}),
-                    check: |r| {
+                    check: |_, r| {
                         r["exist"] == json!(true)
                             && r["token"].as_str().is_some_and(|t| t.starts_with("authd_"))
                     },
@@ -359,7 +458,7 @@ impl Scenario {
                 name: "generate-token",
                 method: "Auth.GenerateToken",
                 args: |i| json!({"host": format!("app-{}", i % 1000)}),
-                check: |r| r["token"].as_str().is_some_and(|t| t.starts_with("authd_")),
+                check: |_, r| r["token"].as_str().is_some_and(|t| t.starts_with("authd_")),
             }),
             other => bail!(
                 "unknown scenario `{other}` (known: {})",
@@ -382,7 +481,7 @@ async fn provision_devices(authd: &Target) -> anyhow::Result<()> {
                 if d >= DEVICES {
                     return Ok::<_, anyhow::Error>(());
                 }
-                let args = json!({"id": format!("bench-dev-{d}"), "psk": format!("bench-psk-{d}")});
+                let args = device(d);
                 ensure_ok(
                     client
                         .call("Entity.Put", args, Duration::from_secs(10))
@@ -395,6 +494,11 @@ async fn provision_devices(authd: &Target) -> anyhow::Result<()> {
         t.await??;
     }
     Ok(())
+}
+
+/// The Entity.Put arguments of bench device `d`.
+fn device(d: usize) -> Value {
+    json!({"id": format!("bench-dev-{d}"), "psk": format!("bench-psk-{d}"), "owner": format!("bench-user-{}", d % 100)})
 }
 
 fn ensure_ok(r: Response) -> anyhow::Result<Value> {
@@ -433,7 +537,7 @@ async fn load(
                 let ok = match (&r.result, &r.error) {
                     (_, Some(e)) => bail!("request {i} got error {e}"),
                     (Some(v), None) if ceiling => *v == json!(true),
-                    (Some(v), None) => check(v),
+                    (Some(v), None) => check(i, v),
                     (None, None) => false,
                 };
                 if !ok {

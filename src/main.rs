@@ -73,6 +73,9 @@ struct BenchArgs {
     /// In-flight levels, comma separated.
     #[arg(long, short = 'w', value_delimiter = ',', default_values_t = vec![1, 64])]
     in_flight: Vec<usize>,
+    /// Load ENTITIES,RULES (e.g. 1000000,100000) with `authd import` before starting authd.
+    #[arg(long, value_name = "ENTITIES,RULES", value_delimiter = ',')]
+    scale: Option<Vec<usize>>,
     /// Scenarios, comma separated.
     #[arg(long, value_delimiter = ',', default_values_t = authd::bench::SCENARIOS.iter().map(|s| s.to_string()).collect::<Vec<_>>())]
     scenarios: Vec<String>,
@@ -644,6 +647,14 @@ async fn bench(args: BenchArgs) -> ExitCode {
         in_flight: args.in_flight,
         scenarios: args.scenarios,
         authd,
+        scale: match args.scale.as_deref() {
+            None => None,
+            Some([entities, rules]) => Some((*entities, *rules)),
+            Some(_) => {
+                eprintln!("authd bench: --scale takes ENTITIES,RULES, e.g. 1000000,100000");
+                return ExitCode::from(2);
+            }
+        },
     };
     match authd::bench::run(options).await {
         Ok(()) => ExitCode::SUCCESS,
