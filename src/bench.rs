@@ -177,7 +177,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             .output()
             .context("running authd import")?;
         if !out.status.success() {
-            bail!("authd import failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "authd import failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         println!(
             "scale: imported {entities} entities and {rules} rules in {:.1} s",
@@ -312,8 +315,16 @@ fn write_scale_file(path: &std::path::Path, entities: usize, rules: usize) -> an
     for r in 0..rules {
         // Mostly literal rules, a fifth with wildcards, as an operator's rule set might be.
         let (src, dst, cmd) = match r % 5 {
-            0 => (format!("scale-team-{r}-*"), "scale-dev-*".to_string(), "Sys.*".to_string()),
-            _ => (format!("scale-user-{r}"), format!("scale-dev-{r}"), format!("Cmd.{}", r % 50)),
+            0 => (
+                format!("scale-team-{r}-*"),
+                "scale-dev-*".to_string(),
+                "Sys.*".to_string(),
+            ),
+            _ => (
+                format!("scale-user-{r}"),
+                format!("scale-dev-{r}"),
+                format!("Cmd.{}", r % 50),
+            ),
         };
         let effect = if r % 13 == 0 { "deny" } else { "allow" };
         let args = json!({"src": src, "dst": dst, "cmd": cmd, "effect": effect});

@@ -183,25 +183,24 @@ impl Dispatcher {
                     .store
                     .replay(ctx.request.src, ctx.request.id)
                     .map_err(methods::storage_failed)?;
-                let (reply, replayed) = match recorded {
+                let reply = match recorded {
                     Some(reply) => {
                         self.metrics
                             .replayed
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        (reply, true)
+                        // The change itself was audited by its method the first time.
+                        tracing::info!(
+                            target: "authd::audit",
+                            rpc_id = ctx.request.id,
+                            src = ctx.request.src,
+                            method = method.name,
+                            caller = caller.name,
+                            "redelivered change answered from its record"
+                        );
+                        reply
                     }
-                    None => (f(ctx, req.args)?, false),
+                    None => f(ctx, req.args)?,
                 };
-                tracing::info!(
-                    target: "authd::audit",
-                    rpc_id = ctx.request.id,
-                    src = ctx.request.src,
-                    method = method.name,
-                    caller = caller.name,
-                    replayed,
-                    result = "ok",
-                    "change"
-                );
                 methods::render(&reply, &self.keys).map(|r| (r, true))
             }
         }

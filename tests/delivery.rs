@@ -193,89 +193,106 @@ async fn check_stream(client: &Client, answers: &[(u64, Response)]) {
     }
 }
 
+/// A broker with persistence, `authd serve` as a child process on a fresh data dir, and a
+/// persistent client that calls as `user`.
+struct Fixture {
+    broker: Broker,
+    _dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    client_id: String,
+    worker: WorkerProcess,
+    client: Arc<Client>,
+}
+
+impl Fixture {
+    async fn start(name: &str) -> Fixture {
+        let broker = Broker::start();
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("worker");
+        let client_id = format!("authd-{name}-test");
+        let worker = WorkerProcess::spawn(&broker, &data, &client_id);
+        let client = persistent_client(&broker, &format!("{name}-user")).await;
+        wait_answering(&client).await;
+        Fixture {
+            broker,
+            _dir: dir,
+            data,
+            client_id,
+            worker,
+            client,
+        }
+    }
+
+    fn respawn(&mut self) {
+        self.worker = WorkerProcess::spawn(&self.broker, &self.data, &self.client_id);
+    }
+
+    /// Starts a stream of `n` GenerateToken requests; `done` counts answers.
+    fn stream(
+        &self,
+        n: usize,
+        w: usize,
+        pace: Duration,
+    ) -> (
+        tokio::task::JoinHandle<Vec<(u64, Response)>>,
+        Arc<AtomicUsize>,
+    ) {
+        let done = Arc::new(AtomicUsize::new(0));
+        let stream = tokio::spawn(generate_stream(
+            self.client.clone(),
+            n,
+            w,
+            pace,
+            done.clone(),
+        ));
+        (stream, done)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_nothing_and_answers_consistently() {
-    let broker = Broker::start();
-    let data = tempfile::tempdir().unwrap();
-    let data = data.path().join("worker");
-    let mut worker = WorkerProcess::spawn(&broker, &data, "authd-kill-test");
-    let client = persistent_client(&broker, "kill-user").await;
-    wait_answering(&client).await;
-
+    let mut f = Fixture::start("kill").await;
     let n = 600;
-    let done = Arc::new(AtomicUsize::new(0));
-    let stream = tokio::spawn(generate_stream(
-        client.clone(),
-        n,
-        16,
-        Duration::ZERO,
-        done.clone(),
-    ));
+    let (stream, done) = f.stream(n, 16, Duration::ZERO);
     for round in 1..=2 {
         wait_count(&done, round * n / 4).await;
-        worker.signal("KILL");
-        worker.wait(Duration::from_secs(5));
+        f.worker.signal("KILL");
+        f.worker.wait(Duration::from_secs(5));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        worker = WorkerProcess::spawn(&broker, &data, "authd-kill-test");
+        f.respawn();
     }
     let answers = stream.await.unwrap();
     assert_eq!(answers.len(), n);
-    check_stream(&client, &answers).await;
+    check_stream(&f.client, &answers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_zero_and_loses_nothing() {
-    let broker = Broker::start();
-    let data = tempfile::tempdir().unwrap();
-    let data = data.path().join("worker");
-    let mut worker = WorkerProcess::spawn(&broker, &data, "authd-term-test");
-    let client = persistent_client(&broker, "term-user").await;
-    wait_answering(&client).await;
-
+    let mut f = Fixture::start("term").await;
     let n = 400;
-    let done = Arc::new(AtomicUsize::new(0));
-    let stream = tokio::spawn(generate_stream(
-        client.clone(),
-        n,
-        16,
-        Duration::ZERO,
-        done.clone(),
-    ));
+    let (stream, done) = f.stream(n, 16, Duration::ZERO);
     wait_count(&done, n / 3).await;
-    worker.signal("TERM");
-    let status = worker.wait(Duration::from_secs(15));
+    f.worker.signal("TERM");
+    let status = f.worker.wait(Duration::from_secs(15));
     assert!(status.success(), "SIGTERM exit status: {status}");
     // Requests published meanwhile wait at the broker for the worker's session.
-    let _worker = WorkerProcess::spawn(&broker, &data, "authd-term-test");
+    f.respawn();
     let answers = stream.await.unwrap();
     assert_eq!(answers.len(), n);
-    check_stream(&client, &answers).await;
+    check_stream(&f.client, &answers).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restarts_under_load_lose_nothing() {
-    let mut broker = Broker::start();
-    let data = tempfile::tempdir().unwrap();
-    let data = data.path().join("worker");
-    let _worker = WorkerProcess::spawn(&broker, &data, "authd-broker-restart-test");
-    let client = persistent_client(&broker, "restart-user").await;
-    wait_answering(&client).await;
-
+    let mut f = Fixture::start("broker-restart").await;
     let n = 600;
-    let done = Arc::new(AtomicUsize::new(0));
     // Paced, so the stream spans the restarts.
-    let stream = tokio::spawn(generate_stream(
-        client.clone(),
-        n,
-        8,
-        Duration::from_millis(10),
-        done.clone(),
-    ));
+    let (stream, done) = f.stream(n, 8, Duration::from_millis(10));
     for round in 1..=3 {
         wait_count(&done, round * n / 5).await;
-        tokio::task::block_in_place(|| broker.restart());
+        tokio::task::block_in_place(|| f.broker.restart());
     }
     let answers = stream.await.unwrap();
     assert_eq!(answers.len(), n);
-    check_stream(&client, &answers).await;
+    check_stream(&f.client, &answers).await;
 }

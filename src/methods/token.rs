@@ -38,6 +38,7 @@ pub fn generate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcErr
     ctx.store
         .replace_token(user, &host, &record, &ctx.request, &reply)
         .map_err(storage_failed)?;
+    audit(ctx, "Auth.GenerateToken", &host, "token issued");
     Ok(reply)
 }
 
@@ -76,7 +77,21 @@ pub fn revoke(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError
     ctx.store
         .revoke_token(ctx.request.src, &host, &ctx.request, &Replay::Empty)
         .map_err(storage_failed)?;
+    audit(ctx, "Auth.RevokeToken", &host, "token revoked");
     Ok(Replay::Empty)
+}
+
+/// One audit line per token change: the user is the request's `src`, the subject the host.
+fn audit(ctx: &Ctx<'_>, method: &str, host: &str, what: &str) {
+    tracing::info!(
+        target: "authd::audit",
+        rpc_id = ctx.request.id,
+        src = ctx.request.src,
+        method,
+        subject = host,
+        result = true,
+        "{what}"
+    );
 }
 
 /// The token string of a recorded token id.
