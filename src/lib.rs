@@ -18,7 +18,8 @@
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
 //! | [`caller`] | caller API keys and scopes |
 //! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
-//! | [`metrics`] | counters of requests and dropped frames |
+//! | [`metrics`] | counters and latency of requests, dropped frames, reconnects, lockouts |
+//! | [`http`] | the operator's endpoint: `/metrics` (Prometheus) and `/ready` |
 //! | [`bench`] | `authd bench` load generator and the null worker (the ceiling) |
 
 pub mod bench;
@@ -29,6 +30,7 @@ pub mod config;
 pub mod crypto;
 pub mod dispatch;
 pub mod frame;
+pub mod http;
 pub mod lockout;
 pub mod methods;
 pub mod metrics;

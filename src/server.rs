@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use crate::config::{BrokerAddress, Config};
 use crate::crypto::ServerKeys;
 use crate::dispatch::{Dispatcher, FrameHandler};
 use crate::metrics::Metrics;
-use crate::mqtt::{Link, Message, Publisher, Session, SessionOptions};
+use crate::mqtt::{Link, Message, Publisher, Session, SessionOptions, Tls};
 use crate::store::{self, GroupCommit, Store};
 
 /// Runs the worker until `shutdown` completes, then stops it cleanly.
@@ -45,6 +46,8 @@ pub struct Worker {
     failed: CancellationToken,
     session: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
+    /// Where `/metrics` and `/ready` are served, if anywhere.
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Worker {
@@ -116,6 +119,13 @@ impl Worker {
         background: Vec<JoinHandle<()>>,
     ) -> anyhow::Result<Worker> {
         let broker = BrokerAddress::parse(&config.broker)?;
+        let tls = Tls::for_broker(
+            &broker,
+            config.broker_ca.as_deref(),
+            config.broker_cert.as_deref(),
+            config.broker_key.as_deref(),
+        )?;
+        let http = config.metrics.as_deref().map(crate::http::bind).transpose()?;
         let commit = store.clone().map(|s| GroupCommit::start(s, 4096));
         let request_topic: Arc<str> = config.request_topic().into();
         let (session, publisher, link) = Session::new(SessionOptions {
@@ -130,6 +140,7 @@ impl Worker {
             subscriptions: vec![request_topic.to_string(), format!("{request_topic}/#")],
             keep_alive: Duration::from_secs(config.keep_alive_secs),
             max_packet_bytes: config.max_packet_bytes,
+            tls,
         });
 
         let tracker = TaskTracker::new();
@@ -158,6 +169,7 @@ impl Worker {
                 tracker.spawn(handle(
                     handler.clone(),
                     publisher.clone(),
+                    metrics.clone(),
                     commit.clone(),
                     request_topic.clone(),
                     msg,
@@ -174,6 +186,23 @@ impl Worker {
         };
         let session =
             tokio::spawn(session.run(on_message, intake.clone(), close.clone(), on_reconnect));
+        let mut background = background;
+        let mut metrics_addr = None;
+        if let Some(listener) = http {
+            metrics_addr = listener.local_addr().ok();
+            tracing::info!(addr = ?metrics_addr, "serving /metrics and /ready");
+            let endpoint = crate::http::Endpoint {
+                metrics: metrics.clone(),
+                link: link.clone(),
+                stopping: intake.clone(),
+            };
+            // Ends with the worker: `stop` aborts the background tasks.
+            background.push(tokio::spawn(crate::http::serve(
+                listener,
+                endpoint,
+                CancellationToken::new(),
+            )));
+        }
         Ok(Worker {
             config,
             metrics,
@@ -186,7 +215,14 @@ impl Worker {
             failed,
             session,
             background,
+            metrics_addr,
         })
+    }
+
+    /// The address `/metrics` and `/ready` are served on (`metrics` in the config), with
+    /// the port actually bound.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -242,9 +278,11 @@ impl Worker {
 
 /// Handles one message: dispatch, wait for durability if the store changed, publish the
 /// reply, then ack. The ack comes last, so a crash anywhere before it means redelivery.
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     handler: Arc<dyn FrameHandler>,
     publisher: Publisher,
+    metrics: Arc<Metrics>,
     commit: Option<GroupCommit>,
     request_topic: Arc<str>,
     msg: Message,
@@ -269,6 +307,9 @@ async fn handle(
         if publisher.publish(topic, payload).await.is_err() {
             return;
         }
+    }
+    if let Some(label) = outcome.label {
+        metrics.answered(label, msg.arrived.elapsed());
     }
     if let Some(ack) = msg.ack {
         publisher.complete(ack).await;

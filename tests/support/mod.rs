@@ -97,10 +97,7 @@ impl Broker {
     }
 
     pub fn address(&self) -> BrokerAddress {
-        BrokerAddress {
-            host: "127.0.0.1".into(),
-            port: self.port,
-        }
+        BrokerAddress::plain("127.0.0.1", self.port)
     }
 
     /// Stops the broker (SIGTERM, so it writes its persistence file).
