@@ -179,10 +179,7 @@ impl Config {
     /// Overlays `AUTHD_<KEY>` variables (read through `var`) on every scalar key. A value's
     /// type is the key's: numbers and `true`/`false` are parsed, anything else is a string.
     /// An empty variable counts as unset.
-    pub fn apply_env(
-        &mut self,
-        var: impl Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigError> {
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let serde_json::Value::Object(mut map) =
             serde_json::to_value(&*self).map_err(|e| ConfigError::Invalid(e.to_string()))?
         else {
@@ -219,12 +216,13 @@ impl Config {
         if changed {
             // Only enums can still fail here (e.g. AUTHD_LOG_FORMAT=xml); the message names
             // the key, never the value.
-            *self = serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(
-                |e| ConfigError::Env {
-                    name: format!("AUTHD_{}", e.path().to_string().to_uppercase()),
-                    message: e.inner().to_string(),
-                },
-            )?;
+            *self =
+                serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(|e| {
+                    ConfigError::Env {
+                        name: format!("AUTHD_{}", e.path().to_string().to_uppercase()),
+                        message: e.inner().to_string(),
+                    }
+                })?;
         }
         Ok(())
     }
@@ -315,9 +313,8 @@ impl Config {
                 ))
             })?;
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log_filter).map_err(|e| {
-            ConfigError::Invalid(format!("log_filter `{}`: {e}", self.log_filter))
-        })?;
+        tracing_subscriber::EnvFilter::try_new(&self.log_filter)
+            .map_err(|e| ConfigError::Invalid(format!("log_filter `{}`: {e}", self.log_filter)))?;
         Ok(())
     }
 
@@ -431,7 +428,10 @@ mod tests {
         assert!(BrokerAddress::parse("mqtt://").is_err());
         assert!(!BrokerAddress::parse("mqtt://x").unwrap().tls);
         let a = BrokerAddress::parse("mqtts://broker.example.com").unwrap();
-        assert_eq!((a.host.as_str(), a.port, a.tls), ("broker.example.com", 8883, true));
+        assert_eq!(
+            (a.host.as_str(), a.port, a.tls),
+            ("broker.example.com", 8883, true)
+        );
         assert_eq!(BrokerAddress::parse("mqtts://[::1]:9").unwrap().port, 9);
     }
 
@@ -479,7 +479,10 @@ mod tests {
             .apply_env(|k| (k == "AUTHD_MAX_IN_FLIGHT").then(|| "lots".to_string()))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("AUTHD_MAX_IN_FLIGHT") && e.contains("whole number"), "{e}");
+        assert!(
+            e.contains("AUTHD_MAX_IN_FLIGHT") && e.contains("whole number"),
+            "{e}"
+        );
         let e = Config::default()
             .apply_env(|k| (k == "AUTHD_LOG_FORMAT").then(|| "xml".to_string()))
             .unwrap_err()
@@ -495,7 +498,10 @@ mod tests {
             ..Config::default()
         };
         let text = c.describe().unwrap();
-        assert!(!text.contains("hunter2") && !text.contains("s3cret"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cret"),
+            "{text}"
+        );
         assert!(text.contains("broker_password = \"<redacted>\""), "{text}");
         assert!(text.contains("# broker_ca: not set"), "{text}");
         // What is printed reads back as the same configuration (secrets aside).

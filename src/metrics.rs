@@ -167,9 +167,9 @@ impl Metrics {
 
     /// Requests of `method` (canonical name, or `other`) with `outcome` (`ok` or a code).
     pub fn requests(&self, method: &str, outcome: &str) -> u64 {
-        let row = methods::find(method).and_then(methods::position).or_else(|| {
-            (method == OTHER_METHOD).then(methods::count)
-        });
+        let row = methods::find(method)
+            .and_then(methods::position)
+            .or_else(|| (method == OTHER_METHOD).then(methods::count));
         let col = OUTCOMES.iter().position(|o| *o == outcome);
         match (row, col) {
             (Some(r), Some(c)) => self.requests[r][c].load(Relaxed),
@@ -361,9 +361,15 @@ mod tests {
             "authd_broker_connected 1",
             "authd_lockouts_total 0",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing `{line}` in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
         }
         assert!(!text.contains("Auth.GetToken"), "no empty series: {text}");
-        assert!(m.render(false).unwrap().contains("authd_broker_connected 0"));
+        assert!(m
+            .render(false)
+            .unwrap()
+            .contains("authd_broker_connected 0"));
     }
 }

@@ -104,9 +104,9 @@ impl Tls {
         match ca {
             Some(path) => {
                 for cert in read_certs(path)? {
-                    roots
-                        .add(cert)
-                        .map_err(|e| file_error(path, format!("not a usable CA certificate: {e}")))?;
+                    roots.add(cert).map_err(|e| {
+                        file_error(path, format!("not a usable CA certificate: {e}"))
+                    })?;
                 }
             }
             None => {

@@ -2,9 +2,9 @@
 //! of its own, and shut down in order (stop intake, drain, flush, disconnect).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,7 +125,11 @@ impl Worker {
             config.broker_cert.as_deref(),
             config.broker_key.as_deref(),
         )?;
-        let http = config.metrics.as_deref().map(crate::http::bind).transpose()?;
+        let http = config
+            .metrics
+            .as_deref()
+            .map(crate::http::bind)
+            .transpose()?;
         let commit = store.clone().map(|s| GroupCommit::start(s, 4096));
         let request_topic: Arc<str> = config.request_topic().into();
         let (session, publisher, link) = Session::new(SessionOptions {

@@ -18,10 +18,7 @@ fn authd() -> Command {
 
 /// Runs `command` (which names the `serve` subcommand) with `--print-config`.
 fn print_config(command: &mut Command) -> (Output, String) {
-    let out = command
-        .arg("--print-config")
-        .output()
-        .expect("authd runs");
+    let out = command.arg("--print-config").output().expect("authd runs");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     (out, stdout)
 }
@@ -90,9 +87,18 @@ key = "file-caller-secret"
     assert_eq!(s("metrics"), "127.0.0.1:9464");
     assert_eq!(s("log_format"), "json", "the global --log-format flag");
     let callers = c["caller"].as_array().expect("[[caller]] tables");
-    let names: Vec<_> = callers.iter().map(|t| t["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["backend", "ops"], "AUTHD_CALLER_KEYS replaces the file's");
-    assert!(callers.iter().all(|t| t["key"].as_str() == Some("<redacted>")));
+    let names: Vec<_> = callers
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["backend", "ops"],
+        "AUTHD_CALLER_KEYS replaces the file's"
+    );
+    assert!(callers
+        .iter()
+        .all(|t| t["key"].as_str() == Some("<redacted>")));
     assert!(stdout.contains("# broker_ca: not set"), "{stdout}");
 }
 
@@ -122,7 +128,11 @@ fn with_nothing_set_it_prints_the_defaults() {
 #[test]
 fn bad_settings_exit_2_naming_the_setting_not_the_value() {
     let cases: &[(&[(&str, &str)], &[&str], &str)] = &[
-        (&[("AUTHD_MAX_IN_FLIGHT", "lots")], &[], "AUTHD_MAX_IN_FLIGHT"),
+        (
+            &[("AUTHD_MAX_IN_FLIGHT", "lots")],
+            &[],
+            "AUTHD_MAX_IN_FLIGHT",
+        ),
         (&[("AUTHD_LOG_FORMAT", "xml")], &[], "xml"),
         (&[], &["--broker", "tcp://x"], "mqtts://"),
         (&[], &["--metrics", "everywhere"], "metrics"),
@@ -166,10 +176,16 @@ fn a_bad_file_is_refused_without_quoting_its_secrets() {
 fn the_example_file_lists_every_key() {
     let root = env!("CARGO_MANIFEST_DIR");
     let example = std::fs::read_to_string(format!("{root}/authd.example.toml")).unwrap();
-    let (out, _) = print_config(authd().arg("serve").arg("--config").arg(format!(
-        "{root}/authd.example.toml"
-    )));
-    assert!(out.status.success(), "the example as shipped is valid: {out:?}");
+    let (out, _) = print_config(
+        authd()
+            .arg("serve")
+            .arg("--config")
+            .arg(format!("{root}/authd.example.toml")),
+    );
+    assert!(
+        out.status.success(),
+        "the example as shipped is valid: {out:?}"
+    );
 
     let uncommented: String = example
         .lines()
@@ -183,13 +199,24 @@ fn the_example_file_lists_every_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("all.toml");
     // TLS files need mqtts://; the rest is taken as written.
-    std::fs::write(&file, uncommented.replace("mqtt://127.0.0.1", "mqtts://127.0.0.1")).unwrap();
+    std::fs::write(
+        &file,
+        uncommented.replace("mqtt://127.0.0.1", "mqtts://127.0.0.1"),
+    )
+    .unwrap();
     let (out, stdout) = print_config(authd().arg("serve").arg("--config").arg(&file));
-    assert!(out.status.success(), "every example setting is valid: {out:?}");
+    assert!(
+        out.status.success(),
+        "every example setting is valid: {out:?}"
+    );
     let in_force = parse(&stdout);
     let documented: Vec<&String> = settings.keys().collect();
     let all: Vec<&String> = in_force.keys().collect();
-    assert_eq!(documented.len(), all.len(), "documented {documented:?}, in force {all:?}");
+    assert_eq!(
+        documented.len(),
+        all.len(),
+        "documented {documented:?}, in force {all:?}"
+    );
 
     // And the defaults it quotes are the real ones.
     let home = tempfile::tempdir().unwrap();
