@@ -299,7 +299,7 @@ fn main() -> ExitCode {
         // A one-shot client speaks only when something is wrong.
         other => {
             init_logging(cli.log_format.unwrap_or(LogFormat::Text), "warn");
-            Run::Other(other)
+            Run::Other(Box::new(other))
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -313,13 +313,16 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        match command {
-            Run::Serve(config) => serve(*config).await,
-            Run::Other(Command::Call(args)) => call(args).await,
-            Run::Other(Command::Ctl(args)) => ctl(args).await,
-            Run::Other(Command::Bench(args)) => bench(args).await,
-            Run::Other(Command::NullWorker(args)) => null_worker(args).await,
-            Run::Other(Command::Serve(_)) => ExitCode::from(2), // resolved above
+        let other = match command {
+            Run::Serve(config) => return serve(*config).await,
+            Run::Other(other) => *other,
+        };
+        match other {
+            Command::Call(args) => call(args).await,
+            Command::Ctl(args) => ctl(args).await,
+            Command::Bench(args) => bench(args).await,
+            Command::NullWorker(args) => null_worker(args).await,
+            Command::Serve(_) => ExitCode::from(2), // resolved above
         }
     })
 }
@@ -327,15 +330,17 @@ fn main() -> ExitCode {
 /// What `main` runs once logging is set up.
 enum Run {
     Serve(Box<Config>),
-    Other(Command),
+    Other(Box<Command>),
 }
 
 /// Logs to stderr. `RUST_LOG`, when set, wins over `default_filter`.
 fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // Colours only on a terminal: a log file or a container log gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -54,6 +54,8 @@ impl Worker {
     /// Opens the store and keys in `config.data` and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Worker> {
         config.validate()?;
+        // Before the store: a bad TLS file or a taken port must not leave it open.
+        let endpoints = Endpoints::prepare(&config)?;
         create_private_dir(&config.data)?;
         let keys = ServerKeys::load_or_create(&config.data.join("server.key"))?;
         let store =
@@ -91,7 +93,14 @@ impl Worker {
             config.replay_window(),
             Duration::from_secs(60),
         ))];
-        Self::run(config, dispatcher, metrics, Some(store), background)
+        Self::run(
+            config,
+            endpoints,
+            dispatcher,
+            metrics,
+            Some(store),
+            background,
+        )
     }
 
     /// Serves `handler` on the bus with everything but the store: the same session, task
@@ -102,8 +111,10 @@ impl Worker {
         handler: Arc<dyn FrameHandler>,
     ) -> anyhow::Result<Worker> {
         config.validate()?;
+        let endpoints = Endpoints::prepare(&config)?;
         Self::run(
             Arc::new(config),
+            endpoints,
             handler,
             Arc::new(Metrics::default()),
             None,
@@ -113,23 +124,12 @@ impl Worker {
 
     fn run(
         config: Arc<Config>,
+        Endpoints { broker, tls, http }: Endpoints,
         handler: Arc<dyn FrameHandler>,
         metrics: Arc<Metrics>,
         store: Option<Store>,
         background: Vec<JoinHandle<()>>,
     ) -> anyhow::Result<Worker> {
-        let broker = BrokerAddress::parse(&config.broker)?;
-        let tls = Tls::for_broker(
-            &broker,
-            config.broker_ca.as_deref(),
-            config.broker_cert.as_deref(),
-            config.broker_key.as_deref(),
-        )?;
-        let http = config
-            .metrics
-            .as_deref()
-            .map(crate::http::bind)
-            .transpose()?;
         let commit = store.clone().map(|s| GroupCommit::start(s, 4096));
         let request_topic: Arc<str> = config.request_topic().into();
         let (session, publisher, link) = Session::new(SessionOptions {
@@ -277,6 +277,32 @@ impl Worker {
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// What the worker connects to and listens on, checked before anything starts.
+struct Endpoints {
+    broker: BrokerAddress,
+    tls: Option<Tls>,
+    /// The metrics/readiness listener, bound.
+    http: Option<tokio::net::TcpListener>,
+}
+
+impl Endpoints {
+    fn prepare(config: &Config) -> anyhow::Result<Endpoints> {
+        let broker = BrokerAddress::parse(&config.broker)?;
+        let tls = Tls::for_broker(
+            &broker,
+            config.broker_ca.as_deref(),
+            config.broker_cert.as_deref(),
+            config.broker_key.as_deref(),
+        )?;
+        let http = config
+            .metrics
+            .as_deref()
+            .map(crate::http::bind)
+            .transpose()?;
+        Ok(Endpoints { broker, tls, http })
     }
 }
 

@@ -127,7 +127,9 @@ fn with_nothing_set_it_prints_the_defaults() {
 
 #[test]
 fn bad_settings_exit_2_naming_the_setting_not_the_value() {
-    let cases: &[(&[(&str, &str)], &[&str], &str)] = &[
+    /// (environment, flags, what stderr must say)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a str);
+    let cases: &[Case] = &[
         (
             &[("AUTHD_MAX_IN_FLIGHT", "lots")],
             &[],
