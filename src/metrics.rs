@@ -20,6 +20,9 @@ pub const OUTCOMES: [&str; 11] = [
     "ok", "400", "401", "403", "404", "409", "413", "429", "500", "504", "error",
 ];
 
+/// The error codes of [`OUTCOMES`], in the same order (after `ok`).
+const CODES: [u16; 9] = [400, 401, 403, 404, 409, 413, 429, 500, 504];
+
 /// Upper bounds of the latency histogram's buckets, seconds: from a loopback round trip
 /// (~0.1 ms) to a request stuck behind a slow disk.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -50,10 +53,9 @@ impl RequestLabel {
 
     /// A request answered with error `code`.
     pub fn error(method: Option<&methods::Method>, code: u16) -> Self {
-        let name = code.to_string();
-        let outcome = OUTCOMES[1..OUTCOMES.len() - 1]
+        let outcome = CODES
             .iter()
-            .position(|o| *o == name)
+            .position(|c| *c == code)
             .map_or(OUTCOMES.len() - 1, |i| i + 1);
         RequestLabel {
             method: row(method),
@@ -334,6 +336,14 @@ fn histogram(h: &Latency, method: &str) -> Option<proto::Metric> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn codes_and_outcome_labels_agree() {
+        for (i, code) in CODES.iter().enumerate() {
+            assert_eq!(OUTCOMES[i + 1], code.to_string());
+        }
+        assert_eq!(OUTCOMES.len(), CODES.len() + 2);
+    }
 
     #[test]
     fn renders_counts_by_method_and_outcome_with_latency() {
