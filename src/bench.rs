@@ -54,6 +54,8 @@ impl FrameHandler for NullHandler {
                 crate::frame::encode_result(&self.config.id, &to, Some(&true)),
             )),
             needs_durability: false,
+            // Counted like authd's requests, so the ceiling pays the same metrics cost.
+            label: Some(crate::metrics::RequestLabel::ok(None)),
         }
     }
 }

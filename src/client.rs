@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BrokerAddress, DEFAULT_SERVICE_ID};
 use crate::frame::{Response, MAX_ID};
-use crate::mqtt::{Link, Message, Publisher, Session, SessionOptions};
+use crate::mqtt::{Link, Message, Publisher, Session, SessionOptions, Tls};
 
 /// Where and as whom to call.
 #[derive(Debug, Clone)]
@@ -36,6 +36,8 @@ pub struct ClientOptions {
     /// Keep the broker session across reconnects (fixed client id), so replies published
     /// while we are away are delivered when we are back.
     pub persistent: bool,
+    /// TLS for an `mqtts://` broker ([`Tls::for_broker`]).
+    pub tls: Option<Tls>,
 }
 
 impl ClientOptions {
@@ -50,6 +52,7 @@ impl ClientOptions {
             max_packet_bytes: 16 * 1024 * 1024,
             client_id: None,
             persistent: false,
+            tls: None,
         }
     }
 }
@@ -92,6 +95,7 @@ impl Client {
             subscriptions: vec![format!("{}/rpc", options.src)],
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: options.max_packet_bytes,
+            tls: options.tls.clone(),
         });
         let pending: Pending = Arc::default();
         let (unmatched_tx, unmatched) = mpsc::unbounded_channel();

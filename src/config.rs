@@ -1,6 +1,11 @@
 //! Configuration: defaults, then a TOML file, then `AUTHD_*` environment variables, then
 //! command-line flags — each later source overrides the earlier ones. With no file at all,
 //! `authd serve` runs against `mqtt://127.0.0.1:1883` with a store in the user's data dir.
+//!
+//! Every key of the file is also an environment variable: `AUTHD_` and the key in upper
+//! case (`max_in_flight` → `AUTHD_MAX_IN_FLIGHT`), except the `[[caller]]` tables, whose
+//! variable is `AUTHD_CALLER_KEYS` (`name:scope:secret,…`). `authd.example.toml` lists
+//! every key.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,17 +18,35 @@ use crate::lockout::LockoutPolicy;
 /// The Mongoose OS cloud's service address, the default `src` of every response.
 pub const DEFAULT_SERVICE_ID: &str = "//api.mongoose-iot.com";
 pub const DEFAULT_BROKER: &str = "mqtt://127.0.0.1:1883";
+/// Replaces every secret in `--print-config`.
+pub const REDACTED: &str = "<redacted>";
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`).
+    Json,
+}
 
 /// Everything `authd serve` needs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// `mqtt://HOST[:PORT]`.
+    /// `mqtt://HOST[:PORT]` (port 1883 by default) or `mqtts://HOST[:PORT]` (TLS, 8883).
     pub broker: String,
     /// Broker account (optional).
     pub broker_username: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub broker_password: Option<String>,
+    /// PEM file of the CA(s) that sign the broker's certificate (`mqtts://` only). Unset:
+    /// the system's trusted roots.
+    pub broker_ca: Option<PathBuf>,
+    /// PEM client certificate (chain) to present to the broker; needs `broker_key`.
+    pub broker_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `broker_cert`.
+    pub broker_key: Option<PathBuf>,
     /// MQTT client id. Fixed, so the broker keeps our session (and queued requests) while we
     /// are away. Two workers must not share one.
     pub client_id: String,
@@ -65,6 +88,14 @@ pub struct Config {
     pub lockout_forget_secs: u64,
     /// Ids the guard remembers at most (bounds its memory).
     pub lockout_max_entries: usize,
+    /// Where to serve Prometheus metrics (`/metrics`) and readiness (`/ready`), e.g.
+    /// `127.0.0.1:9464`. Unset: no HTTP listener.
+    pub metrics: Option<String>,
+    /// `text` (default) or `json`.
+    pub log_format: LogFormat,
+    /// Which log lines to write, in `RUST_LOG` syntax (`RUST_LOG` itself wins), e.g.
+    /// `info` or `warn,authd::audit=info`.
+    pub log_filter: String,
     /// Caller keys (`[[caller]]` tables). Empty: a generated admin key is used.
     #[serde(rename = "caller")]
     pub callers: Vec<CallerKeyConfig>,
@@ -76,6 +107,9 @@ impl Default for Config {
             broker: DEFAULT_BROKER.into(),
             broker_username: None,
             broker_password: None,
+            broker_ca: None,
+            broker_cert: None,
+            broker_key: None,
             client_id: "authd".into(),
             data: default_data_dir(),
             id: DEFAULT_SERVICE_ID.into(),
@@ -93,6 +127,9 @@ impl Default for Config {
             lockout_max_secs: 15 * 60,
             lockout_forget_secs: 60 * 60,
             lockout_max_entries: 100_000,
+            metrics: None,
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
             callers: Vec::new(),
         }
     }
@@ -117,6 +154,8 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("environment variable {name}: {message}")]
+    Env { name: String, message: String },
 }
 
 impl Config {
@@ -137,6 +176,57 @@ impl Config {
                 .unwrap_or("invalid TOML")
                 .to_owned(),
         })
+    }
+
+    /// Overlays `AUTHD_<KEY>` variables (read through `var`) on every scalar key. A value's
+    /// type is the key's: numbers and `true`/`false` are parsed, anything else is a string.
+    /// An empty variable counts as unset.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let serde_json::Value::Object(mut map) =
+            serde_json::to_value(&*self).map_err(|e| ConfigError::Invalid(e.to_string()))?
+        else {
+            return Err(ConfigError::Invalid("configuration is not a table".into()));
+        };
+        let mut changed = false;
+        for (key, slot) in map.iter_mut() {
+            if key == "caller" {
+                continue; // AUTHD_CALLER_KEYS, parsed by the caller module
+            }
+            let name = format!("AUTHD_{}", key.to_uppercase());
+            let Some(text) = var(&name).filter(|v| !v.is_empty()) else {
+                continue;
+            };
+            let bad = |what: &str| ConfigError::Env {
+                name: name.clone(),
+                message: format!("expected {what}"),
+            };
+            *slot = match slot {
+                serde_json::Value::Number(_) => text
+                    .trim()
+                    .parse::<u64>()
+                    .map_err(|_| bad("a whole number"))?
+                    .into(),
+                serde_json::Value::Bool(_) => match text.trim() {
+                    "true" | "1" => true.into(),
+                    "false" | "0" => false.into(),
+                    _ => return Err(bad("true or false")),
+                },
+                _ => text.into(),
+            };
+            changed = true;
+        }
+        if changed {
+            // Only enums can still fail here (e.g. AUTHD_LOG_FORMAT=xml); the message names
+            // the key, never the value.
+            *self =
+                serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(|e| {
+                    ConfigError::Env {
+                        name: format!("AUTHD_{}", e.path().to_string().to_uppercase()),
+                        message: e.inner().to_string(),
+                    }
+                })?;
+        }
+        Ok(())
     }
 
     /// The resolved request topic.
@@ -201,18 +291,67 @@ impl Config {
                 );
             }
         }
-        BrokerAddress::parse(&self.broker)?;
+        let broker = BrokerAddress::parse(&self.broker)?;
+        let tls_files = [
+            ("broker_ca", &self.broker_ca),
+            ("broker_cert", &self.broker_cert),
+            ("broker_key", &self.broker_key),
+        ];
+        if !broker.tls {
+            if let Some((name, _)) = tls_files.iter().find(|(_, v)| v.is_some()) {
+                return invalid(format!(
+                    "{name} is set but broker `{}` is not TLS: use mqtts://",
+                    self.broker
+                ));
+            }
+        }
+        if self.broker_cert.is_some() != self.broker_key.is_some() {
+            return invalid("broker_cert and broker_key go together: set both or neither".into());
+        }
+        if let Some(addr) = &self.metrics {
+            addr.parse::<std::net::SocketAddr>().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "metrics `{addr}`: expected IP:PORT, e.g. 127.0.0.1:9464"
+                ))
+            })?;
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_filter)
+            .map_err(|e| ConfigError::Invalid(format!("log_filter `{}`: {e}", self.log_filter)))?;
         Ok(())
+    }
+
+    /// TOML of the configuration in force, secrets redacted, with the keys that are not
+    /// set listed as comments (for `--print-config`).
+    pub fn describe(&self) -> Result<String, ConfigError> {
+        let redacted = self.redacted();
+        let text = toml::to_string_pretty(&redacted)
+            .map_err(|e| ConfigError::Invalid(format!("cannot print the configuration: {e}")))?;
+        let mut out = String::from(
+            "# authd configuration in force (defaults < file < AUTHD_* environment < flags).\n",
+        );
+        if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&redacted) {
+            for (key, value) in &map {
+                if value.is_null() {
+                    out.push_str(&format!("# {key}: not set\n"));
+                }
+            }
+        }
+        if redacted.callers.is_empty() {
+            out.push_str("# caller: none configured (the generated admin key in `data` is used)\n");
+        }
+        out.push('\n');
+        out.push_str(&text);
+        Ok(out)
     }
 
     /// The configuration with every secret replaced, for `--print-config` and logs.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         if c.broker_password.is_some() {
-            c.broker_password = Some("<redacted>".into());
+            c.broker_password = Some(REDACTED.into());
         }
         for caller in &mut c.callers {
-            caller.key = "<redacted>".into();
+            caller.key = REDACTED.into();
         }
         c
     }
@@ -223,17 +362,29 @@ impl Config {
 pub struct BrokerAddress {
     pub host: String,
     pub port: u16,
+    /// `mqtts://`: TLS, the broker's certificate checked against `broker_ca`.
+    pub tls: bool,
 }
 
 impl BrokerAddress {
+    /// A plain-MQTT address.
+    pub fn plain(host: impl Into<String>, port: u16) -> BrokerAddress {
+        BrokerAddress {
+            host: host.into(),
+            port,
+            tls: false,
+        }
+    }
+
+    /// `mqtt://HOST[:PORT]` (default port 1883) or `mqtts://HOST[:PORT]` (8883).
     pub fn parse(url: &str) -> Result<BrokerAddress, ConfigError> {
         let bad = |why: &str| ConfigError::Invalid(format!("broker `{url}`: {why}"));
-        let rest = if let Some(rest) = url.strip_prefix("mqtt://") {
-            rest
-        } else if url.starts_with("mqtts://") {
-            return Err(bad("TLS (mqtts://) is not supported by this build yet"));
+        let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("mqtt://") {
+            (rest, false, 1883)
+        } else if let Some(rest) = url.strip_prefix("mqtts://") {
+            (rest, true, 8883)
         } else {
-            return Err(bad("expected mqtt://HOST[:PORT]"));
+            return Err(bad("expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"));
         };
         let rest = rest.trim_end_matches('/');
         let port = |p: &str| {
@@ -244,13 +395,13 @@ impl BrokerAddress {
             let (h, after) = r.split_once(']').ok_or_else(|| bad("unclosed ["))?;
             match after.strip_prefix(':') {
                 Some(p) => (h, port(p)?),
-                None if after.is_empty() => (h, 1883),
+                None if after.is_empty() => (h, default_port),
                 None => return Err(bad("expected mqtt://[IPV6]:PORT")),
             }
         } else {
             match rest.rsplit_once(':') {
                 Some((h, p)) => (h, port(p)?),
-                None => (rest, 1883),
+                None => (rest, default_port),
             }
         };
         if host.is_empty() || port == 0 {
@@ -259,6 +410,7 @@ impl BrokerAddress {
         Ok(BrokerAddress {
             host: host.to_owned(),
             port,
+            tls,
         })
     }
 }
@@ -276,6 +428,87 @@ mod tests {
         assert!(BrokerAddress::parse("tcp://x").is_err());
         assert!(BrokerAddress::parse("mqtt://x:notaport").is_err());
         assert!(BrokerAddress::parse("mqtt://").is_err());
+        assert!(!BrokerAddress::parse("mqtt://x").unwrap().tls);
+        let a = BrokerAddress::parse("mqtts://broker.example.com").unwrap();
+        assert_eq!(
+            (a.host.as_str(), a.port, a.tls),
+            ("broker.example.com", 8883, true)
+        );
+        assert_eq!(BrokerAddress::parse("mqtts://[::1]:9").unwrap().port, 9);
+    }
+
+    #[test]
+    fn tls_files_need_mqtts_and_cert_needs_key() {
+        let c = Config {
+            broker_ca: Some("ca.pem".into()),
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("broker_ca") && e.contains("mqtts://"), "{e}");
+        let c = Config {
+            broker: "mqtts://localhost".into(),
+            broker_cert: Some("c.pem".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("broker_key"));
+        let c = Config {
+            broker: "mqtts://localhost".into(),
+            broker_ca: Some("ca.pem".into()),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn every_scalar_key_has_an_env_variable() {
+        let vars = std::collections::HashMap::from([
+            ("AUTHD_MAX_IN_FLIGHT", "7"),
+            ("AUTHD_BROKER", "mqtts://b:1"),
+            ("AUTHD_BROKER_CA", "/ca.pem"),
+            ("AUTHD_LOG_FORMAT", "json"),
+            ("AUTHD_METRICS", "127.0.0.1:9464"),
+            ("AUTHD_BROKER_USERNAME", ""),
+        ]);
+        let mut c = Config::default();
+        c.apply_env(|k| vars.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(c.max_in_flight, 7);
+        assert_eq!(c.broker, "mqtts://b:1");
+        assert_eq!(c.broker_ca, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!(c.broker_username, None, "empty counts as unset");
+        let e = Config::default()
+            .apply_env(|k| (k == "AUTHD_MAX_IN_FLIGHT").then(|| "lots".to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("AUTHD_MAX_IN_FLIGHT") && e.contains("whole number"),
+            "{e}"
+        );
+        let e = Config::default()
+            .apply_env(|k| (k == "AUTHD_LOG_FORMAT").then(|| "xml".to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("AUTHD_LOG_FORMAT"), "{e}");
+    }
+
+    #[test]
+    fn describe_redacts_and_lists_unset_keys() {
+        let c = Config {
+            broker_password: Some("hunter2".into()),
+            callers: crate::caller::parse_caller_keys("ops:admin:s3cret").unwrap(),
+            ..Config::default()
+        };
+        let text = c.describe().unwrap();
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cret"),
+            "{text}"
+        );
+        assert!(text.contains("broker_password = \"<redacted>\""), "{text}");
+        assert!(text.contains("# broker_ca: not set"), "{text}");
+        // What is printed reads back as the same configuration (secrets aside).
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back, c.redacted());
     }
 
     #[test]

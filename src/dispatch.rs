@@ -10,7 +10,7 @@ use crate::crypto::ServerKeys;
 use crate::frame::{self, Address, Reject, Request, RpcError};
 use crate::lockout::Lockout;
 use crate::methods::{self, Ctx, Handler, Method};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestLabel};
 use crate::mqtt;
 use crate::store::{RequestKey, Store};
 
@@ -22,6 +22,8 @@ pub struct Outcome {
     /// The store changed (or may hold an unflushed record this reply depends on): the
     /// reply must wait until the store is durable.
     pub needs_durability: bool,
+    /// How to count the request once answered; `None` for a dropped frame.
+    pub label: Option<RequestLabel>,
 }
 
 /// Turns one request frame into an [`Outcome`]. Implemented by [`Dispatcher`] (authd) and
@@ -58,7 +60,7 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
     ) -> Self {
         Dispatcher {
-            lockout: Lockout::new(config.lockout()),
+            lockout: Lockout::new(config.lockout()).counting_locks_in(metrics.clone()),
             config,
             callers,
             store,
@@ -96,20 +98,22 @@ impl Dispatcher {
                 }
                 return Outcome::default();
             }
-            Err(Reject::Error(to, e)) => return self.error(&to, e),
+            Err(Reject::Error(to, e)) => return self.error(&to, e, None),
         };
         let to = req.to.clone();
+        // For the metrics' method label only: a name that is not in the table is `other`.
+        let method = req
+            .method
+            .as_deref()
+            .or(suffix.filter(|s| !s.is_empty()))
+            .and_then(methods::find);
         match self.execute(suffix, &req, arrived_ms) {
-            Ok((result, needs_durability)) => {
-                self.metrics
-                    .answered_ok
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Outcome {
-                    reply: self.reply(&to, Body::Result(result.as_ref())),
-                    needs_durability,
-                }
-            }
-            Err(e) => self.error(&to, e),
+            Ok((result, needs_durability)) => Outcome {
+                reply: self.reply(&to, Body::Result(result.as_ref())),
+                needs_durability,
+                label: Some(RequestLabel::ok(method)),
+            },
+            Err(e) => self.error(&to, e, method),
         }
     }
 
@@ -206,14 +210,12 @@ impl Dispatcher {
         }
     }
 
-    fn error(&self, to: &Address<'_>, e: RpcError) -> Outcome {
-        self.metrics
-            .answered_error
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    fn error(&self, to: &Address<'_>, e: RpcError, method: Option<&Method>) -> Outcome {
         tracing::debug!(rpc_id = to.id, src = %to.src, code = e.code, message = %e.message, "error reply");
         Outcome {
             reply: self.reply(to, Body::Error(&e)),
             needs_durability: false,
+            label: Some(RequestLabel::error(method, e.code)),
         }
     }
 

@@ -21,6 +21,8 @@
 //! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
 //! | [`metrics`] | counters of requests and dropped frames |
 //! | [`import`] | `authd import`: bulk provisioning of a stopped worker's data directory |
+//! | [`metrics`] | counters and latency of requests, dropped frames, reconnects, lockouts |
+//! | [`http`] | the operator's endpoint: `/metrics` (Prometheus) and `/ready` |
 //! | [`bench`] | `authd bench` load generator and the null worker (the ceiling) |
 
 pub mod bench;
@@ -31,6 +33,7 @@ pub mod config;
 pub mod crypto;
 pub mod dispatch;
 pub mod frame;
+pub mod http;
 pub mod import;
 pub mod lockout;
 pub mod methods;

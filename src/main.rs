@@ -8,8 +8,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use authd::caller::{admin_key_path, parse_caller_keys};
 use authd::client::{CallError, Client, ClientOptions};
-use authd::config::{default_data_dir, BrokerAddress, Config, DEFAULT_BROKER, DEFAULT_SERVICE_ID};
+use authd::config::{
+    default_data_dir, BrokerAddress, Config, LogFormat, DEFAULT_BROKER, DEFAULT_SERVICE_ID,
+};
 use authd::frame::RpcError;
+use authd::mqtt::Tls;
 use serde_json::{json, Value};
 
 #[derive(Parser)]
@@ -19,17 +22,11 @@ use serde_json::{json, Value};
     about = "Authentication and authorization worker for an IoT cloud (mg_rpc over MQTT)"
 )]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "AUTHD_LOG_FORMAT")]
-    log_format: LogFormat,
+    /// Log format on stderr [default: text, or `log_format` in the config file].
+    #[arg(long, global = true, value_enum, env = "AUTHD_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -90,13 +87,14 @@ struct NullWorkerArgs {
     id: String,
 }
 
-/// Flags override `AUTHD_*` variables, which override the config file.
+/// Flags override `AUTHD_*` variables, which override the config file, which overrides
+/// the defaults. Every key of the file is also a variable: `AUTHD_` + the key in upper case.
 #[derive(Args)]
 struct ServeArgs {
-    /// TOML configuration file.
+    /// TOML configuration file (see authd.example.toml).
     #[arg(long, env = "AUTHD_CONFIG")]
     config: Option<PathBuf>,
-    /// Broker URL, mqtt://HOST[:PORT].
+    /// Broker URL, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS).
     #[arg(long, env = "AUTHD_BROKER")]
     broker: Option<String>,
     /// Data directory (database, server key, generated admin key).
@@ -112,6 +110,8 @@ struct ServeArgs {
     broker_username: Option<String>,
     #[arg(long, env = "AUTHD_BROKER_PASSWORD", hide_env_values = true)]
     broker_password: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Caller keys, `name:scope:secret` items separated by commas.
     #[arg(
         long = "caller-keys",
@@ -119,9 +119,38 @@ struct ServeArgs {
         hide_env_values = true
     )]
     caller_keys: Option<String>,
+    /// Serve Prometheus /metrics and /ready on this address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR", env = "AUTHD_METRICS")]
+    metrics: Option<String>,
     /// Print the configuration in force (secrets redacted) and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+/// TLS to an `mqtts://` broker (`serve`, `call` and `ctl`).
+#[derive(Args)]
+struct TlsArgs {
+    /// PEM CA certificate(s) that sign the broker's certificate [default: system roots].
+    #[arg(long, global = true, value_name = "FILE", env = "AUTHD_BROKER_CA")]
+    broker_ca: Option<PathBuf>,
+    /// PEM client certificate to present to the broker (with --broker-key).
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "AUTHD_BROKER_CERT",
+        requires = "broker_key"
+    )]
+    broker_cert: Option<PathBuf>,
+    /// PEM private key of --broker-cert.
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "AUTHD_BROKER_KEY",
+        requires = "broker_cert"
+    )]
+    broker_key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -165,6 +194,8 @@ struct Connection {
         hide_env_values = true
     )]
     broker_password: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Seconds to wait for the response.
     #[arg(long, global = true, default_value_t = 5.0)]
     timeout: f64,
@@ -286,16 +317,40 @@ struct EntityListArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The worker logs its life at info; a one-shot client speaks only when something is wrong.
-    let default_level = match cli.command {
-        Command::Serve(_) => "info",
-        Command::Call(_)
-        | Command::Ctl(_)
-        | Command::Import(_)
-        | Command::Bench(_)
-        | Command::NullWorker(_) => "warn",
+    // `serve` resolves its configuration first: the log format and filter are part of it.
+    let command = match cli.command {
+        Command::Serve(args) => {
+            let (mut config, print) = match load_config(args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("authd: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            if let Some(format) = cli.log_format {
+                config.log_format = format;
+            }
+            if print {
+                return match config.describe() {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("authd: {e}");
+                        ExitCode::from(2)
+                    }
+                };
+            }
+            init_logging(config.log_format, &config.log_filter);
+            Run::Serve(Box::new(config))
+        }
+        // A one-shot client speaks only when something is wrong.
+        other => {
+            init_logging(cli.log_format.unwrap_or(LogFormat::Text), "warn");
+            Run::Other(Box::new(other))
+        }
     };
-    init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -307,22 +362,35 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        match cli.command {
-            Command::Serve(args) => serve(args).await,
+        let other = match command {
+            Run::Serve(config) => return serve(*config).await,
+            Run::Other(other) => *other,
+        };
+        match other {
             Command::Call(args) => call(args).await,
             Command::Ctl(args) => ctl(args).await,
             Command::Import(args) => import(args),
             Command::Bench(args) => bench(args).await,
             Command::NullWorker(args) => null_worker(args).await,
+            Command::Serve(_) => ExitCode::from(2), // resolved above
         }
     })
 }
 
-fn init_logging(format: LogFormat, default_level: &str) {
+/// What `main` runs once logging is set up.
+enum Run {
+    Serve(Box<Config>),
+    Other(Box<Command>),
+}
+
+/// Logs to stderr. `RUST_LOG`, when set, wins over `default_filter`.
+fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // Colours only on a terminal: a log file or a container log gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -330,11 +398,14 @@ fn init_logging(format: LogFormat, default_level: &str) {
     }
 }
 
+/// defaults < file < `AUTHD_*` environment < flags (clap reads a flag's own variable when
+/// the flag is absent, which keeps the same order).
 fn load_config(args: ServeArgs) -> anyhow::Result<(Config, bool)> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
+    config.apply_env(|name| std::env::var(name).ok())?;
     let overrides = [
         (args.broker, &mut config.broker),
         (args.id, &mut config.id),
@@ -357,30 +428,24 @@ fn load_config(args: ServeArgs) -> anyhow::Result<(Config, bool)> {
     if let Some(keys) = args.caller_keys {
         config.callers = parse_caller_keys(&keys).map_err(anyhow::Error::msg)?;
     }
+    if args.metrics.is_some() {
+        config.metrics = args.metrics;
+    }
+    let tls = args.tls;
+    for (value, slot) in [
+        (tls.broker_ca, &mut config.broker_ca),
+        (tls.broker_cert, &mut config.broker_cert),
+        (tls.broker_key, &mut config.broker_key),
+    ] {
+        if value.is_some() {
+            *slot = value;
+        }
+    }
     config.validate()?;
     Ok((config, args.print_config))
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
-    let (config, print) = match load_config(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("authd: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if print {
-        match toml::to_string_pretty(&config.redacted()) {
-            Ok(text) => {
-                print!("{text}");
-                return ExitCode::SUCCESS;
-            }
-            Err(e) => {
-                eprintln!("authd: {e}");
-                return ExitCode::from(2);
-            }
-        }
-    }
+async fn serve(config: Config) -> ExitCode {
     match authd::serve(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -467,7 +532,16 @@ async fn connect(connection: Connection) -> Result<(Client, Duration), String> {
                 .map(|k| k.trim().to_owned())
         }
     };
+    let tls = &connection.tls;
+    let tls = Tls::for_broker(
+        &broker,
+        tls.broker_ca.as_deref(),
+        tls.broker_cert.as_deref(),
+        tls.broker_key.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
     let mut options = ClientOptions::new(broker);
+    options.tls = tls;
     options.request_topic = format!("{}/rpc", connection.service_id);
     options.service_id = connection.service_id;
     options.key = key;

@@ -1,20 +1,131 @@
-//! Counters for what the worker did: requests by method and outcome, frames dropped by
-//! reason. Lock-free, cheap on the hot path; read by logs and tests.
+//! What the worker did: requests by method and outcome with their latency, frames dropped
+//! by reason, QoS 0 overload drops, replays, reconnects and lockouts.
+//!
+//! The hot path only touches atomics in arrays fixed at start (one row per method of the
+//! table, plus `other`; one column per outcome): no lock, no allocation, no label lookup.
+//! [`Metrics::render`] turns them into the Prometheus text format at scrape time, with the
+//! `prometheus` crate's data model and encoder. Served by [`crate::http`].
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use prometheus::proto::{self, MetricFamily, MetricType};
+use prometheus::{Encoder, TextEncoder};
 
 use crate::frame::DropReason;
+use crate::methods;
 
+/// The `outcome` label: `ok`, or the error code. Codes outside the SPEC's table are `error`.
+pub const OUTCOMES: [&str; 11] = [
+    "ok", "400", "401", "403", "404", "409", "413", "429", "500", "504", "error",
+];
+
+/// The error codes of [`OUTCOMES`], in the same order (after `ok`).
+const CODES: [u16; 9] = [400, 401, 403, 404, 409, 413, 429, 500, 504];
+
+/// Upper bounds of the latency histogram's buckets, seconds: from a loopback round trip
+/// (~0.1 ms) to a request stuck behind a slow disk.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// The `method` label of a request that named no method of the table.
+pub const OTHER_METHOD: &str = "other";
+
+/// Which counter one answered request goes to. Made by the dispatcher, counted by the
+/// server once the reply is handed to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLabel {
+    /// Row: the method's position in the table; `methods::count()` is `other`.
+    method: usize,
+    /// Column in [`OUTCOMES`].
+    outcome: usize,
+}
+
+impl RequestLabel {
+    /// A request answered with a result.
+    pub fn ok(method: Option<&methods::Method>) -> Self {
+        RequestLabel {
+            method: row(method),
+            outcome: 0,
+        }
+    }
+
+    /// A request answered with error `code`.
+    pub fn error(method: Option<&methods::Method>, code: u16) -> Self {
+        let outcome = CODES
+            .iter()
+            .position(|c| *c == code)
+            .map_or(OUTCOMES.len() - 1, |i| i + 1);
+        RequestLabel {
+            method: row(method),
+            outcome,
+        }
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.outcome == 0
+    }
+}
+
+fn row(method: Option<&methods::Method>) -> usize {
+    method
+        .and_then(methods::position)
+        .unwrap_or_else(methods::count)
+}
+
+/// One method's latency histogram: a count per bucket (not cumulative) plus `+Inf`.
 #[derive(Debug, Default)]
+struct Latency {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Latency {
+    fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|le| secs <= *le)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(
+            u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+    }
+}
+
+#[derive(Debug)]
 pub struct Metrics {
     dropped: [AtomicU64; DropReason::ALL.len()],
     /// QoS 0 frames refused because `max_in_flight` requests were already being worked on.
     pub overloaded: AtomicU64,
-    pub answered_ok: AtomicU64,
-    pub answered_error: AtomicU64,
     /// Redelivered state-changing requests answered from their replay record.
     pub replayed: AtomicU64,
+    /// Times a lost broker connection was re-established.
     pub reconnects: AtomicU64,
+    /// Locks started by Authenticate's brute-force guard.
+    pub lockouts: AtomicU64,
+    /// `[method][outcome]`, the last row `other`.
+    requests: Box<[[AtomicU64; OUTCOMES.len()]]>,
+    /// Per method, the last row `other`.
+    latency: Box<[Latency]>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let rows = methods::count() + 1;
+        Metrics {
+            dropped: Default::default(),
+            overloaded: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            lockouts: AtomicU64::new(0),
+            requests: (0..rows).map(|_| Default::default()).collect(),
+            latency: (0..rows).map(|_| Latency::default()).collect(),
+        }
+    }
 }
 
 impl Metrics {
@@ -29,5 +140,246 @@ impl Metrics {
 
     pub fn dropped_total(&self) -> u64 {
         self.dropped.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// Counts an answered request (reply handed to the broker, or `nr`) and its latency
+    /// from arrival.
+    pub fn answered(&self, label: RequestLabel, elapsed: Duration) {
+        if let Some(row) = self.requests.get(label.method) {
+            row[label.outcome].fetch_add(1, Relaxed);
+        }
+        if let Some(latency) = self.latency.get(label.method) {
+            latency.observe(elapsed);
+        }
+    }
+
+    /// Requests answered with a result.
+    pub fn answered_ok(&self) -> u64 {
+        self.requests.iter().map(|row| row[0].load(Relaxed)).sum()
+    }
+
+    /// Requests answered with an error frame.
+    pub fn answered_error(&self) -> u64 {
+        self.requests
+            .iter()
+            .flat_map(|row| row[1..].iter())
+            .map(|c| c.load(Relaxed))
+            .sum()
+    }
+
+    /// Requests of `method` (canonical name, or `other`) with `outcome` (`ok` or a code).
+    pub fn requests(&self, method: &str, outcome: &str) -> u64 {
+        let row = methods::find(method)
+            .and_then(methods::position)
+            .or_else(|| (method == OTHER_METHOD).then(methods::count));
+        let col = OUTCOMES.iter().position(|o| *o == outcome);
+        match (row, col) {
+            (Some(r), Some(c)) => self.requests[r][c].load(Relaxed),
+            _ => 0,
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4) of every metric. `broker_ready`: the
+    /// worker is connected and subscribed.
+    pub fn render(&self, broker_ready: bool) -> Result<String, prometheus::Error> {
+        let method_name = |i: usize| methods::name_at(i).unwrap_or(OTHER_METHOD);
+        let mut requests = Vec::new();
+        for (i, row) in self.requests.iter().enumerate() {
+            for (outcome, count) in OUTCOMES.iter().zip(row.iter()) {
+                let n = count.load(Relaxed);
+                if n > 0 {
+                    requests.push(counter(
+                        &[("method", method_name(i)), ("outcome", outcome)],
+                        n,
+                    ));
+                }
+            }
+        }
+        let mut latency = Vec::new();
+        for (i, h) in self.latency.iter().enumerate() {
+            if let Some(m) = histogram(h, method_name(i)) {
+                latency.push(m);
+            }
+        }
+        let dropped = DropReason::ALL
+            .iter()
+            .map(|r| counter(&[("reason", r.label())], self.dropped(*r)))
+            .collect();
+        let single = |v: &AtomicU64| vec![counter(&[], v.load(Relaxed))];
+        let families = [
+            family(
+                "authd_requests_total",
+                "Requests answered, by method (`other`: no method of the table) and outcome (`ok` or the error code).",
+                MetricType::COUNTER,
+                requests,
+            ),
+            family(
+                "authd_request_duration_seconds",
+                "Time from a request's arrival to its reply being handed to the broker (after any fsync).",
+                MetricType::HISTOGRAM,
+                latency,
+            ),
+            family(
+                "authd_frames_dropped_total",
+                "Frames dropped unanswered (no usable src or id, not JSON), by reason.",
+                MetricType::COUNTER,
+                dropped,
+            ),
+            family(
+                "authd_overload_dropped_total",
+                "QoS 0 requests dropped because max_in_flight requests were being worked on.",
+                MetricType::COUNTER,
+                single(&self.overloaded),
+            ),
+            family(
+                "authd_replays_total",
+                "Redelivered state-changing requests answered from their stored response.",
+                MetricType::COUNTER,
+                single(&self.replayed),
+            ),
+            family(
+                "authd_lockouts_total",
+                "Locks started by Authenticate's brute-force guard.",
+                MetricType::COUNTER,
+                single(&self.lockouts),
+            ),
+            family(
+                "authd_broker_reconnects_total",
+                "Times a lost broker connection was re-established.",
+                MetricType::COUNTER,
+                single(&self.reconnects),
+            ),
+            family(
+                "authd_broker_connected",
+                "1 when connected to the broker and subscribed to the request topics, else 0.",
+                MetricType::GAUGE,
+                vec![gauge(if broker_ready { 1.0 } else { 0.0 })],
+            ),
+        ];
+        let families: Vec<MetricFamily> = families
+            .into_iter()
+            .filter(|f| !f.get_metric().is_empty())
+            .collect();
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&families, &mut out)?;
+        String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+fn family(name: &str, help: &str, kind: MetricType, metrics: Vec<proto::Metric>) -> MetricFamily {
+    let mut f = MetricFamily::default();
+    f.set_name(name.into());
+    f.set_help(help.into());
+    f.set_field_type(kind);
+    f.set_metric(metrics);
+    f
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<proto::LabelPair> {
+    pairs
+        .iter()
+        .map(|(name, value)| {
+            let mut l = proto::LabelPair::default();
+            l.set_name((*name).into());
+            l.set_value((*value).into());
+            l
+        })
+        .collect()
+}
+
+fn counter(label_pairs: &[(&str, &str)], value: u64) -> proto::Metric {
+    let mut c = proto::Counter::default();
+    c.set_value(value as f64);
+    let mut m = proto::Metric::default();
+    m.set_label(labels(label_pairs));
+    m.set_counter(c);
+    m
+}
+
+fn gauge(value: f64) -> proto::Metric {
+    let mut g = proto::Gauge::default();
+    g.set_value(value);
+    let mut m = proto::Metric::default();
+    m.set_gauge(g);
+    m
+}
+
+/// A method's histogram, or `None` if it has seen nothing (no empty series per method).
+fn histogram(h: &Latency, method: &str) -> Option<proto::Metric> {
+    let counts: Vec<u64> = h.buckets.iter().map(|b| b.load(Relaxed)).collect();
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let mut cumulative = 0;
+    let buckets = LATENCY_BUCKETS
+        .iter()
+        .zip(&counts)
+        .map(|(le, n)| {
+            cumulative += n;
+            let mut b = proto::Bucket::default();
+            b.set_upper_bound(*le);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut p = proto::Histogram::default();
+    p.set_sample_count(total);
+    p.set_sample_sum(h.sum_ns.load(Relaxed) as f64 / 1e9);
+    p.set_bucket(buckets);
+    let mut m = proto::Metric::default();
+    m.set_label(labels(&[("method", method)]));
+    m.set_histogram(p);
+    Some(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_outcome_labels_agree() {
+        for (i, code) in CODES.iter().enumerate() {
+            assert_eq!(OUTCOMES[i + 1], code.to_string());
+        }
+        assert_eq!(OUTCOMES.len(), CODES.len() + 2);
+    }
+
+    #[test]
+    fn renders_counts_by_method_and_outcome_with_latency() {
+        let m = Metrics::default();
+        let auth = methods::find("Auth.Authenticate");
+        m.answered(RequestLabel::ok(auth), Duration::from_micros(300));
+        m.answered(RequestLabel::ok(auth), Duration::from_millis(3));
+        m.answered(RequestLabel::error(None, 401), Duration::from_micros(50));
+        m.answered(RequestLabel::error(auth, 599), Duration::from_secs(10));
+        m.drop_frame(DropReason::BadSrc);
+        assert_eq!((m.answered_ok(), m.answered_error()), (2, 2));
+        assert_eq!(m.requests("/v1/Auth.Authenticate", "ok"), 2);
+        assert_eq!(m.requests("other", "401"), 1);
+        let text = m.render(true).unwrap();
+        for line in [
+            "authd_requests_total{method=\"Auth.Authenticate\",outcome=\"ok\"} 2",
+            "authd_requests_total{method=\"Auth.Authenticate\",outcome=\"error\"} 1",
+            "authd_requests_total{method=\"other\",outcome=\"401\"} 1",
+            "authd_request_duration_seconds_bucket{method=\"Auth.Authenticate\",le=\"0.0005\"} 1",
+            "authd_request_duration_seconds_bucket{method=\"Auth.Authenticate\",le=\"0.005\"} 2",
+            "authd_request_duration_seconds_bucket{method=\"Auth.Authenticate\",le=\"+Inf\"} 3",
+            "authd_request_duration_seconds_count{method=\"Auth.Authenticate\"} 3",
+            "authd_frames_dropped_total{reason=\"bad_src\"} 1",
+            "authd_frames_dropped_total{reason=\"not_json\"} 0",
+            "authd_broker_connected 1",
+            "authd_lockouts_total 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
+        }
+        assert!(!text.contains("Auth.GetToken"), "no empty series: {text}");
+        assert!(m
+            .render(false)
+            .unwrap()
+            .contains("authd_broker_connected 0"));
     }
 }

@@ -12,14 +12,18 @@
 //! old packet id may by then name a different message.
 
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rumqttc::tokio_rustls::rustls;
 use rumqttc::{
     AsyncClient, ClientError, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions,
-    Outgoing, Packet, Publish, QoS, StateError, SubscribeReasonCode,
+    Outgoing, Packet, Publish, QoS, StateError, SubscribeReasonCode, TlsConfiguration, Transport,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +43,116 @@ pub struct SessionOptions {
     pub subscriptions: Vec<String>,
     pub keep_alive: Duration,
     pub max_packet_bytes: usize,
+    /// TLS (`mqtts://`); `None` is plain TCP.
+    pub tls: Option<Tls>,
+}
+
+/// TLS to the broker: the roots that may sign its certificate and, optionally, our client
+/// certificate. Loaded and checked when made, so a bad file fails at start, not at connect.
+/// rustls with the ring provider; the broker's name (or IP) must match its certificate.
+#[derive(Clone)]
+pub struct Tls {
+    config: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls { .. }")
+    }
+}
+
+/// A TLS file that could not be used; names the file, never its contents.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("no broker_ca given and no trusted roots found on this system")]
+    NoRoots,
+    #[error("TLS setup: {0}")]
+    Setup(String),
+}
+
+impl Tls {
+    /// The TLS settings for `broker`: `None` for `mqtt://`, else [`Tls::from_files`].
+    /// `cert` and `key` are used only together.
+    pub fn for_broker(
+        broker: &BrokerAddress,
+        ca: Option<&Path>,
+        cert: Option<&Path>,
+        key: Option<&Path>,
+    ) -> Result<Option<Tls>, TlsError> {
+        if !broker.tls {
+            return match ca.or(cert).or(key) {
+                Some(path) => Err(TlsError::File {
+                    path: path.to_path_buf(),
+                    message: "TLS files need an mqtts:// broker".into(),
+                }),
+                None => Ok(None),
+            };
+        }
+        Tls::from_files(ca, cert.zip(key)).map(Some)
+    }
+
+    /// Trusts the certificates in the PEM file `ca` (or the system's roots when `None`) and
+    /// presents `client` (PEM certificate chain, PEM private key) when given.
+    pub fn from_files(ca: Option<&Path>, client: Option<(&Path, &Path)>) -> Result<Tls, TlsError> {
+        let file_error = |path: &Path, message: String| TlsError::File {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(path) => {
+                for cert in read_certs(path)? {
+                    roots.add(cert).map_err(|e| {
+                        file_error(path, format!("not a usable CA certificate: {e}"))
+                    })?;
+                }
+            }
+            None => {
+                let (added, _) =
+                    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+                if added == 0 {
+                    return Err(TlsError::NoRoots);
+                }
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Setup(e.to_string()))?
+            .with_root_certificates(roots);
+        let config = match client {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = read_certs(cert)?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .map_err(|e| file_error(key, format!("no usable PEM private key: {e}")))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| file_error(cert, format!("client certificate and key: {e}")))?
+            }
+        };
+        Ok(Tls {
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// Every certificate in a PEM file; none is an error.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let file_error = |message: String| TlsError::File {
+        path: path.to_path_buf(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(format!("cannot read PEM: {e}")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(format!("bad PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(file_error("no CERTIFICATE in this PEM file".into()));
+    }
+    Ok(certs)
 }
 
 /// Bytes a QoS 1 PUBLISH adds to its topic and payload: packet type, up to 4 bytes of
@@ -60,6 +174,8 @@ pub struct Message {
     pub payload: Bytes,
     /// UNIX ms when it came off the connection.
     pub arrived_ms: u64,
+    /// The same moment on the monotonic clock (for latency).
+    pub arrived: Instant,
     /// Complete it (with [`Publisher::complete`]) once handled; `None` for QoS 0.
     pub ack: Option<Ack>,
 }
@@ -240,6 +356,11 @@ impl Session {
         if let Some((user, pass)) = &options.credentials {
             mqtt.set_credentials(user.clone(), pass.clone());
         }
+        if let Some(tls) = &options.tls {
+            mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                tls.config.clone(),
+            )));
+        }
         let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
         let mut net = NetworkOptions::new();
         // Without it a lone request waits ~40-90 ms for Nagle's algorithm.
@@ -298,7 +419,7 @@ impl Session {
                     if ever_connected {
                         on_reconnect();
                     }
-                    tracing::info!(session_present = ack.session_present, broker = %self.options.broker.host, port = self.options.broker.port, "connected to broker");
+                    tracing::info!(session_present = ack.session_present, broker = %self.options.broker.host, port = self.options.broker.port, tls = self.options.tls.is_some(), "connected to broker");
                     // Subscribe when the broker lost our session, and once per start in case
                     // the topics changed since the session was made.
                     if !ack.session_present || !ever_connected {
@@ -329,6 +450,7 @@ impl Session {
                         topic: p.topic,
                         payload: p.payload,
                         arrived_ms: crate::unix_ms(),
+                        arrived: Instant::now(),
                         ack,
                     });
                 }

@@ -2,6 +2,7 @@
 //! of its own, and shut down in order (stop intake, drain, flush, disconnect).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use crate::config::{BrokerAddress, Config};
 use crate::crypto::ServerKeys;
 use crate::dispatch::{Dispatcher, FrameHandler};
 use crate::metrics::Metrics;
-use crate::mqtt::{Link, Message, Publisher, Session, SessionOptions};
+use crate::mqtt::{Link, Message, Publisher, Session, SessionOptions, Tls};
 use crate::store::{self, GroupCommit, Store};
 
 /// Runs the worker until `shutdown` completes, then stops it cleanly.
@@ -45,11 +46,15 @@ pub struct Worker {
     failed: CancellationToken,
     session: JoinHandle<()>,
     background: Vec<JoinHandle<()>>,
+    /// Where `/metrics` and `/ready` are served, if anywhere.
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Worker {
     /// Opens the store and keys in `config.data` and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Worker> {
+        // Before the store: a bad TLS file or a taken port must not leave it open.
+        let endpoints = Endpoints::prepare(&config)?;
         let (store, keys) = open_data(&config)?;
         let callers = if config.callers.is_empty() {
             let (key, created) = caller::load_or_create_admin_key(&config.data)?;
@@ -79,7 +84,14 @@ impl Worker {
             config.replay_window(),
             Duration::from_secs(60),
         ))];
-        Self::run(config, dispatcher, metrics, Some(store), background)
+        Self::run(
+            config,
+            endpoints,
+            dispatcher,
+            metrics,
+            Some(store),
+            background,
+        )
     }
 
     /// Serves `handler` on the bus with everything but the store: the same session, task
@@ -90,8 +102,10 @@ impl Worker {
         handler: Arc<dyn FrameHandler>,
     ) -> anyhow::Result<Worker> {
         config.validate()?;
+        let endpoints = Endpoints::prepare(&config)?;
         Self::run(
             Arc::new(config),
+            endpoints,
             handler,
             Arc::new(Metrics::default()),
             None,
@@ -101,12 +115,12 @@ impl Worker {
 
     fn run(
         config: Arc<Config>,
+        Endpoints { broker, tls, http }: Endpoints,
         handler: Arc<dyn FrameHandler>,
         metrics: Arc<Metrics>,
         store: Option<Store>,
         background: Vec<JoinHandle<()>>,
     ) -> anyhow::Result<Worker> {
-        let broker = BrokerAddress::parse(&config.broker)?;
         let commit = store.clone().map(|s| GroupCommit::start(s, 4096));
         let request_topic: Arc<str> = config.request_topic().into();
         let (session, publisher, link) = Session::new(SessionOptions {
@@ -121,6 +135,7 @@ impl Worker {
             subscriptions: vec![request_topic.to_string(), format!("{request_topic}/#")],
             keep_alive: Duration::from_secs(config.keep_alive_secs),
             max_packet_bytes: config.max_packet_bytes,
+            tls,
         });
 
         let tracker = TaskTracker::new();
@@ -149,6 +164,7 @@ impl Worker {
                 tracker.spawn(handle(
                     handler.clone(),
                     publisher.clone(),
+                    metrics.clone(),
                     commit.clone(),
                     request_topic.clone(),
                     msg,
@@ -165,6 +181,23 @@ impl Worker {
         };
         let session =
             tokio::spawn(session.run(on_message, intake.clone(), close.clone(), on_reconnect));
+        let mut background = background;
+        let mut metrics_addr = None;
+        if let Some(listener) = http {
+            metrics_addr = listener.local_addr().ok();
+            tracing::info!(addr = ?metrics_addr, "serving /metrics and /ready");
+            let endpoint = crate::http::Endpoint {
+                metrics: metrics.clone(),
+                link: link.clone(),
+                stopping: intake.clone(),
+            };
+            // Ends with the worker: `stop` aborts the background tasks.
+            background.push(tokio::spawn(crate::http::serve(
+                listener,
+                endpoint,
+                CancellationToken::new(),
+            )));
+        }
         Ok(Worker {
             config,
             metrics,
@@ -177,7 +210,14 @@ impl Worker {
             failed,
             session,
             background,
+            metrics_addr,
         })
+    }
+
+    /// The address `/metrics` and `/ready` are served on (`metrics` in the config), with
+    /// the port actually bound.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -231,11 +271,39 @@ impl Worker {
     }
 }
 
+/// What the worker connects to and listens on, checked before anything starts.
+struct Endpoints {
+    broker: BrokerAddress,
+    tls: Option<Tls>,
+    /// The metrics/readiness listener, bound.
+    http: Option<tokio::net::TcpListener>,
+}
+
+impl Endpoints {
+    fn prepare(config: &Config) -> anyhow::Result<Endpoints> {
+        let broker = BrokerAddress::parse(&config.broker)?;
+        let tls = Tls::for_broker(
+            &broker,
+            config.broker_ca.as_deref(),
+            config.broker_cert.as_deref(),
+            config.broker_key.as_deref(),
+        )?;
+        let http = config
+            .metrics
+            .as_deref()
+            .map(crate::http::bind)
+            .transpose()?;
+        Ok(Endpoints { broker, tls, http })
+    }
+}
+
 /// Handles one message: dispatch, wait for durability if the store changed, publish the
 /// reply, then ack. The ack comes last, so a crash anywhere before it means redelivery.
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     handler: Arc<dyn FrameHandler>,
     publisher: Publisher,
+    metrics: Arc<Metrics>,
     commit: Option<GroupCommit>,
     request_topic: Arc<str>,
     msg: Message,
@@ -260,6 +328,9 @@ async fn handle(
         if publisher.publish(topic, payload).await.is_err() {
             return;
         }
+    }
+    if let Some(label) = outcome.label {
+        metrics.answered(label, msg.arrived.elapsed());
     }
     if let Some(ack) = msg.ack {
         publisher.complete(ack).await;

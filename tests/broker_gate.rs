@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use authd::client::{Client, ClientOptions};
@@ -58,7 +57,7 @@ async fn gated_setup() -> Setup {
 
 fn seen(setup: &Setup) -> u64 {
     let m = setup.worker().metrics();
-    m.answered_ok.load(Relaxed) + m.answered_error.load(Relaxed) + m.dropped_total()
+    m.answered_ok() + m.answered_error() + m.dropped_total()
 }
 
 #[tokio::test]

@@ -65,8 +65,10 @@ pub fn add(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
         rpc_id = ctx.request.id,
         src = ctx.request.src,
         method = "ACL.Add",
-        rule_id,
+        subject = rule_id,
         rule = %rule,
+        result = true,
+        reason = "added",
         "rule added"
     );
     Ok(reply)
@@ -84,9 +86,10 @@ pub fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError
         rpc_id = ctx.request.id,
         src = ctx.request.src,
         method = "ACL.Delete",
-        rule_id,
-        existed = removed.is_some(),
+        subject = rule_id,
         rule = removed.as_ref().map(tracing::field::display),
+        result = true,
+        reason = if removed.is_some() { "deleted" } else { "absent" },
         "rule deleted"
     );
     Ok(Replay::Empty)

@@ -137,6 +137,21 @@ pub fn find(name: &str) -> Option<&'static Method> {
     METHODS.iter().find(|m| m.name == name)
 }
 
+/// How many methods the table has (metrics keep one fixed row per method).
+pub fn count() -> usize {
+    METHODS.len()
+}
+
+/// A method's position in the table.
+pub fn position(method: &Method) -> Option<usize> {
+    METHODS.iter().position(|m| std::ptr::eq(m, method))
+}
+
+/// The canonical name of the method at `position`.
+pub fn name_at(position: usize) -> Option<&'static str> {
+    METHODS.get(position).map(|m| m.name)
+}
+
 /// All canonical method names, for documentation and tests.
 pub fn names() -> impl Iterator<Item = &'static str> {
     METHODS.iter().map(|m| m.name)

@@ -38,7 +38,7 @@ pub fn generate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcErr
     ctx.store
         .replace_token(user, &host, &record, &ctx.request, &reply)
         .map_err(storage_failed)?;
-    audit(ctx, "Auth.GenerateToken", &host, "token issued");
+    audit(ctx, "Auth.GenerateToken", &host, "issued");
     Ok(reply)
 }
 
@@ -77,12 +77,12 @@ pub fn revoke(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError
     ctx.store
         .revoke_token(ctx.request.src, &host, &ctx.request, &Replay::Empty)
         .map_err(storage_failed)?;
-    audit(ctx, "Auth.RevokeToken", &host, "token revoked");
+    audit(ctx, "Auth.RevokeToken", &host, "revoked");
     Ok(Replay::Empty)
 }
 
 /// One audit line per token change: the user is the request's `src`, the subject the host.
-fn audit(ctx: &Ctx<'_>, method: &str, host: &str, what: &str) {
+fn audit(ctx: &Ctx<'_>, method: &str, host: &str, reason: &str) {
     tracing::info!(
         target: "authd::audit",
         rpc_id = ctx.request.id,
@@ -90,7 +90,8 @@ fn audit(ctx: &Ctx<'_>, method: &str, host: &str, what: &str) {
         method,
         subject = host,
         result = true,
-        "{what}"
+        reason,
+        "token {reason}"
     );
 }
 

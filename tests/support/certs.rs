@@ -47,3 +47,48 @@ fn pem_to_der(pem: &str) -> Vec<u8> {
         .decode(body)
         .expect("PEM body is base64")
 }
+
+/// A certificate authority made in the test, for TLS between authd and mosquitto.
+pub struct Ca {
+    issuer: rcgen::CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Ca {
+        use rcgen::{BasicConstraints, DnType, IsCa, KeyUsagePurpose};
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("CA key");
+        Ca {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).expect("CA cert"),
+        }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses): `(cert PEM, key PEM)`.
+    pub fn server(&self, names: &[&str]) -> (String, String) {
+        self.issue(names, rcgen::ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// A client certificate with common name `name`: `(cert PEM, key PEM)`.
+    pub fn client(&self, name: &str) -> (String, String) {
+        self.issue(&[name], rcgen::ExtendedKeyUsagePurpose::ClientAuth)
+    }
+
+    fn issue(&self, names: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names.clone()).expect("cert params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0].as_str());
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().expect("key pair");
+        let cert = params.signed_by(&key, &self.issuer).expect("signed cert");
+        (cert.pem(), key.serialize_pem())
+    }
+}

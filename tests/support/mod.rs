@@ -97,10 +97,7 @@ impl Broker {
     }
 
     pub fn address(&self) -> BrokerAddress {
-        BrokerAddress {
-            host: "127.0.0.1".into(),
-            port: self.port,
-        }
+        BrokerAddress::plain("127.0.0.1", self.port)
     }
 
     /// Stops the broker (SIGTERM, so it writes its persistence file).
@@ -302,6 +299,7 @@ impl Spy {
             subscriptions: filters.iter().map(|f| f.to_string()).collect(),
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: 16 * 1024 * 1024,
+            tls: None,
         });
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let close = tokio_util::sync::CancellationToken::new();
