@@ -16,6 +16,7 @@
 //! | [`rules`] | access rules: `*` patterns, the AuthorizeCommand decision order, the rule index |
 //! | [`store`] | sled trees behind product words (tokens, entities, rules, replays), group commit |
 //! | [`crypto`] | server keys, keyed hashes, token derivation, constant-time comparison |
+//! | [`keys`] | `authd key rotate|list`: adding a server key, and what each key still signs |
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
 //! | [`caller`] | caller API keys and scopes |
 //! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
@@ -32,6 +33,7 @@ pub mod crypto;
 pub mod dispatch;
 pub mod frame;
 pub mod import;
+pub mod keys;
 pub mod lockout;
 pub mod methods;
 pub mod metrics;

@@ -44,6 +44,10 @@ enum Command {
     /// Bulk provisioning into a stopped worker's data directory: JSON lines of
     /// `{"method": "Entity.Put", "args": {…}}` (or ACL.Add, …).
     Import(ImportArgs),
+    /// Server keys: `authd key rotate` adds one (restart the worker to use it), `authd key
+    /// list` shows what each key still signs.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Load generator: authd beside the null-worker ceiling, on the same broker, in one run.
     Bench(BenchArgs),
     /// The ceiling for `bench`: answers `true` to every frame, on the same MQTT stack.
@@ -60,6 +64,24 @@ struct ImportArgs {
     /// Data directory of the (stopped) worker.
     #[arg(long, env = "AUTHD_DATA")]
     data: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Add a fresh server key to `<data>/server.key` and print its id (never the key). The
+    /// worker uses it after a restart; older keys keep verifying.
+    Rotate {
+        /// Data directory of the worker.
+        #[arg(long, env = "AUTHD_DATA")]
+        data: Option<PathBuf>,
+    },
+    /// For each server key id: whether it is in the key file, whether it is the newest, and
+    /// how many PSK hashes and live tokens use it (as JSON). Needs the worker stopped.
+    List {
+        /// Data directory of the (stopped) worker.
+        #[arg(long, env = "AUTHD_DATA")]
+        data: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -289,6 +311,7 @@ fn main() -> ExitCode {
         Command::Call(_)
         | Command::Ctl(_)
         | Command::Import(_)
+        | Command::Key(_)
         | Command::Bench(_)
         | Command::NullWorker(_) => "warn",
     };
@@ -309,6 +332,7 @@ fn main() -> ExitCode {
             Command::Call(args) => call(args).await,
             Command::Ctl(args) => ctl(args).await,
             Command::Import(args) => import(args),
+            Command::Key(command) => key(command),
             Command::Bench(args) => bench(args).await,
             Command::NullWorker(args) => null_worker(args).await,
         }
@@ -666,6 +690,43 @@ async fn null_worker(args: NullWorkerArgs) -> ExitCode {
         Err(e) => {
             eprintln!("authd null-worker: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn key(command: KeyCommand) -> ExitCode {
+    match command {
+        KeyCommand::Rotate { data } => {
+            let data = data.unwrap_or_else(default_data_dir);
+            match authd::keys::rotate(&data) {
+                Ok(id) => {
+                    println!("{id}");
+                    eprintln!("authd key rotate: added server key {id} to {}; restart the worker to use it, and keep the older keys while tokens or PSK hashes use them (authd key list)", authd::keys::key_file(&data).display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("authd key rotate: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        KeyCommand::List { data } => {
+            let config = Config {
+                data: data.unwrap_or_else(default_data_dir),
+                ..Config::default()
+            };
+            match authd::keys::list(&config)
+                .and_then(|keys| Ok(serde_json::to_string_pretty(&json!({ "keys": keys }))?))
+            {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("authd key list: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
         }
     }
 }
