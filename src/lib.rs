@@ -19,6 +19,7 @@
 //! | [`keys`] | `authd key rotate|list`: adding a server key, and what each key still signs |
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
 //! | [`caller`] | caller API keys and scopes |
+//! | [`ratelimit`] | per-caller token buckets (429) |
 //! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
 //! | [`metrics`] | counters of requests and dropped frames |
 //! | [`import`] | `authd import`: bulk provisioning of a stopped worker's data directory |
@@ -38,6 +39,7 @@ pub mod lockout;
 pub mod methods;
 pub mod metrics;
 pub mod mqtt;
+pub mod ratelimit;
 pub mod rules;
 pub mod server;
 pub mod store;

@@ -15,6 +15,8 @@ pub struct Metrics {
     /// Redelivered state-changing requests answered from their replay record.
     pub replayed: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Requests refused with 429: the caller was over its rate limit.
+    pub rate_limited: AtomicU64,
 }
 
 impl Metrics {
