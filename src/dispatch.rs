@@ -247,7 +247,9 @@ impl Dispatcher {
         self.metrics
             .answered_error
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::debug!(rpc_id = to.id, src = %to.src, code = e.code, message = %e.message, "error reply");
+        // Not the message: it can quote what the caller sent (a serde error quotes the value
+        // of a mistyped argument, a 404 the method name), and that may be a secret.
+        tracing::debug!(rpc_id = to.id, src = %to.src, code = e.code, field = field_of(&e.message), "error reply");
         Outcome {
             reply: self.reply(to, Body::Error(&e)),
             needs_durability: false,
@@ -314,6 +316,22 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+/// The field an error message is about (`args.credentials.psk: …` → `args.credentials.psk`),
+/// if it starts with one: a short run of identifier characters and dots. Safe to log.
+fn field_of(message: &str) -> &str {
+    match message.split_once(": ") {
+        Some((field, _))
+            if field.len() <= 64
+                && field
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.[]".contains(&b)) =>
+        {
+            field
+        }
+        _ => "",
+    }
 }
 
 /// Whether the request's `deadline` (absolute) or `timeout` (from arrival) had passed.

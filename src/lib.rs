@@ -21,6 +21,7 @@
 //! | [`caller`] | caller API keys and scopes |
 //! | [`ratelimit`] | per-caller token buckets (429) |
 //! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
+//! | [`logging`] | the log filter: `RUST_LOG=trace` is authd's trace, other crates stay at info |
 //! | [`metrics`] | counters of requests and dropped frames |
 //! | [`import`] | `authd import`: bulk provisioning of a stopped worker's data directory |
 //! | [`bench`] | `authd bench` load generator and the null worker (the ceiling) |
@@ -36,6 +37,7 @@ pub mod frame;
 pub mod import;
 pub mod keys;
 pub mod lockout;
+pub mod logging;
 pub mod methods;
 pub mod metrics;
 pub mod mqtt;

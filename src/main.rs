@@ -340,8 +340,8 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    // A bare level in RUST_LOG is authd's level; other crates stay at info (authd::logging).
+    let filter = authd::logging::filter(std::env::var("RUST_LOG").ok().as_deref(), default_level);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
