@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::caller::CallerKeyConfig;
 use crate::lockout::LockoutPolicy;
+use crate::ratelimit::RatePolicy;
 
 /// The Mongoose OS cloud's service address, the default `src` of every response.
 pub const DEFAULT_SERVICE_ID: &str = "//api.mongoose-iot.com";
@@ -99,6 +100,11 @@ pub struct Config {
     /// Caller keys (`[[caller]]` tables). Empty: a generated admin key is used.
     #[serde(rename = "caller")]
     pub callers: Vec<CallerKeyConfig>,
+    /// Per-caller rate limit: sustained requests per second per caller key name (429 beyond
+    /// it); 0 turns it off.
+    pub rate_limit_per_sec: f64,
+    /// Requests a caller may send at once; 0 means `rate_limit_per_sec` (at least 1).
+    pub rate_limit_burst: u32,
 }
 
 impl Default for Config {
@@ -131,6 +137,8 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_filter: "info".into(),
             callers: Vec::new(),
+            rate_limit_per_sec: 0.0,
+            rate_limit_burst: 0,
         }
     }
 }
@@ -254,6 +262,18 @@ impl Config {
         }
     }
 
+    /// The per-caller rate limit's settings.
+    pub fn rate_limit(&self) -> RatePolicy {
+        let burst = match self.rate_limit_burst {
+            0 => self.rate_limit_per_sec.ceil().max(1.0),
+            n => f64::from(n),
+        };
+        RatePolicy {
+            per_sec: self.rate_limit_per_sec,
+            burst,
+        }
+    }
+
     /// Checks values that would otherwise fail later and less clearly.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
@@ -290,6 +310,11 @@ impl Config {
                     "lockout_max_entries must be at least 1 (set lockout_failures = 0 to turn the guard off)".into(),
                 );
             }
+        }
+        if !self.rate_limit_per_sec.is_finite() || self.rate_limit_per_sec < 0.0 {
+            return invalid(
+                "rate_limit_per_sec must be a number of at least 0 (0 turns the limit off)".into(),
+            );
         }
         let broker = BrokerAddress::parse(&self.broker)?;
         let tls_files = [
@@ -551,6 +576,34 @@ mod tests {
         c.validate().unwrap();
         let p = Config::default().lockout();
         assert_eq!((p.failures, p.max.as_secs()), (5, 900));
+    }
+
+    #[test]
+    fn rate_limit_is_off_by_default_and_burst_defaults_to_the_rate() {
+        assert!(Config::default().rate_limit().is_off());
+        let c = Config {
+            rate_limit_per_sec: 2.5,
+            ..Config::default()
+        };
+        assert_eq!(c.rate_limit().burst, 3.0);
+        let c = Config {
+            rate_limit_per_sec: 0.1,
+            ..Config::default()
+        };
+        assert_eq!(c.rate_limit().burst, 1.0);
+        let c = Config {
+            rate_limit_per_sec: 50.0,
+            rate_limit_burst: 200,
+            ..Config::default()
+        };
+        assert_eq!(c.rate_limit().burst, 200.0);
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            let c = Config {
+                rate_limit_per_sec: bad,
+                ..Config::default()
+            };
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

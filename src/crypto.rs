@@ -2,9 +2,9 @@
 //!
 //! The server key file holds one or more versioned 256-bit keys (`<id> <base64>` per line).
 //! New tokens and hashes use the newest key and record its id; older keys still verify, so a
-//! rotation appends a line and breaks nothing. The file is created with mode 0600 on first
-//! start and is never stored in the database: a copy of the database alone cannot produce a
-//! working token.
+//! rotation appends a line and breaks nothing ([`rotate_key_file`], `authd key rotate`). The
+//! file is created with mode 0600 on first start and is never stored in the database: a copy
+//! of the database alone cannot produce a working token.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -74,6 +74,10 @@ pub enum KeyFileError {
     Format { path: String, line: usize },
     #[error("server key file {path} holds no key")]
     Empty { path: String },
+    #[error(
+        "server key file {path}: key id {id} is the largest possible; ids cannot grow further"
+    )]
+    IdsExhausted { path: String, id: KeyId },
 }
 
 impl ServerKeys {
@@ -95,6 +99,20 @@ impl ServerKeys {
             }
             Err(e) => Err(io(e)),
         }
+    }
+
+    /// Loads an existing key file (no key is created).
+    pub fn load(path: &Path) -> Result<ServerKeys, KeyFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// The ids of the loaded keys, oldest first.
+    pub fn ids(&self) -> impl Iterator<Item = KeyId> + '_ {
+        self.keys.keys().copied()
     }
 
     fn parse(text: &str, path: &Path) -> Result<ServerKeys, KeyFileError> {
@@ -234,6 +252,54 @@ pub fn parse_token(token: &str) -> Option<ParsedToken> {
     })
 }
 
+/// Adds a fresh key to the key file at `path` and returns its id (one more than the newest).
+///
+/// The file is rewritten whole, never edited in place: the old lines and the new one go to
+/// `<path>.tmp` (created new, mode 0600, fsynced), which is then renamed over `path`, and the
+/// directory is fsynced. A crash leaves either the old file or the new one, never half of
+/// one. A leftover `<path>.tmp` (a crashed or concurrent rotation) stops the rotation rather
+/// than be overwritten. The running worker keeps the keys it loaded: it writes with the new
+/// key after a restart.
+pub fn rotate_key_file(path: &Path) -> Result<KeyId, KeyFileError> {
+    let io = |source| KeyFileError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    let keys = ServerKeys::parse(&text, path)?;
+    let newest = keys.newest();
+    let id = newest
+        .checked_add(1)
+        .ok_or_else(|| KeyFileError::IdsExhausted {
+            path: path.display().to_string(),
+            id: newest,
+        })?;
+    let key: [u8; 32] = random_bytes();
+    let mut contents = text;
+    if !contents.is_empty() && !contents.ends_with('\n') {
+        contents.push('\n');
+    }
+    contents.push_str(&format!("{id} {}\n", STANDARD.encode(key)));
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    write_secret_file(&tmp, contents.as_bytes()).map_err(|source| KeyFileError::Io {
+        path: tmp.display().to_string(),
+        source,
+    })?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    // The rename itself is durable only once the directory is.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(id)
+}
+
 /// Writes a new file readable by its owner only. Fails if the file exists.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
@@ -311,5 +377,38 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         assert!(!format!("{a:?}").contains(&STANDARD.encode(a.keys[&1])));
+    }
+
+    #[test]
+    fn rotation_appends_a_key_and_old_keys_still_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.key");
+        let before = ServerKeys::load_or_create(&path).unwrap();
+        let id: TokenId = random_bytes();
+        let old_token = before.token(1, &id, "alice", "app").unwrap();
+        assert_eq!(rotate_key_file(&path).unwrap(), 2);
+        assert_eq!(rotate_key_file(&path).unwrap(), 3);
+        let after = ServerKeys::load(&path).unwrap();
+        assert_eq!(after.ids().collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(after.newest(), 3);
+        assert_eq!(
+            after.keys[&1], before.keys[&1],
+            "old lines are kept as they were"
+        );
+        assert!(after.verify_token(&parse_token(&old_token).unwrap(), "alice", "app"));
+        assert!(!dir.path().join("server.key.tmp").exists());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        // A leftover temporary file stops a rotation instead of being clobbered.
+        std::fs::write(dir.path().join("server.key.tmp"), "x").unwrap();
+        assert!(rotate_key_file(&path).is_err());
+        assert_eq!(ServerKeys::load(&path).unwrap().newest(), 3);
+        // No key file: nothing to rotate (and none is made up).
+        assert!(rotate_key_file(&dir.path().join("missing.key")).is_err());
+        assert!(!dir.path().join("missing.key").exists());
     }
 }

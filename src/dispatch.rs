@@ -12,6 +12,7 @@ use crate::lockout::Lockout;
 use crate::methods::{self, Ctx, Handler, Method};
 use crate::metrics::{Metrics, RequestLabel};
 use crate::mqtt;
+use crate::ratelimit::RateLimiter;
 use crate::store::{RequestKey, Store};
 
 /// What to do after handling one frame.
@@ -48,6 +49,7 @@ pub struct Dispatcher {
     keys: ServerKeys,
     metrics: Arc<Metrics>,
     lockout: Lockout,
+    rate: RateLimiter,
     record_replies: bool,
 }
 
@@ -61,6 +63,7 @@ impl Dispatcher {
     ) -> Self {
         Dispatcher {
             lockout: Lockout::new(config.lockout()).counting_locks_in(metrics.clone()),
+            rate: RateLimiter::new(config.rate_limit(), callers.names().map(|(n, _)| n)),
             config,
             callers,
             store,
@@ -153,6 +156,11 @@ impl Dispatcher {
         if !caller.scope.allows(method.scope) {
             return Err(RpcError::forbidden(name));
         }
+        if !self.rate.admit(caller.name, std::time::Instant::now())
+            && !self.is_recorded(method, req)
+        {
+            return Err(self.rate_limited(caller.name));
+        }
         let now_ms = crate::unix_ms();
         if expired(req, arrived_ms, now_ms) {
             return Err(RpcError::deadline_passed());
@@ -210,8 +218,38 @@ impl Dispatcher {
         }
     }
 
+    /// Whether `req` is a state-changing request already executed (a redelivery): it is
+    /// answered from its record even over the rate limit, since a 429 would say "not
+    /// executed" of a request that was.
+    fn is_recorded(&self, method: &Method, req: &Request<'_>) -> bool {
+        matches!(method.handler, Handler::Write(_))
+            && matches!(self.store.replay(&req.to.src, req.to.id), Ok(Some(_)))
+    }
+
+    fn rate_limited(&self, caller: &str) -> RpcError {
+        let n = self
+            .metrics
+            .rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        // A caller hammering us must not become a flood of logs.
+        if n <= 10 || n % 1000 == 0 {
+            tracing::warn!(caller, count = n, "caller over its rate limit: 429");
+        }
+        let p = self.rate.policy();
+        RpcError::new(
+            429,
+            format!(
+                "caller key `{caller}` is over its rate limit of {} requests/s (burst {}); retry later",
+                p.per_sec, p.burst
+            ),
+        )
+    }
+
     fn error(&self, to: &Address<'_>, e: RpcError, method: Option<&Method>) -> Outcome {
-        tracing::debug!(rpc_id = to.id, src = %to.src, code = e.code, message = %e.message, "error reply");
+        // Not the message: it can quote what the caller sent (a serde error quotes the value
+        // of a mistyped argument, a 404 the method name), and that may be a secret.
+        tracing::debug!(rpc_id = to.id, src = %to.src, code = e.code, field = field_of(&e.message), "error reply");
         Outcome {
             reply: self.reply(to, Body::Error(&e)),
             needs_durability: false,
@@ -279,6 +317,22 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+/// The field an error message is about (`args.credentials.psk: …` → `args.credentials.psk`),
+/// if it starts with one: a short run of identifier characters and dots. Safe to log.
+fn field_of(message: &str) -> &str {
+    match message.split_once(": ") {
+        Some((field, _))
+            if field.len() <= 64
+                && field
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_.[]".contains(&b)) =>
+        {
+            field
+        }
+        _ => "",
+    }
 }
 
 /// Whether the request's `deadline` (absolute) or `timeout` (from arrival) had passed.

@@ -16,9 +16,12 @@
 //! | [`rules`] | access rules: `*` patterns, the AuthorizeCommand decision order, the rule index |
 //! | [`store`] | sled trees behind product words (tokens, entities, rules, replays), group commit |
 //! | [`crypto`] | server keys, keyed hashes, token derivation, constant-time comparison |
+//! | [`keys`] | `authd key rotate|list`: adding a server key, and what each key still signs |
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
 //! | [`caller`] | caller API keys and scopes |
+//! | [`ratelimit`] | per-caller token buckets (429) |
 //! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
+//! | [`logging`] | the log filter: `RUST_LOG=trace` is authd's trace, other crates stay at info |
 //! | [`metrics`] | counters of requests and dropped frames |
 //! | [`import`] | `authd import`: bulk provisioning of a stopped worker's data directory |
 //! | [`metrics`] | counters and latency of requests, dropped frames, reconnects, lockouts |
@@ -35,10 +38,13 @@ pub mod dispatch;
 pub mod frame;
 pub mod http;
 pub mod import;
+pub mod keys;
 pub mod lockout;
+pub mod logging;
 pub mod methods;
 pub mod metrics;
 pub mod mqtt;
+pub mod ratelimit;
 pub mod rules;
 pub mod server;
 pub mod store;

@@ -41,6 +41,10 @@ enum Command {
     /// Bulk provisioning into a stopped worker's data directory: JSON lines of
     /// `{"method": "Entity.Put", "args": {…}}` (or ACL.Add, …).
     Import(ImportArgs),
+    /// Server keys: `authd key rotate` adds one (restart the worker to use it), `authd key
+    /// list` shows what each key still signs.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Load generator: authd beside the null-worker ceiling, on the same broker, in one run.
     Bench(BenchArgs),
     /// The ceiling for `bench`: answers `true` to every frame, on the same MQTT stack.
@@ -57,6 +61,24 @@ struct ImportArgs {
     /// Data directory of the (stopped) worker.
     #[arg(long, env = "AUTHD_DATA")]
     data: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Add a fresh server key to `<data>/server.key` and print its id (never the key). The
+    /// worker uses it after a restart; older keys keep verifying.
+    Rotate {
+        /// Data directory of the worker.
+        #[arg(long, env = "AUTHD_DATA")]
+        data: Option<PathBuf>,
+    },
+    /// For each server key id: whether it is in the key file, whether it is the newest, and
+    /// how many PSK hashes and live tokens use it (as JSON). Needs the worker stopped.
+    List {
+        /// Data directory of the (stopped) worker.
+        #[arg(long, env = "AUTHD_DATA")]
+        data: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -370,6 +392,7 @@ fn main() -> ExitCode {
             Command::Call(args) => call(args).await,
             Command::Ctl(args) => ctl(args).await,
             Command::Import(args) => import(args),
+            Command::Key(command) => key(command),
             Command::Bench(args) => bench(args).await,
             Command::NullWorker(args) => null_worker(args).await,
             Command::Serve(_) => ExitCode::from(2), // resolved above
@@ -383,10 +406,10 @@ enum Run {
     Other(Box<Command>),
 }
 
-/// Logs to stderr. `RUST_LOG`, when set, wins over `default_filter`.
+/// Logs to stderr. `RUST_LOG`, when set, wins over `default_filter`; a bare level in either
+/// is authd's level, other crates stay at info (see `authd::logging`).
 fn init_logging(format: LogFormat, default_filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let filter = authd::logging::filter(std::env::var("RUST_LOG").ok().as_deref(), default_filter);
     // Colours only on a terminal: a log file or a container log gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -751,6 +774,43 @@ async fn null_worker(args: NullWorkerArgs) -> ExitCode {
         Err(e) => {
             eprintln!("authd null-worker: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn key(command: KeyCommand) -> ExitCode {
+    match command {
+        KeyCommand::Rotate { data } => {
+            let data = data.unwrap_or_else(default_data_dir);
+            match authd::keys::rotate(&data) {
+                Ok(id) => {
+                    println!("{id}");
+                    eprintln!("authd key rotate: added server key {id} to {}; restart the worker to use it, and keep the older keys while tokens or PSK hashes use them (authd key list)", authd::keys::key_file(&data).display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("authd key rotate: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        KeyCommand::List { data } => {
+            let config = Config {
+                data: data.unwrap_or_else(default_data_dir),
+                ..Config::default()
+            };
+            match authd::keys::list(&config)
+                .and_then(|keys| Ok(serde_json::to_string_pretty(&json!({ "keys": keys }))?))
+            {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("authd key list: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
         }
     }
 }

@@ -107,6 +107,8 @@ pub struct Metrics {
     pub reconnects: AtomicU64,
     /// Locks started by Authenticate's brute-force guard.
     pub lockouts: AtomicU64,
+    /// Requests refused with 429: the caller was over its rate limit.
+    pub rate_limited: AtomicU64,
     /// `[method][outcome]`, the last row `other`.
     requests: Box<[[AtomicU64; OUTCOMES.len()]]>,
     /// Per method, the last row `other`.
@@ -122,6 +124,7 @@ impl Default for Metrics {
             replayed: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             lockouts: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
             requests: (0..rows).map(|_| Default::default()).collect(),
             latency: (0..rows).map(|_| Latency::default()).collect(),
         }
@@ -242,6 +245,12 @@ impl Metrics {
                 "Locks started by Authenticate's brute-force guard.",
                 MetricType::COUNTER,
                 single(&self.lockouts),
+            ),
+            family(
+                "authd_rate_limited_total",
+                "Requests refused with 429 because their caller key was over its rate limit.",
+                MetricType::COUNTER,
+                single(&self.rate_limited),
             ),
             family(
                 "authd_broker_reconnects_total",

@@ -342,7 +342,7 @@ async fn handle(
 pub fn open_data(config: &Config) -> anyhow::Result<(Store, ServerKeys)> {
     config.validate()?;
     create_private_dir(&config.data)?;
-    let keys = ServerKeys::load_or_create(&config.data.join("server.key"))?;
+    let keys = ServerKeys::load_or_create(&crate::keys::key_file(&config.data))?;
     let store =
         Store::open(&config.data.join("db"), config.cache_mib * 1024 * 1024).map_err(|e| {
             anyhow::anyhow!(

@@ -30,7 +30,7 @@ use crate::crypto::{KeyId, PskNonce, TokenId};
 use crate::rules::{Decision, Rule, RuleIndex};
 
 mod entities;
-pub use entities::{EntityPage, EntityRecord, PskHash, PutOutcome};
+pub use entities::{EntityPage, EntityRecord, KeyUsage, PskHash, PutOutcome};
 
 /// Version of the on-disk layout this build reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;

@@ -12,6 +12,12 @@
 //! first: a locked id is refused unchecked. Each decision is one audit line, never a secret.
 //!
 //! The hot path is one sled read (the entity record) and one HMAC.
+//!
+//! Key rotation: a PSK hash records the server key it was made with. When a sign-in succeeds
+//! with a PSK hashed under an older key, the PSK (just checked, so known) is hashed under the
+//! newest key and stored in its place: one HMAC and one compare-and-swap, once per entity
+//! after a rotation. The sign-in never fails because of it; the write is left to sled's
+//! background flush (a lost one is redone at the next sign-in).
 
 use std::borrow::Cow;
 use std::hint::black_box;
@@ -26,7 +32,7 @@ use crate::cert::Certificate;
 use crate::crypto::{ct_eq, parse_token, ParsedToken};
 use crate::frame::{parse_args, RpcError};
 use crate::lockout::Gate;
-use crate::store::{EntityRecord, StoreError};
+use crate::store::{EntityRecord, PskHash, StoreError};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,10 +117,14 @@ pub fn authenticate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Val
     let reason = match ctx.lockout.check(&id, now) {
         Gate::Locked => Reason::Locked,
         gate => {
-            let reason = decide(ctx, &id, psk, cert).map_err(storage_failed)?;
+            let Verdict { reason, stale_psk } =
+                decide(ctx, &id, psk, cert).map_err(storage_failed)?;
             if reason == Reason::Ok {
                 if gate == Gate::Streak {
                     ctx.lockout.success(&id);
+                }
+                if let (Some(seen), Some(psk)) = (stale_psk, psk) {
+                    rehash_psk(ctx, &id, &seen, psk);
                 }
             } else if let Some(lock) = ctx.lockout.failure(&id, now) {
                 tracing::warn!(
@@ -142,26 +152,39 @@ pub fn authenticate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Val
     Ok(Some(Value::Bool(ok)))
 }
 
+/// The outcome of checking credentials.
+struct Verdict {
+    reason: Reason,
+    /// The entity's record, when the presented PSK matched a hash made with a key older than
+    /// the newest: to be re-hashed if the sign-in succeeds.
+    stale_psk: Option<EntityRecord>,
+}
+
 /// Checks the presented credentials of `id`.
 fn decide(
     ctx: &Ctx<'_>,
     id: &str,
     psk: Option<&str>,
     cert: Option<&str>,
-) -> Result<Reason, StoreError> {
+) -> Result<Verdict, StoreError> {
     let entity = ctx.store.entity(id)?;
     if entity.is_none() {
         black_box(EntityRecord::from_bytes(black_box(&DUMMY_RECORD)).ok());
     }
-    let psk_reason = match psk {
-        None => Reason::Ok,
+    let (psk_reason, entity_psk) = match psk {
+        None => (Reason::Ok, false),
         Some(psk) => check_psk(ctx, id, entity.as_ref(), psk)?,
     };
     let cert_reason = match cert {
         None => Reason::Ok,
         Some(pem) => check_cert(ctx, entity.as_ref(), pem),
     };
-    Ok(match entity {
+    let newest = ctx.keys.newest();
+    let stale_psk = entity
+        .as_ref()
+        .filter(|e| entity_psk && e.psk.as_ref().is_some_and(|p| p.key_id != newest))
+        .cloned();
+    let reason = match entity {
         Some(e) if e.disabled => Reason::Disabled,
         Some(_) if psk_reason != Reason::Ok => psk_reason,
         Some(_) => cert_reason,
@@ -169,15 +192,45 @@ fn decide(
         None if psk_reason == Reason::BadToken => Reason::BadToken,
         None if psk.is_some() && psk_reason == Reason::Ok && cert.is_none() => Reason::Ok,
         None => Reason::Unknown,
-    })
+    };
+    Ok(Verdict { reason, stale_psk })
 }
 
+/// Stores the hash of `psk` (just verified) under the newest server key, if `seen` is still
+/// the entity's record. Failures are logged, never the sign-in's concern.
+fn rehash_psk(ctx: &Ctx<'_>, id: &str, seen: &EntityRecord, psk: &str) {
+    let key_id = ctx.keys.newest();
+    let Some(hash) = ctx.keys.psk_hash(key_id, id, psk) else {
+        return;
+    };
+    let from = seen.psk.as_ref().map(|p| p.key_id);
+    match ctx
+        .store
+        .replace_psk_hash(id, seen, PskHash { key_id, hash })
+    {
+        Ok(true) => tracing::info!(
+            target: "authd::audit",
+            rpc_id = ctx.request.id,
+            subject = id,
+            from_key = from,
+            to_key = key_id,
+            "psk re-hashed under the newest server key"
+        ),
+        // Changed meanwhile (e.g. Entity.Put): the new record is what counts.
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(subject = id, error = %e, "re-hashing a psk failed; the old hash still verifies")
+        }
+    }
+}
+
+/// Checks a presented psk: the reason, and whether it is the entity's own PSK.
 fn check_psk(
     ctx: &Ctx<'_>,
     id: &str,
     entity: Option<&EntityRecord>,
     psk: &str,
-) -> Result<Reason, StoreError> {
+) -> Result<(Reason, bool), StoreError> {
     let is_entity_psk = match entity.and_then(|e| e.psk.as_ref()) {
         Some(stored) => ctx
             .keys
@@ -191,13 +244,14 @@ fn check_psk(
         }
     };
     if is_entity_psk {
-        return Ok(Reason::Ok);
+        return Ok((Reason::Ok, true));
     }
-    match parse_token(psk) {
-        None => Ok(Reason::BadPsk),
-        Some(token) if token_signs_in(ctx, id, &token)? => Ok(Reason::Ok),
-        Some(_) => Ok(Reason::BadToken),
-    }
+    let reason = match parse_token(psk) {
+        None => Reason::BadPsk,
+        Some(token) if token_signs_in(ctx, id, &token)? => Reason::Ok,
+        Some(_) => Reason::BadToken,
+    };
+    Ok((reason, false))
 }
 
 /// Whether `token` is the live app token of some host of user `id`. The token id is the
@@ -319,7 +373,7 @@ mod tests {
         }
 
         fn reason(&self, id: &str, psk: Option<&str>, cert: Option<&str>) -> Reason {
-            decide(&self.ctx(), id, psk, cert).unwrap()
+            decide(&self.ctx(), id, psk, cert).unwrap().reason
         }
     }
 
@@ -389,6 +443,45 @@ mod tests {
         call("nope");
         assert_eq!(f.lockout.check("dev", Instant::now()), Gate::Locked);
         assert_eq!(call(PSK), Some(Value::Bool(false)));
+    }
+
+    #[test]
+    fn a_psk_hashed_under_an_older_key_moves_to_the_newest_on_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.key");
+        let mut f = Fixture::new();
+        f.keys = ServerKeys::load_or_create(&path).unwrap();
+        f.put("dev", Some(PSK), None, false);
+        f.put("off", Some(PSK), None, true);
+        crate::crypto::rotate_key_file(&path).unwrap();
+        f.keys = ServerKeys::load(&path).unwrap();
+        let key_of =
+            |f: &Fixture, id: &str| f.store.entity(id).unwrap().unwrap().psk.unwrap().key_id;
+        let args = |id: &str, psk: &str| {
+            serde_json::value::to_raw_value(&serde_json::json!({
+                "id": id, "credentials": {"psk": psk}
+            }))
+            .unwrap()
+        };
+        let call = |f: &Fixture, id: &str, psk: &str| {
+            authenticate(&f.ctx(), Some(&args(id, psk))).unwrap()
+        };
+        assert_eq!(call(&f, "dev", "wrong"), Some(Value::Bool(false)));
+        assert_eq!(key_of(&f, "dev"), 1, "a failed sign-in changes nothing");
+        assert_eq!(call(&f, "off", PSK), Some(Value::Bool(false)));
+        assert_eq!(key_of(&f, "off"), 1, "a disabled entity is not signed in");
+        assert_eq!(call(&f, "dev", PSK), Some(Value::Bool(true)));
+        assert_eq!(key_of(&f, "dev"), 2);
+        assert_eq!(call(&f, "dev", PSK), Some(Value::Bool(true)));
+        assert_eq!(call(&f, "dev", "wrong"), Some(Value::Bool(false)));
+        // The record changed between read and write: the swap does nothing.
+        let stale = f.store.entity("off").unwrap().unwrap();
+        f.put("off", Some("new psk"), None, false);
+        let hash = f.keys.psk_hash(2, "off", PSK).unwrap();
+        assert!(!f
+            .store
+            .replace_psk_hash("off", &stale, PskHash { key_id: 2, hash })
+            .unwrap());
     }
 
     /// Known-vs-unknown timing. Run with

@@ -158,7 +158,8 @@ pub fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
     Ok(reply)
 }
 
-/// `Entity.Get {id}` → `{id, owner?, has_psk, cert_sha256?, disabled, created}`; 404 if none.
+/// `Entity.Get {id}` → `{id, owner?, has_psk, psk_key_id?, cert_sha256?, disabled, created}`;
+/// 404 if none.
 pub fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let IdArgs { id } = parse_args(args)?;
     match ctx.store.entity(&id).map_err(storage_failed)? {
@@ -239,6 +240,11 @@ fn view(id: &str, r: &EntityRecord) -> Value {
         v.insert("owner".into(), json!(owner));
     }
     v.insert("has_psk".into(), json!(r.psk.is_some()));
+    if let Some(psk) = &r.psk {
+        // Which server key the PSK's hash was made with: no secret, and what an operator
+        // needs to know before removing an old key.
+        v.insert("psk_key_id".into(), json!(psk.key_id));
+    }
     if let Some(fp) = &r.cert_sha256 {
         v.insert("cert_sha256".into(), json!(hex(fp)));
     }
