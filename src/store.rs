@@ -17,6 +17,7 @@
 //! - `replays`: `lp(src) ‖ id` → [`ReplayEntry`]; `replay_times`: `at ‖ lp(src) ‖ id` → ``
 //!   so old records are pruned by a range scan.
 
+use std::any::Any;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -45,6 +46,8 @@ pub enum StoreError {
     Schema { found: String },
     #[error("database flush failed")]
     Flush,
+    #[error("the database writer thread is gone")]
+    Writer,
 }
 
 /// The live token of one (user, host) pair. Holds no usable secret: the token string is
@@ -101,7 +104,6 @@ pub struct RequestKey<'a> {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
-    meta: sled::Tree,
     tokens: sled::Tree,
     token_ids: sled::Tree,
     entities: sled::Tree,
@@ -115,6 +117,8 @@ pub struct Store {
     /// Held across a rule change's transaction and its index update, so the index applies
     /// changes in the order the tree did.
     rule_writes: Arc<Mutex<()>>,
+    /// Runs every write transaction, batching concurrent ones.
+    writer: Arc<Writer>,
 }
 
 const NEXT_RULE_ID: &str = "next_rule_id";
@@ -155,17 +159,34 @@ impl Store {
             let (k, v) = item?;
             index.insert(rule_id_of(&k)?, &decode("rules", &v)?);
         }
+        let tokens = db.open_tree("tokens")?;
+        let token_ids = db.open_tree("token_ids")?;
+        let entities = db.open_tree("entities")?;
+        let entity_owners = db.open_tree("entity_owners")?;
+        let replays = db.open_tree("replays")?;
+        let replay_times = db.open_tree("replay_times")?;
+        // The order `commit` gives the trees to `Tx`.
+        let writer = Writer::start([
+            tokens.clone(),
+            token_ids.clone(),
+            entities.clone(),
+            entity_owners.clone(),
+            replays.clone(),
+            replay_times.clone(),
+            meta.clone(),
+            rules.clone(),
+        ])?;
         Ok(Store {
-            meta,
-            tokens: db.open_tree("tokens")?,
-            token_ids: db.open_tree("token_ids")?,
-            entities: db.open_tree("entities")?,
-            entity_owners: db.open_tree("entity_owners")?,
-            replays: db.open_tree("replays")?,
-            replay_times: db.open_tree("replay_times")?,
+            tokens,
+            token_ids,
+            entities,
+            entity_owners,
+            replays,
+            replay_times,
             rules,
             rule_index: Arc::new(RwLock::new(index)),
             rule_writes: Arc::new(Mutex::new(())),
+            writer: Arc::new(writer),
             db,
         })
     }
@@ -177,11 +198,19 @@ impl Store {
         &self,
         rule: &Rule,
         request: &RequestKey<'_>,
-        reply: impl Fn(u64) -> Replay,
+        reply: impl Fn(u64) -> Replay + Send + 'static,
     ) -> Result<Replay, StoreError> {
         let value = encode(rule);
         let _writing = lock(&self.rule_writes);
-        let (added, reply) = self.transact(|tx| {
+        let src = request.src.to_owned();
+        let (id, at_ms, record_reply) = (request.id, request.at_ms, request.record_reply);
+        let (added, reply) = self.transact(move |tx| {
+            let request = RequestKey {
+                src: &src,
+                id,
+                at_ms,
+                record_reply,
+            };
             if let Some(earlier) = tx.replays.get(replay_key(request.src, request.id))? {
                 let earlier: ReplayEntry = decode("replays", &earlier).map_err(abort)?;
                 return Ok((None, earlier.reply));
@@ -193,7 +222,7 @@ impl Store {
             tx.meta.insert(NEXT_RULE_ID, &(id + 1).to_be_bytes())?;
             tx.rules.insert(&id.to_be_bytes(), value.as_slice())?;
             let reply = reply(id);
-            tx.put_replay(&self.replay_entry(request, &reply))?;
+            tx.put_replay(&replay_entry(&request, &reply))?;
             Ok((Some(id), reply))
         })?;
         if let Some(id) = added {
@@ -211,7 +240,7 @@ impl Store {
     ) -> Result<Option<Rule>, StoreError> {
         let replay = self.replay_entry(request, &Replay::Empty);
         let _writing = lock(&self.rule_writes);
-        let removed = self.transact(|tx| {
+        let removed = self.transact(move |tx| {
             let old = match tx.rules.remove(&id.to_be_bytes())? {
                 None => None,
                 Some(v) => Some(decode::<Rule>("rules", &v).map_err(abort)?),
@@ -306,12 +335,13 @@ impl Store {
         let key = user_host_key(user, host);
         let value = encode(record);
         let replay = self.replay_entry(request, reply);
-        self.transact(|tx| {
+        let token_id = record.token_id;
+        self.transact(move |tx| {
             if let Some(old) = tx.tokens.insert(key.as_slice(), value.as_slice())? {
                 let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
                 tx.token_ids.remove(&old.token_id[..])?;
             }
-            tx.token_ids.insert(&record.token_id[..], key.as_slice())?;
+            tx.token_ids.insert(&token_id[..], key.as_slice())?;
             tx.put_replay(&replay)
         })
     }
@@ -326,7 +356,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let key = user_host_key(user, host);
         let replay = self.replay_entry(request, reply);
-        self.transact(|tx| {
+        self.transact(move |tx| {
             if let Some(old) = tx.tokens.remove(key.as_slice())? {
                 let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
                 tx.token_ids.remove(&old.token_id[..])?;
@@ -367,59 +397,167 @@ impl Store {
         Ok(())
     }
 
-    fn replay_entry(
-        &self,
-        request: &RequestKey<'_>,
-        reply: &Replay,
-    ) -> Option<(Vec<u8>, Vec<u8>, Vec<u8>)> {
-        if !request.record_reply {
-            return None;
-        }
-        let key = replay_key(request.src, request.id);
-        let mut time_key = request.at_ms.to_be_bytes().to_vec();
-        time_key.extend_from_slice(&key);
-        let value = encode(&ReplayEntry {
-            at: request.at_ms,
-            reply: reply.clone(),
-        });
-        Some((key, time_key, value))
+    fn replay_entry(&self, request: &RequestKey<'_>, reply: &Replay) -> ReplayRecord {
+        replay_entry(request, reply)
     }
 
-    /// Runs `f` as one transaction over every tree. sled re-runs it on conflict, so `f` has
-    /// no side effects outside the trees.
-    fn transact<T>(
+    /// Runs `f` as one transaction over every tree, on the writer thread (see [`Writer`]).
+    /// sled re-runs it on conflict, and the writer may run it again alone if another change
+    /// in its batch failed, so `f` has no side effects outside the trees.
+    fn transact<T: Send + 'static>(
         &self,
-        f: impl Fn(&Tx<'_>) -> Result<T, ConflictableTransactionError<StoreError>>,
+        f: impl Fn(&Tx<'_>) -> Result<T, ConflictableTransactionError<StoreError>> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let trees = [
-            &self.tokens,
-            &self.token_ids,
-            &self.entities,
-            &self.entity_owners,
-            &self.replays,
-            &self.replay_times,
-            &self.meta,
-            &self.rules,
-        ];
-        trees
-            .as_slice()
-            .transaction(|t| {
-                f(&Tx {
-                    tokens: &t[0],
-                    token_ids: &t[1],
-                    entities: &t[2],
-                    entity_owners: &t[3],
-                    replays: &t[4],
-                    replay_times: &t[5],
-                    meta: &t[6],
-                    rules: &t[7],
-                })
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => StoreError::Sled(e),
-            })
+        let result = self.writer.run(Box::new(move |tx| {
+            f(tx).map(|v| Box::new(v) as Box<dyn Any + Send>)
+        }))?;
+        result
+            .downcast::<T>()
+            .map(|v| *v)
+            .map_err(|_| StoreError::Writer)
     }
+}
+
+/// A change as the writer thread runs it.
+type Change = Box<
+    dyn Fn(&Tx<'_>) -> Result<Box<dyn Any + Send>, ConflictableTransactionError<StoreError>> + Send,
+>;
+
+struct Job {
+    change: Change,
+    done: std::sync::mpsc::SyncSender<Result<Box<dyn Any + Send>, StoreError>>,
+}
+
+/// The one thread that writes. Every sled transaction, however small, seals sled's write
+/// buffer and waits for it to reach the disk (`sync_file_range`), and transactions run one at
+/// a time, so a change per transaction caps the write rate near one disk write per change.
+/// The writer takes every change waiting for it and commits them in one transaction, in
+/// arrival order (each sees the ones before it), so concurrent changes share that disk
+/// write — as they share the flush in [`GroupCommit`]. If the batch fails, each change is
+/// run again alone, so one bad change fails only its own request.
+struct Writer {
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// Most changes committed in one transaction.
+const MAX_BATCH: usize = 256;
+
+impl Writer {
+    fn start(trees: [sled::Tree; 8]) -> Result<Writer, StoreError> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("authd-writer".into())
+            .spawn(move || {
+                while let Ok(first) = queue.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match queue.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    match commit(&trees, &batch) {
+                        Ok(results) => {
+                            for (job, result) in batch.into_iter().zip(results) {
+                                let _ = job.done.send(Ok(result));
+                            }
+                        }
+                        Err(_) if batch.len() > 1 => {
+                            for job in batch {
+                                let result = commit(&trees, std::slice::from_ref(&job))
+                                    .and_then(|mut r| r.pop().ok_or(StoreError::Writer));
+                                let _ = job.done.send(result);
+                            }
+                        }
+                        Err(e) => {
+                            for job in batch {
+                                let _ = job.done.send(Err(StoreError::Corrupt {
+                                    tree: "transaction",
+                                    detail: e.to_string(),
+                                }));
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Corrupt {
+                tree: "writer",
+                detail: e.to_string(),
+            })?;
+        Ok(Writer {
+            jobs: Mutex::new(Some(jobs)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Hands `change` to the writer thread and waits for its result. On a multi-threaded
+    /// Tokio runtime the wait happens in `block_in_place`, so the runtime's other tasks
+    /// (the broker connection among them) move to another thread meanwhile.
+    fn run(&self, change: Change) -> Result<Box<dyn Any + Send>, StoreError> {
+        let (done, result) = std::sync::mpsc::sync_channel(1);
+        let jobs = lock(&self.jobs).clone().ok_or(StoreError::Writer)?;
+        jobs.send(Job { change, done })
+            .map_err(|_| StoreError::Writer)?;
+        let wait = move || result.recv().map_err(|_| StoreError::Writer);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)?
+            }
+            _ => wait()?,
+        }
+    }
+}
+
+impl Drop for Writer {
+    /// Stops the thread and waits for it, so that the database is closed (and can be opened
+    /// again, e.g. by a restarted worker in the same process) once the store is dropped.
+    fn drop(&mut self) {
+        lock(&self.jobs).take();
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Runs `batch` in one transaction over `trees`; the results in batch order.
+fn commit(trees: &[sled::Tree; 8], batch: &[Job]) -> Result<Vec<Box<dyn Any + Send>>, StoreError> {
+    trees
+        .as_slice()
+        .transaction(|t| {
+            let tx = Tx {
+                tokens: &t[0],
+                token_ids: &t[1],
+                entities: &t[2],
+                entity_owners: &t[3],
+                replays: &t[4],
+                replay_times: &t[5],
+                meta: &t[6],
+                rules: &t[7],
+            };
+            batch.iter().map(|job| (job.change)(&tx)).collect()
+        })
+        .map_err(|e| match e {
+            TransactionError::Abort(e) => e,
+            TransactionError::Storage(e) => StoreError::Sled(e),
+        })
+}
+
+/// A replay record's key, time-index key and value; `None` when not recorded.
+type ReplayRecord = Option<(Vec<u8>, Vec<u8>, Vec<u8>)>;
+
+fn replay_entry(request: &RequestKey<'_>, reply: &Replay) -> ReplayRecord {
+    if !request.record_reply {
+        return None;
+    }
+    let key = replay_key(request.src, request.id);
+    let mut time_key = request.at_ms.to_be_bytes().to_vec();
+    time_key.extend_from_slice(&key);
+    let value = encode(&ReplayEntry {
+        at: request.at_ms,
+        reply: reply.clone(),
+    });
+    Some((key, time_key, value))
 }
 
 /// The trees, inside a transaction.

@@ -225,7 +225,9 @@ impl Store {
         reply: &Replay,
     ) -> Result<PutOutcome, StoreError> {
         let replay = self.replay_entry(request, reply);
-        self.transact(|tx| {
+        let (id, record) = (id.to_owned(), record.clone());
+        self.transact(move |tx| {
+            let id = id.as_str();
             let old = match tx.entities.get(id.as_bytes())? {
                 Some(v) => Some(EntityRecord::from_bytes(&v).map_err(abort)?),
                 None => None,
@@ -270,7 +272,9 @@ impl Store {
             .keys()
             .collect::<Result<Vec<_>, _>>()?;
         let replay = self.replay_entry(request, reply);
-        self.transact(|tx| {
+        let id = id.to_owned();
+        self.transact(move |tx| {
+            let id = id.as_str();
             let existed = match tx.entities.remove(id.as_bytes())? {
                 Some(v) => {
                     let old = EntityRecord::from_bytes(&v).map_err(abort)?;
