@@ -20,8 +20,9 @@ use crate::store::{RequestKey, Store};
 pub struct Outcome {
     /// `(topic, payload)` of the response; `None` when dropped or `nr`.
     pub reply: Option<(String, Vec<u8>)>,
-    /// The store changed (or may hold an unflushed record this reply depends on): the
-    /// reply must wait until the store is durable.
+    /// The reply depends on a change that may not be on disk yet (a redelivery answered from
+    /// a record whose change is still being flushed, or a store that does not flush each
+    /// commit): the reply must wait until the store is durable.
     pub needs_durability: bool,
     /// How to count the request once answered; `None` for a dropped frame.
     pub label: Option<RequestLabel>,
@@ -190,12 +191,13 @@ impl Dispatcher {
             Handler::Read(f) => f(ctx, req.args).map(|r| (r, false)),
             Handler::Write(f) => {
                 // A redelivered request (same src and id) gets the recorded answer. The record
-                // may still be on its way to disk, so the reply waits for durability too.
+                // may still be on its way to disk (its change is being flushed), so that reply
+                // waits for durability. A fresh change is on disk when the store returns.
                 let recorded = self
                     .store
                     .replay(ctx.request.src, ctx.request.id)
                     .map_err(methods::storage_failed)?;
-                let reply = match recorded {
+                let (reply, replayed) = match recorded {
                     Some(reply) => {
                         self.metrics
                             .replayed
@@ -209,11 +211,12 @@ impl Dispatcher {
                             caller = caller.name,
                             "redelivered change answered from its record"
                         );
-                        reply
+                        (reply, true)
                     }
-                    None => f(ctx, req.args)?,
+                    None => (f(ctx, req.args)?, false),
                 };
-                methods::render(&reply, &self.keys).map(|r| (r, true))
+                let wait = replayed || !self.store.flushes_on_commit();
+                methods::render(&reply, &self.keys).map(|r| (r, wait))
             }
         }
     }

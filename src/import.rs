@@ -31,7 +31,8 @@ const MAX_REPORTED_ERRORS: usize = 20;
 
 /// Applies every line of `input` to the data directory of `config`.
 pub fn import(config: &Config, input: impl BufRead) -> anyhow::Result<ImportReport> {
-    let (store, keys) = crate::server::open_data(config)?;
+    // One flush at the end, not one per line.
+    let (store, keys) = crate::server::open_data(config, false)?;
     // A key that lives only as long as this call: import lines carry none.
     let key = format!("import-{}", uuid::Uuid::new_v4().simple());
     let callers = CallerKeys::new(&[CallerKeyConfig {

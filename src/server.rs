@@ -55,7 +55,7 @@ impl Worker {
     pub async fn start(config: Config) -> anyhow::Result<Worker> {
         // Before the store: a bad TLS file or a taken port must not leave it open.
         let endpoints = Endpoints::prepare(&config)?;
-        let (store, keys) = open_data(&config)?;
+        let (store, keys) = open_data(&config, true)?;
         let callers = if config.callers.is_empty() {
             let (key, created) = caller::load_or_create_admin_key(&config.data)?;
             let path = caller::admin_key_path(&config.data);
@@ -339,17 +339,22 @@ async fn handle(
 
 /// Opens the data directory of `config`: the database and the server key (both created
 /// on first use). Only one process at a time can hold the database.
-pub fn open_data(config: &Config) -> anyhow::Result<(Store, ServerKeys)> {
+/// With `flush_on_commit` false (bulk import) changes are flushed only by [`Store::flush`].
+pub fn open_data(config: &Config, flush_on_commit: bool) -> anyhow::Result<(Store, ServerKeys)> {
     config.validate()?;
     create_private_dir(&config.data)?;
     let keys = ServerKeys::load_or_create(&crate::keys::key_file(&config.data))?;
-    let store =
-        Store::open(&config.data.join("db"), config.cache_mib * 1024 * 1024).map_err(|e| {
-            anyhow::anyhow!(
-                "opening the database in {}: {e} (is another authd using it?)",
-                config.data.display()
-            )
-        })?;
+    let store = Store::open_with(
+        &config.data.join("db"),
+        config.cache_mib * 1024 * 1024,
+        flush_on_commit,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "opening the database in {}: {e} (is another authd using it?)",
+            config.data.display()
+        )
+    })?;
     Ok((store, keys))
 }
 

@@ -125,20 +125,31 @@ const NEXT_RULE_ID: &str = "next_rule_id";
 
 impl Store {
     /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's page cache.
+    /// Every change is on disk (fsynced) when the call that made it returns.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        Self::open_with(dir, cache_bytes, true)
+    }
+
+    /// Like [`Store::open`]; with `flush_on_commit` false, changes reach the disk only at
+    /// [`Store::flush`] or sled's periodic flush (bulk import, which flushes once at the end).
+    pub fn open_with(
+        dir: &Path,
+        cache_bytes: u64,
+        flush_on_commit: bool,
+    ) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             .open()?;
-        Self::from_db(db)
+        Self::from_db(db, flush_on_commit)
     }
 
     /// A throw-away database in a temporary directory (fuzzing, unit tests).
     pub fn temporary() -> Result<Store, StoreError> {
-        Self::from_db(sled::Config::new().temporary(true).open()?)
+        Self::from_db(sled::Config::new().temporary(true).open()?, false)
     }
 
-    fn from_db(db: sled::Db) -> Result<Store, StoreError> {
+    fn from_db(db: sled::Db, flush_on_commit: bool) -> Result<Store, StoreError> {
         let meta = db.open_tree("meta")?;
         match meta.get("schema_version")? {
             None => {
@@ -166,16 +177,19 @@ impl Store {
         let replays = db.open_tree("replays")?;
         let replay_times = db.open_tree("replay_times")?;
         // The order `commit` gives the trees to `Tx`.
-        let writer = Writer::start([
-            tokens.clone(),
-            token_ids.clone(),
-            entities.clone(),
-            entity_owners.clone(),
-            replays.clone(),
-            replay_times.clone(),
-            meta.clone(),
-            rules.clone(),
-        ])?;
+        let writer = Writer::start(
+            flush_on_commit.then(|| db.clone()),
+            [
+                tokens.clone(),
+                token_ids.clone(),
+                entities.clone(),
+                entity_owners.clone(),
+                replays.clone(),
+                replay_times.clone(),
+                meta.clone(),
+                rules.clone(),
+            ],
+        )?;
         Ok(Store {
             tokens,
             token_ids,
@@ -391,6 +405,11 @@ impl Store {
         Ok(n)
     }
 
+    /// Whether each change is fsynced before the call that made it returns.
+    pub fn flushes_on_commit(&self) -> bool {
+        self.writer.flushes
+    }
+
     /// Writes everything to disk (fsync). Prefer [`GroupCommit::durable`] on request paths.
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
@@ -433,9 +452,11 @@ struct Job {
 /// a time, so a change per transaction caps the write rate near one disk write per change.
 /// The writer takes every change waiting for it and commits them in one transaction, in
 /// arrival order (each sees the ones before it), so concurrent changes share that disk
-/// write — as they share the flush in [`GroupCommit`]. If the batch fails, each change is
-/// run again alone, so one bad change fails only its own request.
+/// write, and then (unless opened for bulk import) one flush: group commit. If the batch
+/// fails, each change is run again alone, so one bad change fails only its own request.
 struct Writer {
+    /// Each batch is flushed (fsynced) before its changes return.
+    flushes: bool,
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -444,7 +465,8 @@ struct Writer {
 const MAX_BATCH: usize = 256;
 
 impl Writer {
-    fn start(trees: [sled::Tree; 8]) -> Result<Writer, StoreError> {
+    fn start(flush: Option<sled::Db>, trees: [sled::Tree; 8]) -> Result<Writer, StoreError> {
+        let flushes = flush.is_some();
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("authd-writer".into())
@@ -459,6 +481,9 @@ impl Writer {
                     }
                     match commit(&trees, &batch) {
                         Ok(results) => {
+                            if let Some(db) = &flush {
+                                make_durable(db);
+                            }
                             for (job, result) in batch.into_iter().zip(results) {
                                 let _ = job.done.send(Ok(result));
                             }
@@ -467,6 +492,9 @@ impl Writer {
                             for job in batch {
                                 let result = commit(&trees, std::slice::from_ref(&job))
                                     .and_then(|mut r| r.pop().ok_or(StoreError::Writer));
+                                if let (Ok(_), Some(db)) = (&result, &flush) {
+                                    make_durable(db);
+                                }
                                 let _ = job.done.send(result);
                             }
                         }
@@ -486,6 +514,7 @@ impl Writer {
                 detail: e.to_string(),
             })?;
         Ok(Writer {
+            flushes,
             jobs: Mutex::new(Some(jobs)),
             thread: Mutex::new(Some(thread)),
         })
@@ -517,6 +546,18 @@ impl Drop for Writer {
         if let Some(thread) = lock(&self.thread).take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Flushes (fsyncs) the database, or stops the process. After a failed fsync the state on
+/// disk is unknown; answering from memory that may disagree with it would break the promise
+/// that an answered change is durable. Like PostgreSQL, authd stops at once instead: the
+/// broker redelivers every unacknowledged request to the restarted worker, which answers
+/// from what is really on disk.
+fn make_durable(db: &sled::Db) {
+    if let Err(e) = db.flush() {
+        tracing::error!(error = %e, "database flush failed; stopping at once");
+        std::process::exit(74);
     }
 }
 
