@@ -79,8 +79,10 @@ pub async fn null_worker(
 pub struct BenchOptions {
     /// Use this broker instead of starting one.
     pub broker: Option<String>,
-    /// Requests per scenario.
+    /// Requests per measured run.
     pub requests: usize,
+    /// Measured runs per target and scenario (alternating ceiling and authd).
+    pub rounds: usize,
     /// In-flight levels to measure.
     pub in_flight: Vec<usize>,
     /// Scenarios by name (see [`SCENARIOS`]).
@@ -97,19 +99,39 @@ pub const SCENARIOS: &[&str] = &["authenticate", "authorize", "get-token", "gene
 /// Devices provisioned for the `authenticate` scenario.
 const DEVICES: usize = 1000;
 
-/// One measured run.
+/// One measured run: how long it took, and each request's round trip.
+struct Run {
+    requests: usize,
+    seconds: f64,
+    latencies: Vec<Duration>,
+}
+
+/// Several runs of one target, summarised: the median of the runs' rates (a shared
+/// machine's noise hits whole runs), and latency quantiles over every request of them.
 #[derive(Debug, Clone)]
 pub struct Stats {
-    pub requests: usize,
-    pub seconds: f64,
+    pub rate: f64,
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
 }
 
 impl Stats {
-    pub fn rate(&self) -> f64 {
-        self.requests as f64 / self.seconds
+    fn of(runs: Vec<Run>) -> Stats {
+        let mut rates: Vec<f64> = runs.iter().map(|r| r.requests as f64 / r.seconds).collect();
+        rates.sort_by(f64::total_cmp);
+        let mut all: Vec<Duration> = runs.into_iter().flat_map(|r| r.latencies).collect();
+        all.sort();
+        let us = |q: f64| {
+            all.get(((all.len() as f64 - 1.0) * q) as usize)
+                .map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        };
+        Stats {
+            rate: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+            p50_us: us(0.5),
+            p99_us: us(0.99),
+            max_us: us(1.0),
+        }
     }
 }
 
@@ -230,7 +252,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let null = Target::connect("ceiling", connect(&null_id)).await?;
 
     println!(
-        "authd bench: {} requests per run, broker {broker_url}, {} cores",
+        "authd bench: {} rounds of {} requests per target (rates: median round; latency: all requests), broker {broker_url}, {} cores",
+        options.rounds,
         options.requests,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
@@ -252,19 +275,24 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     for scenario in &options.scenarios {
         let scenario = Scenario::prepare(scenario, &authd, options.requests).await?;
         for &w in &options.in_flight {
-            // Warm-up, then the ceiling and authd back to back.
+            // Warm-up, then rounds that alternate the ceiling and authd, so that a noisy
+            // spell on the shared machine falls on both.
             let warm = (options.requests / 10).max(w);
             load(&null, &scenario, warm, w, true).await?;
             load(&authd, &scenario, warm, w, false).await?;
-            let c = load(&null, &scenario, options.requests, w, true).await?;
-            let a = load(&authd, &scenario, options.requests, w, false).await?;
+            let (mut ceiling_runs, mut authd_runs) = (Vec::new(), Vec::new());
+            for _ in 0..options.rounds {
+                ceiling_runs.push(load(&null, &scenario, options.requests, w, true).await?);
+                authd_runs.push(load(&authd, &scenario, options.requests, w, false).await?);
+            }
+            let (c, a) = (Stats::of(ceiling_runs), Stats::of(authd_runs));
             println!(
                 "{:<16} {:>4} | {:>10.0} {:>10.0} {:>6.2} | {:>7.0}us {:>7.0}us {:>6.2} | {:>7.0}us {:>7.0}us | {:>7.0}us {:>7.0}us",
                 scenario.name,
                 w,
-                c.rate(),
-                a.rate(),
-                a.rate() / c.rate(),
+                c.rate,
+                a.rate,
+                a.rate / c.rate,
                 c.p50_us,
                 a.p50_us,
                 a.p50_us / c.p50_us,
@@ -371,8 +399,10 @@ impl Target {
         // Wait until the worker answers (it may still be starting).
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            // Short tries: a request sent before the worker subscribed is lost, and the
+            // try's timeout bounds how precisely the cold start is measured.
             let r = clients[0]
-                .call("Auth.ListToken", json!({}), Duration::from_millis(500))
+                .call("Auth.ListToken", json!({}), Duration::from_millis(20))
                 .await;
             if r.is_ok() {
                 break;
@@ -528,7 +558,7 @@ async fn load(
     n: usize,
     w: usize,
     ceiling: bool,
-) -> anyhow::Result<Stats> {
+) -> anyhow::Result<Run> {
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -563,14 +593,9 @@ async fn load(
     for t in tasks {
         all.extend(t.await.context("load task")??);
     }
-    let seconds = start.elapsed().as_secs_f64();
-    all.sort();
-    let us = |q: f64| all[((all.len() as f64 - 1.0) * q) as usize].as_secs_f64() * 1e6;
-    Ok(Stats {
+    Ok(Run {
         requests: n,
-        seconds,
-        p50_us: us(0.5),
-        p99_us: us(0.99),
-        max_us: us(1.0),
+        seconds: start.elapsed().as_secs_f64(),
+        latencies: all,
     })
 }

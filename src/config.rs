@@ -32,8 +32,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// Everything `authd serve` needs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// Everything `authd serve` needs. `Debug` shows it with its secrets redacted.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// `mqtt://HOST[:PORT]` (port 1883 by default) or `mqtts://HOST[:PORT]` (TLS, 8883).
@@ -105,6 +105,15 @@ pub struct Config {
     pub rate_limit_per_sec: f64,
     /// Requests a caller may send at once; 0 means `rate_limit_per_sec` (at least 1).
     pub rate_limit_burst: u32,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match serde_json::to_string(&self.redacted()) {
+            Ok(text) => write!(f, "Config {text}"),
+            Err(_) => f.write_str("Config { … }"),
+        }
+    }
 }
 
 impl Default for Config {
@@ -551,6 +560,15 @@ mod tests {
         assert_eq!(c.callers.len(), 1);
         assert_eq!(c.broker, DEFAULT_BROKER);
         assert!(!format!("{:?}", c.redacted()).contains("k1"));
+        let with_password = Config {
+            broker_password: Some("hunter2-password".into()),
+            ..c.clone()
+        };
+        let shown = format!("{with_password:?}");
+        assert!(
+            !shown.contains("k1") && !shown.contains("hunter2"),
+            "{shown}"
+        );
         std::fs::write(&path, "idd = \"svc\"\n").unwrap();
         assert!(Config::from_file(&path).is_err());
     }

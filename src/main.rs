@@ -89,6 +89,9 @@ struct BenchArgs {
     /// Requests per measured run.
     #[arg(long, short = 'n', default_value_t = 20_000)]
     requests: usize,
+    /// Measured runs per target and scenario, alternating the ceiling and authd.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// In-flight levels, comma separated.
     #[arg(long, short = 'w', value_delimiter = ',', default_values_t = vec![1, 64])]
     in_flight: Vec<usize>,
@@ -741,6 +744,7 @@ async fn bench(args: BenchArgs) -> ExitCode {
     let options = authd::bench::BenchOptions {
         broker: args.broker,
         requests: args.requests.max(1),
+        rounds: args.rounds.max(1),
         in_flight: args.in_flight,
         scenarios: args.scenarios,
         authd,
