@@ -14,7 +14,7 @@
 //! | [`methods`] | one file per method family, typed args → typed result against the store |
 //! | [`cert`] | X.509 certificates: PEM parsing, SHA-256 fingerprint, validity |
 //! | [`rules`] | access rules: `*` patterns, the AuthorizeCommand decision order, the rule index |
-//! | [`store`] | sled trees behind product words (tokens, entities, rules, replays), group commit |
+//! | [`store`] | sled trees behind product words (tokens, entities, rules, replays); one writer thread batches transactions and flushes (group commit) |
 //! | [`crypto`] | server keys, keyed hashes, token derivation, constant-time comparison |
 //! | [`keys`] | `authd key rotate|list`: adding a server key, and what each key still signs |
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
@@ -22,7 +22,6 @@
 //! | [`ratelimit`] | per-caller token buckets (429) |
 //! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
 //! | [`logging`] | the log filter: `RUST_LOG=trace` is authd's trace, other crates stay at info |
-//! | [`metrics`] | counters of requests and dropped frames |
 //! | [`import`] | `authd import`: bulk provisioning of a stopped worker's data directory |
 //! | [`metrics`] | counters and latency of requests, dropped frames, reconnects, lockouts |
 //! | [`http`] | the operator's endpoint: `/metrics` (Prometheus) and `/ready` |

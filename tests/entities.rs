@@ -44,7 +44,6 @@ async fn put_get_never_shows_a_secret() {
             "id": "dev1",
             "owner": "alice",
             "has_psk": true,
-            "psk_key_id": 1,
             "cert_sha256": certs::sha256_hex(&cert),
             "disabled": false,
             "created": created,

@@ -158,7 +158,7 @@ pub fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
     Ok(reply)
 }
 
-/// `Entity.Get {id}` → `{id, owner?, has_psk, psk_key_id?, cert_sha256?, disabled, created}`;
+/// `Entity.Get {id}` → `{id, owner?, has_psk, cert_sha256?, disabled, created}`;
 /// 404 if none.
 pub fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let IdArgs { id } = parse_args(args)?;
@@ -240,11 +240,7 @@ fn view(id: &str, r: &EntityRecord) -> Value {
         v.insert("owner".into(), json!(owner));
     }
     v.insert("has_psk".into(), json!(r.psk.is_some()));
-    if let Some(psk) = &r.psk {
-        // Which server key the PSK's hash was made with: no secret, and what an operator
-        // needs to know before removing an old key.
-        v.insert("psk_key_id".into(), json!(psk.key_id));
-    }
+    // Exactly SPEC §6's fields. Which server key each PSK hash uses is `authd key list`'s.
     if let Some(fp) = &r.cert_sha256 {
         v.insert("cert_sha256".into(), json!(hex(fp)));
     }
