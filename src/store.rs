@@ -1,15 +1,16 @@
 //! The state of authd, in the product's words, kept in an embedded sled database.
 //!
-//! Nothing outside this module sees sled. Each change is one sled transaction that also
+//! Nothing outside this module sees sled. Each change runs in a sled transaction that also
 //! records the response to the request that made it ("replay record", keyed by the request's
 //! `src` and `id`), so a redelivered request gets the same answer and changes nothing.
-//! Changes become durable through [`GroupCommit`]: concurrent writers share one flush.
+//! One writer thread ([`Writer`]) runs every change: concurrent changes share one
+//! transaction and one flush (group commit), and a change is on disk when its call returns.
+//! [`GroupCommit`] makes a reader wait for the flush of a record it saw (a redelivery).
 //!
-//! Trees (all keys binary, values JSON records):
+//! Trees (all keys binary; values JSON records, but for entities):
 //! - `meta`: `schema_version`; `next_rule_id` (u64 BE), so rule ids are never reused.
 //! - `rules`: `rule id` (u64 BE) → [`Rule`]; mirrored in memory by a [`RuleIndex`], rebuilt
 //!   at open and updated with every change, so AuthorizeCommand never reads this tree.
-//! - `entities`: `id` → entity record; only its `owner` is read here (for AuthorizeCommand).
 //! - `tokens`: `lp(user) ‖ host` → [`TokenRecord`] — the live token of each (user, host).
 //! - `token_ids`: `token id` → `lp(user) ‖ host` — finds a presented token's owner.
 //! - `entities`: `id` → [`EntityRecord`] — devices and users that sign in (see [`entities`]).
@@ -710,7 +711,9 @@ fn corrupt(tree: &'static str, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// Group commit: callers that changed the store wait on [`GroupCommit::durable`]; one
+/// Group commit for readers: a caller that saw a record which may not be flushed yet (a
+/// redelivery answered from its replay record), or that changed a store opened without
+/// flush-on-commit, waits on [`GroupCommit::durable`]; one
 /// background task flushes once for everyone who asked while the previous flush ran.
 #[derive(Clone)]
 pub struct GroupCommit {
