@@ -72,7 +72,9 @@ pub struct Config {
     pub max_in_flight: usize,
     /// How long the response to a state-changing request is kept for redelivery, seconds.
     pub replay_window_secs: u64,
-    /// sled page cache, MiB.
+    /// sled page cache, MiB. Small by default: sled's memory grows well beyond it under
+    /// writes, and with 1M entities and 100k rules 8 MiB keeps the worker under 256 MiB
+    /// resident with no measured loss (README, Performance).
     pub cache_mib: u64,
     /// MQTT keep-alive, seconds.
     pub keep_alive_secs: u64,
@@ -134,7 +136,7 @@ impl Default for Config {
             max_packet_bytes: 1024 * 1024,
             max_in_flight: 1024,
             replay_window_secs: 600,
-            cache_mib: 64,
+            cache_mib: 8,
             keep_alive_secs: 30,
             drain_secs: 10,
             lockout_failures: 5,
