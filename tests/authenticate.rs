@@ -11,17 +11,6 @@ use support::*;
 
 const PSK: &str = "correct horse battery staple";
 
-async fn authenticate(client: &Client, id: &str, credentials: Value) -> bool {
-    ok(
-        client,
-        "/v1/Auth.Authenticate",
-        json!({"id": id, "credentials": credentials}),
-    )
-    .await
-    .and_then(|v| v.as_bool())
-    .expect("Authenticate answers a boolean")
-}
-
 async fn put(admin: &Client, args: Value) {
     ok(admin, "/v1/Entity.Put", args).await;
 }

@@ -7,17 +7,6 @@ use support::*;
 
 const PSK: &str = "correct horse battery staple";
 
-async fn authenticate(client: &authd::client::Client, id: &str, credentials: Value) -> bool {
-    ok(
-        client,
-        "/v1/Auth.Authenticate",
-        json!({"id": id, "credentials": credentials}),
-    )
-    .await
-    .and_then(|v| v.as_bool())
-    .expect("Authenticate answers a boolean")
-}
-
 #[tokio::test]
 async fn put_get_never_shows_a_secret() {
     let s = Setup::start().await;

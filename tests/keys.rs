@@ -14,14 +14,7 @@ use support::*;
 const PSK: &str = "correct horse battery staple";
 
 async fn signs_in(client: &Client, id: &str, psk: &str) -> bool {
-    ok(
-        client,
-        "/v1/Auth.Authenticate",
-        json!({"id": id, "credentials": {"psk": psk}}),
-    )
-    .await
-    .and_then(|v| v.as_bool())
-    .expect("Authenticate answers a boolean")
+    authenticate(client, id, json!({ "psk": psk })).await
 }
 
 async fn token_of(s: &Setup, user: &str, host: &str, method: &str) -> Value {

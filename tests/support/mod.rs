@@ -255,6 +255,18 @@ pub async fn err(client: &Client, method: &str, args: Value, code: u16) -> Strin
     e.message
 }
 
+/// Authenticate's answer for `id` with `credentials`; panics on an error frame.
+pub async fn authenticate(client: &Client, id: &str, credentials: Value) -> bool {
+    ok(
+        client,
+        "/v1/Auth.Authenticate",
+        serde_json::json!({"id": id, "credentials": credentials}),
+    )
+    .await
+    .and_then(|v| v.as_bool())
+    .expect("Authenticate answers a boolean")
+}
+
 /// Sends a raw frame and returns the response with id `id`.
 pub async fn raw(client: &Client, payload: &str, id: u64) -> Response {
     let topic = client.request_topic().to_owned();
