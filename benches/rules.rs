@@ -19,7 +19,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use authd::rules::{Effect, Rule, RuleIndex};
-use authd::store::{Replay, RequestKey, Store};
+use authd::store::{Change, RequestKey, Store};
 
 /// (src, dst, cmd) of one AuthorizeCommand.
 type Question = (String, String, String);
@@ -169,6 +169,9 @@ fn main() {
         // The whole decision as AuthorizeCommand makes it: the index under its lock, plus
         // the store's lookup of dst's owner.
         let store = Store::temporary().expect("temporary store");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
         for (i, r) in rules.iter().enumerate() {
             let request = RequestKey {
                 src: "bench",
@@ -176,13 +179,16 @@ fn main() {
                 at_ms: 0,
                 record_reply: false,
             };
-            store
-                .add_rule(r, &request, |_| Replay::Empty)
+            let change = Change::AddRule { rule: r.clone() };
+            runtime
+                .block_on(store.apply(&request, change))
                 .expect("add rule");
         }
+        // The embedded store decides synchronously: measured without a runtime in the way.
+        let Store::Embedded(embedded) = &store;
         for (name, qs) in sets {
             let (median, p99, allowed) = measure(rounds, qs, |s, d, c| {
-                store.authorize(s, d, c).is_ok_and(|x| x.allowed())
+                embedded.authorize(s, d, c).is_ok_and(|x| x.allowed())
             });
             println!(
                 "  {n:>6} rules, {name:<14}  Store::authorize  median {median:5.0}  p99 {p99:5.0}  ({allowed}/{} allowed)",

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use crate::client::{Client, ClientOptions};
 use crate::config::{BrokerAddress, Config};
-use crate::dispatch::{FrameHandler, Outcome};
+use crate::dispatch::{Outcome, Responder};
 use crate::frame::{Address, Response};
 use crate::Worker;
 
@@ -31,8 +31,8 @@ pub struct NullHandler {
     config: Arc<Config>,
 }
 
-impl FrameHandler for NullHandler {
-    fn handle(&self, _suffix: Option<&str>, payload: &[u8], _arrived_ms: u64) -> Outcome {
+impl Responder for NullHandler {
+    async fn respond(&self, _suffix: Option<&str>, payload: &[u8], _arrived_ms: u64) -> Outcome {
         #[derive(Deserialize)]
         struct Head<'a> {
             #[serde(borrow)]
@@ -69,7 +69,7 @@ pub async fn null_worker(
     let handler = Arc::new(NullHandler {
         config: Arc::new(config.clone()),
     });
-    let worker = Worker::start_with_handler(config, handler)?;
+    let worker = Worker::start_with_responder(config, handler)?;
     shutdown.await;
     worker.stop().await
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BrokerAddress, DEFAULT_SERVICE_ID};
 use crate::frame::{Response, MAX_ID};
-use crate::mqtt::{Link, Message, Publisher, Session, SessionOptions, Tls};
+use crate::mqtt::{BrokerState, Message, Publisher, Session, SessionOptions, Tls};
 
 /// Where and as whom to call.
 #[derive(Debug, Clone)]
@@ -83,7 +83,7 @@ pub struct Client {
 impl Client {
     /// Connects and subscribes to the reply topic; fails if that takes longer than `within`.
     pub async fn connect(options: ClientOptions, within: Duration) -> Result<Client, CallError> {
-        let (session, publisher, mut link) = Session::new(SessionOptions {
+        let (session, publisher, mut broker) = Session::new(SessionOptions {
             broker: options.broker.clone(),
             client_id: options
                 .client_id
@@ -106,7 +106,8 @@ impl Client {
         let close = CancellationToken::new();
         let session =
             tokio::spawn(session.run(on_message, CancellationToken::new(), close.clone(), || {}));
-        let ready = tokio::time::timeout(within, link.wait_for(|l| *l == Link::Ready)).await;
+        let ready =
+            tokio::time::timeout(within, broker.wait_for(|b| *b == BrokerState::Ready)).await;
         if !matches!(ready, Ok(Ok(_))) {
             close.cancel();
             return Err(CallError::Connect(format!(

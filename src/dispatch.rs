@@ -1,15 +1,16 @@
 //! From a request payload to a response: envelope checks, caller key, method lookup,
-//! deadline, redelivery record, and the method itself. Synchronous and free of MQTT: the
-//! server hands it bytes and gets back bytes (and whether the store changed).
+//! deadline, redelivery record, and the method itself. Free of MQTT: the server hands it
+//! bytes and gets back bytes (and whether the reply must wait for durability).
 
+use std::future::Future;
 use std::sync::Arc;
 
 use crate::caller::{Caller, CallerKeys};
 use crate::config::Config;
 use crate::crypto::ServerKeys;
-use crate::frame::{self, Address, Reject, Request, RpcError};
+use crate::frame::{self, Address, ErrorCode, Reject, Request, RpcError};
 use crate::lockout::Lockout;
-use crate::methods::{self, Ctx, Handler, Method};
+use crate::methods::{self, Answer, Ctx, Kind, Method};
 use crate::metrics::{Metrics, RequestLabel};
 use crate::mqtt;
 use crate::ratelimit::RateLimiter;
@@ -30,15 +31,30 @@ pub struct Outcome {
 
 /// Turns one request frame into an [`Outcome`]. Implemented by [`Dispatcher`] (authd) and
 /// by the benchmark's null worker, so both run on exactly the same serving path.
-pub trait FrameHandler: Send + Sync + 'static {
+pub trait Responder: Send + Sync + 'static {
     /// `suffix` is the part of the topic after `<request topic>/`, if any; `arrived_ms`
     /// when the frame came off the wire (UNIX ms).
-    fn handle(&self, suffix: Option<&str>, payload: &[u8], arrived_ms: u64) -> Outcome;
+    fn respond(
+        &self,
+        suffix: Option<&str>,
+        payload: &[u8],
+        arrived_ms: u64,
+    ) -> impl Future<Output = Outcome> + Send;
+
+    /// Waits until every change the outcomes so far depend on is durable (see
+    /// [`Outcome::needs_durability`]).
+    fn durable(&self) -> impl Future<Output = Result<(), crate::store::StoreError>> + Send {
+        async { Ok(()) }
+    }
 }
 
-impl FrameHandler for Dispatcher {
-    fn handle(&self, suffix: Option<&str>, payload: &[u8], arrived_ms: u64) -> Outcome {
-        Dispatcher::handle(self, suffix, payload, arrived_ms)
+impl Responder for Dispatcher {
+    async fn respond(&self, suffix: Option<&str>, payload: &[u8], arrived_ms: u64) -> Outcome {
+        self.handle(suffix, payload, arrived_ms).await
+    }
+
+    async fn durable(&self) -> Result<(), crate::store::StoreError> {
+        self.store.durable().await
     }
 }
 
@@ -63,7 +79,7 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
     ) -> Self {
         Dispatcher {
-            lockout: Lockout::new(config.lockout()).counting_locks_in(metrics.clone()),
+            lockout: Lockout::new(config.lockout()),
             rate: RateLimiter::new(config.rate_limit(), callers.names().map(|(n, _)| n)),
             config,
             callers,
@@ -86,7 +102,7 @@ impl Dispatcher {
 
     /// Handles one frame received on the request topic. `suffix` is the part of the topic
     /// after `<request topic>/`, if any; `arrived_ms` when it came off the wire (UNIX ms).
-    pub fn handle(&self, suffix: Option<&str>, payload: &[u8], arrived_ms: u64) -> Outcome {
+    pub async fn handle(&self, suffix: Option<&str>, payload: &[u8], arrived_ms: u64) -> Outcome {
         let req = match frame::parse(payload, self.config.max_frame_bytes) {
             Ok(req) => req,
             Err(Reject::Drop(reason)) => {
@@ -111,17 +127,17 @@ impl Dispatcher {
             .as_deref()
             .or(suffix.filter(|s| !s.is_empty()))
             .and_then(methods::find);
-        match self.execute(suffix, &req, arrived_ms) {
+        match self.execute(suffix, &req, arrived_ms).await {
             Ok((result, needs_durability)) => Outcome {
                 reply: self.reply(&to, Body::Result(result.as_ref())),
                 needs_durability,
-                label: Some(RequestLabel::ok(method)),
+                label: Some(RequestLabel::ok(method.and_then(methods::position))),
             },
             Err(e) => self.error(&to, e, method),
         }
     }
 
-    fn execute(
+    async fn execute(
         &self,
         suffix: Option<&str>,
         req: &Request<'_>,
@@ -158,7 +174,7 @@ impl Dispatcher {
             return Err(RpcError::forbidden(name));
         }
         if !self.rate.admit(caller.name, std::time::Instant::now())
-            && !self.is_recorded(method, req)
+            && !self.is_recorded(method, req).await
         {
             return Err(self.rate_limited(caller.name));
         }
@@ -175,47 +191,46 @@ impl Dispatcher {
                 at_ms: now_ms,
                 record_reply: self.record_replies,
             },
+            method: method.name,
             lockout: &self.lockout,
+            metrics: &self.metrics,
         };
-        self.run(method, &ctx, req, caller)
+        self.run(method, &ctx, req, caller).await
     }
 
-    fn run(
+    async fn run(
         &self,
         method: &Method,
         ctx: &Ctx<'_>,
         req: &Request<'_>,
         caller: Caller<'_>,
     ) -> Result<(Option<serde_json::Value>, bool), RpcError> {
-        match method.handler {
-            Handler::Read(f) => f(ctx, req.args).map(|r| (r, false)),
-            Handler::Write(f) => {
-                // A redelivered request (same src and id) gets the recorded answer. The record
-                // may still be on its way to disk (its change is being flushed), so that reply
-                // waits for durability. A fresh change is on disk when the store returns.
-                let recorded = self
-                    .store
-                    .replay(ctx.request.src, ctx.request.id)
-                    .map_err(methods::storage_failed)?;
-                let (reply, replayed) = match recorded {
-                    Some(reply) => {
-                        self.metrics
-                            .replayed
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        // The change itself was audited by its method the first time.
-                        tracing::info!(
-                            target: "authd::audit",
-                            rpc_id = ctx.request.id,
-                            src = ctx.request.src,
-                            method = method.name,
-                            caller = caller.name,
-                            "redelivered change answered from its record"
-                        );
-                        (reply, true)
-                    }
-                    None => (f(ctx, req.args)?, false),
-                };
-                let wait = replayed || !self.store.flushes_on_commit();
+        if method.kind == Kind::Write {
+            // A redelivered request (same src and id) gets the recorded answer. The record
+            // may still be on its way to disk (its change is being flushed), so that reply
+            // waits for durability. A fresh change is on disk when the store returns.
+            let recorded = self
+                .store
+                .replay(ctx.request.src, ctx.request.id)
+                .await
+                .map_err(methods::storage_failed)?;
+            if let Some(reply) = recorded {
+                self.metrics
+                    .replayed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // The change itself was audited by its method the first time.
+                crate::audit!(
+                    ctx,
+                    caller = caller.name,
+                    "redelivered change answered from its record"
+                );
+                return methods::render(&reply, &self.keys).map(|r| (r, true));
+            }
+        }
+        match method.run(ctx, req.args).await? {
+            Answer::Read(result) => Ok((result, false)),
+            Answer::Write(reply) => {
+                let wait = !self.store.durable_on_commit();
                 methods::render(&reply, &self.keys).map(|r| (r, wait))
             }
         }
@@ -224,9 +239,9 @@ impl Dispatcher {
     /// Whether `req` is a state-changing request already executed (a redelivery): it is
     /// answered from its record even over the rate limit, since a 429 would say "not
     /// executed" of a request that was.
-    fn is_recorded(&self, method: &Method, req: &Request<'_>) -> bool {
-        matches!(method.handler, Handler::Write(_))
-            && matches!(self.store.replay(&req.to.src, req.to.id), Ok(Some(_)))
+    async fn is_recorded(&self, method: &Method, req: &Request<'_>) -> bool {
+        method.kind == Kind::Write
+            && matches!(self.store.replay(&req.to.src, req.to.id).await, Ok(Some(_)))
     }
 
     fn rate_limited(&self, caller: &str) -> RpcError {
@@ -241,7 +256,7 @@ impl Dispatcher {
         }
         let p = self.rate.policy();
         RpcError::new(
-            429,
+            ErrorCode::RateLimited,
             format!(
                 "caller key `{caller}` is over its rate limit of {} requests/s (burst {}); retry later",
                 p.per_sec, p.burst
@@ -256,7 +271,10 @@ impl Dispatcher {
         Outcome {
             reply: self.reply(to, Body::Error(&e)),
             needs_durability: false,
-            label: Some(RequestLabel::error(method, e.code)),
+            label: Some(RequestLabel::error(
+                method.and_then(methods::position),
+                e.code,
+            )),
         }
     }
 
@@ -280,13 +298,16 @@ impl Dispatcher {
         }
         let short = match body {
             Body::Result(_) => RpcError::new(
-                500,
+                ErrorCode::Internal,
                 format!(
                     "the response of {} bytes is larger than the limit of {max} bytes",
                     payload.len()
                 ),
             ),
-            Body::Error(e) => RpcError::new(e.code, truncate(&e.message, 200)),
+            Body::Error(e) => RpcError {
+                code: e.code,
+                message: truncate(&e.message, 200),
+            },
         };
         tracing::warn!(
             rpc_id = to.id,

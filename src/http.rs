@@ -17,7 +17,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::mqtt::Link;
+use crate::mqtt::BrokerState;
 
 const MAX_HEAD: usize = 8 * 1024;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,7 +27,7 @@ const MAX_CONNECTIONS: usize = 32;
 #[derive(Clone)]
 pub struct Endpoint {
     pub metrics: Arc<Metrics>,
-    pub link: watch::Receiver<Link>,
+    pub broker: watch::Receiver<BrokerState>,
     /// Fired when the worker stops taking requests: from then on it is not ready.
     pub stopping: CancellationToken,
 }
@@ -35,7 +35,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// Connected, subscribed and not shutting down.
     pub fn ready(&self) -> bool {
-        *self.link.borrow() == Link::Ready && !self.stopping.is_cancelled()
+        *self.broker.borrow() == BrokerState::Ready && !self.stopping.is_cancelled()
     }
 }
 

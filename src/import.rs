@@ -30,7 +30,7 @@ pub struct ImportReport {
 const MAX_REPORTED_ERRORS: usize = 20;
 
 /// Applies every line of `input` to the data directory of `config`.
-pub fn import(config: &Config, input: impl BufRead) -> anyhow::Result<ImportReport> {
+pub async fn import(config: &Config, input: impl BufRead) -> anyhow::Result<ImportReport> {
     // One flush at the end, not one per line.
     let (store, keys) = crate::server::open_data(config, false)?;
     // A key that lives only as long as this call: import lines carry none.
@@ -45,7 +45,7 @@ pub fn import(config: &Config, input: impl BufRead) -> anyhow::Result<ImportRepo
         callers,
         store.clone(),
         keys,
-        Arc::new(Metrics::default()),
+        Arc::new(Metrics::new(crate::methods::names().collect())),
     )
     .without_replay_records();
 
@@ -91,7 +91,7 @@ pub fn import(config: &Config, input: impl BufRead) -> anyhow::Result<ImportRepo
             frame.extend_from_slice(args.get().as_bytes());
             frame.push(b'}');
         }
-        let outcome = dispatcher.handle(None, &frame, crate::unix_ms());
+        let outcome = dispatcher.handle(None, &frame, crate::unix_ms()).await;
         let Some((_, reply)) = outcome.reply else {
             refused(&mut report, "no answer".into());
             continue;
@@ -102,6 +102,6 @@ pub fn import(config: &Config, input: impl BufRead) -> anyhow::Result<ImportRepo
             Err(e) => refused(&mut report, e.to_string()),
         }
     }
-    store.flush()?;
+    store.flush().await?;
     Ok(report)
 }

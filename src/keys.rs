@@ -43,16 +43,20 @@ pub struct KeyStatus {
 
 /// Every key id of the key file or the database, with what uses it. Opens the database, so
 /// the worker must be stopped.
-pub fn list(config: &Config) -> anyhow::Result<Vec<KeyStatus>> {
+pub async fn list(config: &Config) -> anyhow::Result<Vec<KeyStatus>> {
     let keys = ServerKeys::load(&key_file(&config.data))?;
-    let store =
-        Store::open(&config.data.join("db"), config.cache_mib * 1024 * 1024).map_err(|e| {
-            anyhow::anyhow!(
-                "opening the database in {}: {e} (stop the worker first)",
-                config.data.display()
-            )
-        })?;
-    let mut usage: BTreeMap<KeyId, KeyUsage> = store.key_usage()?;
+    let store = Store::open_embedded(
+        &config.data.join("db"),
+        config.cache_mib * 1024 * 1024,
+        true,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "opening the database in {}: {e} (stop the worker first)",
+            config.data.display()
+        )
+    })?;
+    let mut usage: BTreeMap<KeyId, KeyUsage> = store.key_usage().await?;
     for id in keys.ids() {
         usage.entry(id).or_default();
     }

@@ -13,11 +13,8 @@
 //! holding is a hash lookup.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-use crate::metrics::Metrics;
 
 /// The guard's settings (from [`crate::config::Config`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +72,6 @@ pub enum Gate {
 pub struct Lockout {
     policy: LockoutPolicy,
     streaks: Mutex<HashMap<String, Streak>>,
-    /// Where each lock started is counted (`authd_lockouts_total`).
-    metrics: Option<Arc<Metrics>>,
 }
 
 impl Lockout {
@@ -84,14 +79,7 @@ impl Lockout {
         Lockout {
             policy,
             streaks: Mutex::new(HashMap::new()),
-            metrics: None,
         }
-    }
-
-    /// Counts every lock started in `metrics.lockouts`.
-    pub fn counting_locks_in(mut self, metrics: Arc<Metrics>) -> Lockout {
-        self.metrics = Some(metrics);
-        self
     }
 
     pub fn policy(&self) -> &LockoutPolicy {
@@ -149,9 +137,6 @@ impl Lockout {
         let doublings = (s.failures - p.failures).min(31);
         let lock = p.base.saturating_mul(1 << doublings).min(p.max);
         s.locked_until = Some(now + lock);
-        if let Some(m) = &self.metrics {
-            m.lockouts.fetch_add(1, Relaxed);
-        }
         Some(lock)
     }
 

@@ -394,8 +394,8 @@ fn main() -> ExitCode {
         match other {
             Command::Call(args) => call(args).await,
             Command::Ctl(args) => ctl(args).await,
-            Command::Import(args) => import(args),
-            Command::Key(command) => key(command),
+            Command::Import(args) => import(args).await,
+            Command::Key(command) => key(command).await,
             Command::Bench(args) => bench(args).await,
             Command::NullWorker(args) => null_worker(args).await,
             Command::Serve(_) => ExitCode::from(2), // resolved above
@@ -782,7 +782,7 @@ async fn null_worker(args: NullWorkerArgs) -> ExitCode {
     }
 }
 
-fn key(command: KeyCommand) -> ExitCode {
+async fn key(command: KeyCommand) -> ExitCode {
     match command {
         KeyCommand::Rotate { data } => {
             let data = data.unwrap_or_else(default_data_dir);
@@ -804,6 +804,7 @@ fn key(command: KeyCommand) -> ExitCode {
                 ..Config::default()
             };
             match authd::keys::list(&config)
+                .await
                 .and_then(|keys| Ok(serde_json::to_string_pretty(&json!({ "keys": keys }))?))
             {
                 Ok(text) => {
@@ -819,8 +820,8 @@ fn key(command: KeyCommand) -> ExitCode {
     }
 }
 
-fn import(args: ImportArgs) -> ExitCode {
-    let result = (|| -> anyhow::Result<authd::import::ImportReport> {
+async fn import(args: ImportArgs) -> ExitCode {
+    let result = async {
         let mut config = match &args.config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
@@ -829,13 +830,14 @@ fn import(args: ImportArgs) -> ExitCode {
             config.data = data;
         }
         if args.file.as_os_str() == "-" {
-            authd::import::import(&config, std::io::stdin().lock())
+            authd::import::import(&config, std::io::stdin().lock()).await
         } else {
             let file = std::fs::File::open(&args.file)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
-            authd::import::import(&config, std::io::BufReader::new(file))
+            authd::import::import(&config, std::io::BufReader::new(file)).await
         }
-    })();
+    }
+    .await;
     match result {
         Ok(report) => {
             for (line, error) in &report.errors {

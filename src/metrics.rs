@@ -12,16 +12,18 @@ use std::time::Duration;
 use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{Encoder, TextEncoder};
 
-use crate::frame::DropReason;
-use crate::methods;
+use crate::frame::{DropReason, ErrorCode};
 
-/// The `outcome` label: `ok`, or the error code. Codes outside the SPEC's table are `error`.
-pub const OUTCOMES: [&str; 11] = [
-    "ok", "400", "401", "403", "404", "409", "413", "429", "500", "504", "error",
-];
+/// Columns of the `outcome` label: `ok`, each [`ErrorCode`], and `error` for any other code.
+const OUTCOMES: usize = ErrorCode::ALL.len() + 2;
 
-/// The error codes of [`OUTCOMES`], in the same order (after `ok`).
-const CODES: [u16; 9] = [400, 401, 403, 404, 409, 413, 429, 500, 504];
+/// The `outcome` label of column `i`.
+fn outcome_label(i: usize) -> &'static str {
+    match i {
+        0 => "ok",
+        i => ErrorCode::ALL.get(i - 1).map_or("error", |c| c.label()),
+    }
+}
 
 /// Upper bounds of the latency histogram's buckets, seconds: from a loopback round trip
 /// (~0.1 ms) to a request stuck behind a slow disk.
@@ -36,42 +38,29 @@ pub const OTHER_METHOD: &str = "other";
 /// server once the reply is handed to the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestLabel {
-    /// Row: the method's position in the table; `methods::count()` is `other`.
-    method: usize,
-    /// Column in [`OUTCOMES`].
+    /// Row: the method's position in the names given to [`Metrics::new`]; `None` is `other`.
+    method: Option<usize>,
+    /// Column: see [`outcome_label`].
     outcome: usize,
 }
 
 impl RequestLabel {
-    /// A request answered with a result.
-    pub fn ok(method: Option<&methods::Method>) -> Self {
-        RequestLabel {
-            method: row(method),
-            outcome: 0,
-        }
+    /// A request of method `row` (`None`: no known method) answered with a result.
+    pub fn ok(method: Option<usize>) -> Self {
+        RequestLabel { method, outcome: 0 }
     }
 
-    /// A request answered with error `code`.
-    pub fn error(method: Option<&methods::Method>, code: u16) -> Self {
-        let outcome = CODES
-            .iter()
-            .position(|c| *c == code)
-            .map_or(OUTCOMES.len() - 1, |i| i + 1);
-        RequestLabel {
-            method: row(method),
-            outcome,
-        }
+    /// A request of method `row` answered with error `code`.
+    pub fn error(method: Option<usize>, code: u16) -> Self {
+        let outcome = ErrorCode::from_number(code)
+            .and_then(|c| ErrorCode::ALL.iter().position(|a| *a == c))
+            .map_or(OUTCOMES - 1, |i| i + 1);
+        RequestLabel { method, outcome }
     }
 
     pub fn is_ok(&self) -> bool {
         self.outcome == 0
     }
-}
-
-fn row(method: Option<&methods::Method>) -> usize {
-    method
-        .and_then(methods::position)
-        .unwrap_or_else(methods::count)
 }
 
 /// One method's latency histogram: a count per bucket (not cumulative) plus `+Inf`.
@@ -98,6 +87,8 @@ impl Latency {
 
 #[derive(Debug)]
 pub struct Metrics {
+    /// The `method` label of each row; the last row is `other`.
+    methods: Vec<&'static str>,
     dropped: [AtomicU64; DropReason::ALL.len()],
     /// QoS 0 frames refused because `max_in_flight` requests were already being worked on.
     pub overloaded: AtomicU64,
@@ -110,15 +101,25 @@ pub struct Metrics {
     /// Requests refused with 429: the caller was over its rate limit.
     pub rate_limited: AtomicU64,
     /// `[method][outcome]`, the last row `other`.
-    requests: Box<[[AtomicU64; OUTCOMES.len()]]>,
+    requests: Box<[[AtomicU64; OUTCOMES]]>,
     /// Per method, the last row `other`.
     latency: Box<[Latency]>,
 }
 
 impl Default for Metrics {
+    /// Metrics with no method rows: every request is `other` (the benchmark's null worker).
     fn default() -> Self {
-        let rows = methods::count() + 1;
+        Metrics::new(Vec::new())
+    }
+}
+
+impl Metrics {
+    /// Metrics with one row per method name (in the order [`RequestLabel`] rows count them),
+    /// plus `other`.
+    pub fn new(methods: Vec<&'static str>) -> Self {
+        let rows = methods.len() + 1;
         Metrics {
+            methods,
             dropped: Default::default(),
             overloaded: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
@@ -129,9 +130,14 @@ impl Default for Metrics {
             latency: (0..rows).map(|_| Latency::default()).collect(),
         }
     }
-}
 
-impl Metrics {
+    fn row(&self, label: &RequestLabel) -> usize {
+        label
+            .method
+            .filter(|m| *m < self.methods.len())
+            .unwrap_or(self.methods.len())
+    }
+
     /// Counts a dropped frame; returns the new count for that reason.
     pub fn drop_frame(&self, reason: DropReason) -> u64 {
         self.dropped[reason as usize].fetch_add(1, Relaxed) + 1
@@ -148,12 +154,9 @@ impl Metrics {
     /// Counts an answered request (reply handed to the broker, or `nr`) and its latency
     /// from arrival.
     pub fn answered(&self, label: RequestLabel, elapsed: Duration) {
-        if let Some(row) = self.requests.get(label.method) {
-            row[label.outcome].fetch_add(1, Relaxed);
-        }
-        if let Some(latency) = self.latency.get(label.method) {
-            latency.observe(elapsed);
-        }
+        let row = self.row(&label);
+        self.requests[row][label.outcome].fetch_add(1, Relaxed);
+        self.latency[row].observe(elapsed);
     }
 
     /// Requests answered with a result.
@@ -172,10 +175,12 @@ impl Metrics {
 
     /// Requests of `method` (canonical name, or `other`) with `outcome` (`ok` or a code).
     pub fn requests(&self, method: &str, outcome: &str) -> u64 {
-        let row = methods::find(method)
-            .and_then(methods::position)
-            .or_else(|| (method == OTHER_METHOD).then(methods::count));
-        let col = OUTCOMES.iter().position(|o| *o == outcome);
+        let row = self
+            .methods
+            .iter()
+            .position(|m| *m == method)
+            .or_else(|| (method == OTHER_METHOD).then_some(self.methods.len()));
+        let col = (0..OUTCOMES).find(|i| outcome_label(*i) == outcome);
         match (row, col) {
             (Some(r), Some(c)) => self.requests[r][c].load(Relaxed),
             _ => 0,
@@ -185,14 +190,17 @@ impl Metrics {
     /// The Prometheus text exposition (format 0.0.4) of every metric. `broker_ready`: the
     /// worker is connected and subscribed.
     pub fn render(&self, broker_ready: bool) -> Result<String, prometheus::Error> {
-        let method_name = |i: usize| methods::name_at(i).unwrap_or(OTHER_METHOD);
+        let method_name = |i: usize| self.methods.get(i).copied().unwrap_or(OTHER_METHOD);
         let mut requests = Vec::new();
         for (i, row) in self.requests.iter().enumerate() {
-            for (outcome, count) in OUTCOMES.iter().zip(row.iter()) {
+            for (outcome, count) in row.iter().enumerate() {
                 let n = count.load(Relaxed);
                 if n > 0 {
                     requests.push(counter(
-                        &[("method", method_name(i)), ("outcome", outcome)],
+                        &[
+                            ("method", method_name(i)),
+                            ("outcome", outcome_label(outcome)),
+                        ],
                         n,
                     ));
                 }
@@ -348,23 +356,23 @@ mod tests {
 
     #[test]
     fn codes_and_outcome_labels_agree() {
-        for (i, code) in CODES.iter().enumerate() {
-            assert_eq!(OUTCOMES[i + 1], code.to_string());
+        for (i, code) in ErrorCode::ALL.iter().enumerate() {
+            assert_eq!(outcome_label(i + 1), code.number().to_string());
         }
-        assert_eq!(OUTCOMES.len(), CODES.len() + 2);
+        assert_eq!(outcome_label(OUTCOMES - 1), "error");
     }
 
     #[test]
     fn renders_counts_by_method_and_outcome_with_latency() {
-        let m = Metrics::default();
-        let auth = methods::find("Auth.Authenticate");
+        let m = Metrics::new(vec!["Auth.Authenticate", "Auth.GetToken"]);
+        let auth = Some(0);
         m.answered(RequestLabel::ok(auth), Duration::from_micros(300));
         m.answered(RequestLabel::ok(auth), Duration::from_millis(3));
         m.answered(RequestLabel::error(None, 401), Duration::from_micros(50));
         m.answered(RequestLabel::error(auth, 599), Duration::from_secs(10));
         m.drop_frame(DropReason::BadSrc);
         assert_eq!((m.answered_ok(), m.answered_error()), (2, 2));
-        assert_eq!(m.requests("/v1/Auth.Authenticate", "ok"), 2);
+        assert_eq!(m.requests("Auth.Authenticate", "ok"), 2);
         assert_eq!(m.requests("other", "401"), 1);
         let text = m.render(true).unwrap();
         for line in [

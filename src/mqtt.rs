@@ -190,7 +190,7 @@ pub struct Ack {
 
 /// Connection state, for readiness and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Link {
+pub enum BrokerState {
     Down,
     /// Connected and every subscription granted.
     Ready,
@@ -337,12 +337,12 @@ pub struct Session {
     eventloop: EventLoop,
     client: AsyncClient,
     acks: Arc<Mutex<AckQueue>>,
-    link: watch::Sender<Link>,
+    state: watch::Sender<BrokerState>,
 }
 
 impl Session {
     /// Prepares a session; nothing connects until [`Session::run`].
-    pub fn new(options: SessionOptions) -> (Session, Publisher, watch::Receiver<Link>) {
+    pub fn new(options: SessionOptions) -> (Session, Publisher, watch::Receiver<BrokerState>) {
         let mut mqtt = MqttOptions::new(
             options.client_id.clone(),
             options.broker.host.clone(),
@@ -368,7 +368,7 @@ impl Session {
         net.set_connection_timeout(5);
         eventloop.set_network_options(net);
         let acks = Arc::new(Mutex::new(AckQueue::default()));
-        let (link, link_rx) = watch::channel(Link::Down);
+        let (state, state_rx) = watch::channel(BrokerState::Down);
         let publisher = Publisher {
             client: client.clone(),
             acks: acks.clone(),
@@ -379,10 +379,10 @@ impl Session {
                 eventloop,
                 client,
                 acks,
-                link,
+                state,
             },
             publisher,
-            link_rx,
+            state_rx,
         )
     }
 
@@ -425,7 +425,7 @@ impl Session {
                     if !ack.session_present || !ever_connected {
                         self.subscribe();
                     } else {
-                        let _ = self.link.send(Link::Ready);
+                        let _ = self.state.send(BrokerState::Ready);
                     }
                     ever_connected = true;
                 }
@@ -437,7 +437,7 @@ impl Session {
                     {
                         tracing::error!(topics = ?self.options.subscriptions, "the broker refused a subscription (check its ACL)");
                     } else {
-                        let _ = self.link.send(Link::Ready);
+                        let _ = self.state.send(BrokerState::Ready);
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -455,12 +455,12 @@ impl Session {
                     });
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                    let _ = self.link.send(Link::Down);
+                    let _ = self.state.send(BrokerState::Down);
                     return;
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    let _ = self.link.send(Link::Down);
+                    let _ = self.state.send(BrokerState::Down);
                     if close.is_cancelled() {
                         return;
                     }

@@ -16,10 +16,10 @@ use tokio_util::task::TaskTracker;
 use crate::caller::{self, CallerKeys};
 use crate::config::{BrokerAddress, Config};
 use crate::crypto::ServerKeys;
-use crate::dispatch::{Dispatcher, FrameHandler};
+use crate::dispatch::{Dispatcher, Responder};
 use crate::metrics::Metrics;
-use crate::mqtt::{Link, Message, Publisher, Session, SessionOptions, Tls};
-use crate::store::{self, GroupCommit, Store};
+use crate::mqtt::{BrokerState, Message, Publisher, Session, SessionOptions, Tls};
+use crate::store::{self, Store};
 
 /// Runs the worker until `shutdown` completes, then stops it cleanly.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -38,7 +38,7 @@ pub struct Worker {
     metrics: Arc<Metrics>,
     store: Option<Store>,
     publisher: Publisher,
-    link: watch::Receiver<Link>,
+    broker: watch::Receiver<BrokerState>,
     tracker: TaskTracker,
     intake: CancellationToken,
     close: CancellationToken,
@@ -71,7 +71,7 @@ impl Worker {
         tracing::info!(keys = ?callers, "caller keys loaded");
 
         let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::new(crate::methods::names().collect()));
         let dispatcher = Arc::new(Dispatcher::new(
             config.clone(),
             callers,
@@ -94,36 +94,35 @@ impl Worker {
         )
     }
 
-    /// Serves `handler` on the bus with everything but the store: the same session, task
-    /// per request, ordered acks and shutdown as authd. `authd null-worker` (the
-    /// benchmark's ceiling) is this with a handler that answers `true`.
-    pub fn start_with_handler(
+    /// Serves `responder` on the bus with everything but the store: the same session, task
+    /// per request, ordered acks and shutdown as authd. The benchmark's null worker (the
+    /// ceiling) is this with a responder that answers `true`.
+    pub fn start_with_responder<R: Responder>(
         config: Config,
-        handler: Arc<dyn FrameHandler>,
+        responder: Arc<R>,
     ) -> anyhow::Result<Worker> {
         config.validate()?;
         let endpoints = Endpoints::prepare(&config)?;
         Self::run(
             Arc::new(config),
             endpoints,
-            handler,
+            responder,
             Arc::new(Metrics::default()),
             None,
             Vec::new(),
         )
     }
 
-    fn run(
+    fn run<R: Responder>(
         config: Arc<Config>,
         Endpoints { broker, tls, http }: Endpoints,
-        handler: Arc<dyn FrameHandler>,
+        responder: Arc<R>,
         metrics: Arc<Metrics>,
         store: Option<Store>,
         background: Vec<JoinHandle<()>>,
     ) -> anyhow::Result<Worker> {
-        let commit = store.clone().map(|s| GroupCommit::start(s, 4096));
         let request_topic: Arc<str> = config.request_topic().into();
-        let (session, publisher, link) = Session::new(SessionOptions {
+        let (session, publisher, broker_state) = Session::new(SessionOptions {
             broker,
             client_id: config.client_id.clone(),
             credentials: config
@@ -143,13 +142,15 @@ impl Worker {
         let close = CancellationToken::new();
         let failed = CancellationToken::new();
         let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
+        let serving = Arc::new(Serving {
+            responder,
+            publisher: publisher.clone(),
+            metrics: metrics.clone(),
+            request_topic,
+            failed: failed.clone(),
+        });
         let on_message = {
-            let (tracker, publisher, metrics, failed) = (
-                tracker.clone(),
-                publisher.clone(),
-                metrics.clone(),
-                failed.clone(),
-            );
+            let (tracker, metrics) = (tracker.clone(), metrics.clone());
             move |msg: Message| {
                 let permit = match in_flight.clone().try_acquire_owned() {
                     Ok(p) => Some(p),
@@ -161,16 +162,7 @@ impl Worker {
                         return;
                     }
                 };
-                tracker.spawn(handle(
-                    handler.clone(),
-                    publisher.clone(),
-                    metrics.clone(),
-                    commit.clone(),
-                    request_topic.clone(),
-                    msg,
-                    permit,
-                    failed.clone(),
-                ));
+                tracker.spawn(serving.clone().answer(msg, permit));
             }
         };
         let on_reconnect = {
@@ -188,7 +180,7 @@ impl Worker {
             tracing::info!(addr = ?metrics_addr, "serving /metrics and /ready");
             let endpoint = crate::http::Endpoint {
                 metrics: metrics.clone(),
-                link: link.clone(),
+                broker: broker_state.clone(),
                 stopping: intake.clone(),
             };
             // Ends with the worker: `stop` aborts the background tasks.
@@ -203,7 +195,7 @@ impl Worker {
             metrics,
             store,
             publisher,
-            link,
+            broker: broker_state,
             tracker,
             intake,
             close,
@@ -226,13 +218,13 @@ impl Worker {
 
     /// Waits until the worker is connected and subscribed.
     pub async fn ready(&self) {
-        let mut link = self.link.clone();
-        let _ = link.wait_for(|l| *l == Link::Ready).await;
+        let mut broker = self.broker.clone();
+        let _ = broker.wait_for(|b| *b == BrokerState::Ready).await;
     }
 
-    /// Current connection state.
-    pub fn link(&self) -> Link {
-        *self.link.borrow()
+    /// The state of the broker connection now.
+    pub fn broker_state(&self) -> BrokerState {
+        *self.broker.borrow()
     }
 
     /// Stops taking requests, lets those in flight finish (bounded by `drain_secs`),
@@ -253,9 +245,10 @@ impl Worker {
         for task in &self.background {
             task.abort();
         }
-        let store = self.store.clone();
-        let flushed =
-            tokio::task::spawn_blocking(move || store.map_or(Ok(()), |s| s.flush())).await;
+        let flushed = match &self.store {
+            Some(store) => store.flush().await,
+            None => Ok(()),
+        };
         // A connected session ends on the Disconnect; an unreachable broker on `close`.
         self.publisher.disconnect().await;
         self.close.cancel();
@@ -263,11 +256,7 @@ impl Worker {
         if self.failed.is_cancelled() {
             anyhow::bail!("stopped because the database could not be made durable");
         }
-        match flushed {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(e.into()),
-        }
+        Ok(flushed?)
     }
 }
 
@@ -297,54 +286,61 @@ impl Endpoints {
     }
 }
 
-/// Handles one message: dispatch, wait for durability if the store changed, publish the
-/// reply, then ack. The ack comes last, so a crash anywhere before it means redelivery.
-#[allow(clippy::too_many_arguments)]
-async fn handle(
-    handler: Arc<dyn FrameHandler>,
+/// What every request's task needs: the responder and the way back to the broker.
+struct Serving<R> {
+    responder: Arc<R>,
     publisher: Publisher,
     metrics: Arc<Metrics>,
-    commit: Option<GroupCommit>,
+    /// Requests come on this topic, or under it with the method as the last level.
     request_topic: Arc<str>,
-    msg: Message,
-    _permit: Option<OwnedSemaphorePermit>,
+    /// Fired when the worker cannot go on safely (the store cannot be made durable).
     failed: CancellationToken,
-) {
-    let suffix = msg
-        .topic
-        .strip_prefix(&*request_topic)
-        .and_then(|rest| rest.strip_prefix('/'));
-    let outcome = handler.handle(suffix, &msg.payload, msg.arrived_ms);
-    if let (true, Some(commit)) = (outcome.needs_durability, &commit) {
-        if let Err(e) = commit.durable().await {
-            // Neither reply nor ack: the broker redelivers after restart, and the request is
-            // answered from what is really on disk.
-            tracing::error!(error = %e, "cannot make changes durable; stopping");
-            failed.cancel();
-            return;
+}
+
+impl<R: Responder> Serving<R> {
+    /// Answers one message: respond, wait for durability if the reply depends on it, publish
+    /// the reply, then ack. The ack comes last, so a crash anywhere before it means
+    /// redelivery. `_permit` holds the message's in-flight slot until the end.
+    async fn answer(self: Arc<Self>, msg: Message, _permit: Option<OwnedSemaphorePermit>) {
+        let suffix = msg
+            .topic
+            .strip_prefix(&*self.request_topic)
+            .and_then(|rest| rest.strip_prefix('/'));
+        let outcome = self
+            .responder
+            .respond(suffix, &msg.payload, msg.arrived_ms)
+            .await;
+        if outcome.needs_durability {
+            if let Err(e) = self.responder.durable().await {
+                // Neither reply nor ack: the broker redelivers after restart, and the request
+                // is answered from what is really on disk.
+                tracing::error!(error = %e, "cannot make changes durable; stopping");
+                self.failed.cancel();
+                return;
+            }
         }
-    }
-    if let Some((topic, payload)) = outcome.reply {
-        if publisher.publish(topic, payload).await.is_err() {
-            return;
+        if let Some((topic, payload)) = outcome.reply {
+            if self.publisher.publish(topic, payload).await.is_err() {
+                return;
+            }
         }
-    }
-    if let Some(label) = outcome.label {
-        metrics.answered(label, msg.arrived.elapsed());
-    }
-    if let Some(ack) = msg.ack {
-        publisher.complete(ack).await;
+        if let Some(label) = outcome.label {
+            self.metrics.answered(label, msg.arrived.elapsed());
+        }
+        if let Some(ack) = msg.ack {
+            self.publisher.complete(ack).await;
+        }
     }
 }
 
 /// Opens the data directory of `config`: the database and the server key (both created
 /// on first use). Only one process at a time can hold the database.
-/// With `flush_on_commit` false (bulk import) changes are flushed only by [`Store::flush`].
+/// With `flush_on_commit` false (bulk import) changes are durable only after [`Store::flush`].
 pub fn open_data(config: &Config, flush_on_commit: bool) -> anyhow::Result<(Store, ServerKeys)> {
     config.validate()?;
     create_private_dir(&config.data)?;
     let keys = ServerKeys::load_or_create(&crate::keys::key_file(&config.data))?;
-    let store = Store::open_with(
+    let store = Store::open_embedded(
         &config.data.join("db"),
         config.cache_mib * 1024 * 1024,
         flush_on_commit,

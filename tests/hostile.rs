@@ -493,7 +493,7 @@ async fn a_packet_over_the_transport_limit_does_not_wedge_the_worker() {
         .unwrap();
     wait_until("the worker reconnected", || reconnects() > before).await;
     wait_until("the worker is ready", || {
-        s.worker().link() == authd::mqtt::Link::Ready
+        s.worker().broker_state() == authd::mqtt::BrokerState::Ready
     })
     .await;
     ok(&c, "Auth.ListToken", json!({})).await;

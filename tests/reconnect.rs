@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use authd::mqtt::Link;
+use authd::mqtt::BrokerState;
 use authd::Worker;
 use serde_json::json;
 use support::*;
@@ -57,7 +57,7 @@ async fn a_worker_started_before_its_broker_connects_when_it_comes_up() {
     let worker = Worker::start(worker_config(&broker, data.path()))
         .await
         .expect("the worker starts without a broker");
-    assert_eq!(worker.link(), Link::Down);
+    assert_eq!(worker.broker_state(), BrokerState::Down);
     tokio::time::sleep(Duration::from_millis(300)).await; // a few failed attempts
     broker.restart();
     tokio::time::timeout(TIMEOUT, worker.ready())

@@ -146,7 +146,7 @@ async fn a_broker_certificate_from_another_ca_is_refused() {
         !becomes_ready(&w, Duration::from_secs(2)).await,
         "connected although the broker's certificate is not signed by the CA given"
     );
-    assert_eq!(w.link(), authd::mqtt::Link::Down);
+    assert_eq!(w.broker_state(), authd::mqtt::BrokerState::Down);
     w.stop().await.unwrap();
     let e = tls_client(&broker, &other.path("ca.pem"), None)
         .await

@@ -45,6 +45,16 @@ fn dispatcher() -> &'static Dispatcher {
     })
 }
 
+fn runtime() -> &'static tokio::runtime::Runtime {
+    static R: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    R.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
     let _ = frame::parse(data, MAX_FRAME);
 
@@ -55,7 +65,7 @@ fuzz_target!(|data: &[u8]| {
         },
         _ => (None, data),
     };
-    let outcome = dispatcher().handle(suffix, payload, authd::unix_ms());
+    let outcome = runtime().block_on(dispatcher().handle(suffix, payload, authd::unix_ms()));
     if let Some((topic, reply)) = outcome.reply {
         let src = topic.strip_suffix("/rpc").expect("reply topic is {src}/rpc");
         assert!(frame::valid_src(src), "reply to an unsafe topic {topic:?}");

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::{storage_failed, Ctx, Name};
 use crate::frame::{parse_args, RpcError};
 use crate::rules::{Effect, Rule};
-use crate::store::Replay;
+use crate::store::{Applied, Change, Changed, Reply};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,7 +37,7 @@ struct ListArgs {
 }
 
 /// `ACL.Add {src, dst, cmd, effect}` → `{"rule_id": N}`; ids increase and are never reused.
-pub fn add(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
+pub async fn add(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcError> {
     let AddArgs {
         src,
         dst,
@@ -50,61 +50,72 @@ pub fn add(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
         cmd: cmd.0,
         effect,
     };
-    let reply = ctx
+    let shown = rule.to_string();
+    let change = Change::AddRule { rule };
+    match ctx
         .store
-        .add_rule(&rule, &ctx.request, |id| {
-            Replay::Value(json!({ "rule_id": id }))
-        })
-        .map_err(storage_failed)?;
-    let rule_id = match &reply {
-        Replay::Value(v) => v.get("rule_id").and_then(Value::as_u64),
-        _ => None,
-    };
-    tracing::info!(
-        target: "authd::audit",
-        rpc_id = ctx.request.id,
-        src = ctx.request.src,
-        method = "ACL.Add",
-        subject = rule_id,
-        rule = %rule,
-        result = true,
-        reason = "added",
-        "rule added"
-    );
-    Ok(reply)
+        .apply(&ctx.request, change)
+        .await
+        .map_err(storage_failed)?
+    {
+        Applied::Now(Changed::RuleAdded { rule_id }, reply) => {
+            crate::audit!(
+                ctx,
+                subject = rule_id,
+                rule = shown,
+                result = true,
+                reason = "added",
+                "rule added"
+            );
+            Ok(reply)
+        }
+        Applied::Now(_, reply) | Applied::Before(reply) => Ok(reply),
+    }
 }
 
 /// `ACL.Delete {rule_id}` → no result. Deleting an id that does not exist succeeds.
-pub fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
+pub async fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcError> {
     let DeleteArgs { rule_id } = parse_args(args)?;
-    let removed = ctx
+    let change = Change::DeleteRule { rule_id };
+    match ctx
         .store
-        .delete_rule(rule_id, &ctx.request)
-        .map_err(storage_failed)?;
-    tracing::info!(
-        target: "authd::audit",
-        rpc_id = ctx.request.id,
-        src = ctx.request.src,
-        method = "ACL.Delete",
-        subject = rule_id,
-        rule = removed.as_ref().map(tracing::field::display),
-        result = true,
-        reason = if removed.is_some() { "deleted" } else { "absent" },
-        "rule deleted"
-    );
-    Ok(Replay::Empty)
+        .apply(&ctx.request, change)
+        .await
+        .map_err(storage_failed)?
+    {
+        Applied::Now(Changed::RuleDeleted(removed), reply) => {
+            crate::audit!(
+                ctx,
+                subject = rule_id,
+                rule = removed.as_ref().map(tracing::field::display),
+                result = true,
+                reason = if removed.is_some() {
+                    "deleted"
+                } else {
+                    "absent"
+                },
+                "rule deleted"
+            );
+            Ok(reply)
+        }
+        Applied::Now(_, reply) | Applied::Before(reply) => Ok(reply),
+    }
 }
 
 /// `ACL.List {after?, limit?}` → `{"rules": [{rule_id, src, dst, cmd, effect}, …]}` sorted by
 /// rule id, plus `"next": <rule_id>` when `limit` cut the list short.
-pub fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
+pub async fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let ListArgs { after, limit } = parse_args(args)?;
     if limit == Some(0) {
         return Err(RpcError::bad_request("args.limit", "must be at least 1"));
     }
     // One more than asked for tells whether there is a next page.
     let fetch = limit.map_or(usize::MAX, |l| l.saturating_add(1));
-    let mut rules = ctx.store.rules(after, fetch).map_err(storage_failed)?;
+    let mut rules = ctx
+        .store
+        .rules(after, fetch)
+        .await
+        .map_err(storage_failed)?;
     let more = limit.is_some_and(|l| rules.len() > l);
     if let Some(l) = limit {
         rules.truncate(l);

@@ -6,21 +6,22 @@
 //! - `cert`: a PEM certificate whose DER SHA-256 equals the entity's pinned fingerprint and
 //!   whose validity period contains now.
 //!
-//! A disabled entity is always refused. An unknown id does the same work as a known one (a
-//! keyed hash of the presented PSK, a fingerprint compare against a dummy pin), so the answer
-//! time does not tell whether an id exists. The brute-force guard ([`crate::lockout`]) runs
+//! A disabled entity is always refused. An unknown id does the same work as a known one (the
+//! store decodes a dummy record, then a keyed hash of the presented PSK and a fingerprint
+//! compare against a dummy pin), so the answer time does not tell whether an id exists. The brute-force guard ([`crate::lockout`]) runs
 //! first: a locked id is refused unchecked. Each decision is one audit line, never a secret.
 //!
-//! The hot path is one sled read (the entity record) and one HMAC.
+//! The hot path is one store read (the entity record) and one HMAC.
 //!
 //! Key rotation: a PSK hash records the server key it was made with. When a sign-in succeeds
 //! with a PSK hashed under an older key, the PSK (just checked, so known) is hashed under the
 //! newest key and stored in its place: one HMAC and one compare-and-swap, once per entity
-//! after a rotation. The sign-in never fails because of it; the write is left to sled's
-//! background flush (a lost one is redone at the next sign-in).
+//! after a rotation. The sign-in never fails because of it, and the write records no reply
+//! (a lost one is redone at the next sign-in).
 
 use std::borrow::Cow;
 use std::hint::black_box;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use serde::Deserialize;
@@ -93,17 +94,11 @@ impl Reason {
 /// Compared against when there is nothing to compare with, so the work is the same.
 const DUMMY: [u8; 32] = [0; 32];
 
-/// A stored entity record with a PSK and a pinned certificate, all zeros: decoded for an
-/// unknown id, so that an unknown id costs what a known one does.
-const DUMMY_RECORD: [u8; 78] = {
-    let mut r = [0u8; 78];
-    r[0] = 1; // version
-    r[1] = 3; // PSK and certificate
-    r
-};
-
 /// `Authenticate {id, credentials}` → `true` | `false`.
-pub fn authenticate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
+pub async fn authenticate(
+    ctx: &Ctx<'_>,
+    args: Option<&RawValue>,
+) -> Result<Option<Value>, RpcError> {
     let AuthenticateArgs { id, credentials } = parse_args(args)?;
     if credentials.psk.is_none() && credentials.cert.is_none() {
         return Err(RpcError::bad_request(
@@ -118,15 +113,16 @@ pub fn authenticate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Val
         Gate::Locked => Reason::Locked,
         gate => {
             let Verdict { reason, stale_psk } =
-                decide(ctx, &id, psk, cert).map_err(storage_failed)?;
+                decide(ctx, &id, psk, cert).await.map_err(storage_failed)?;
             if reason == Reason::Ok {
                 if gate == Gate::Streak {
                     ctx.lockout.success(&id);
                 }
                 if let (Some(seen), Some(psk)) = (stale_psk, psk) {
-                    rehash_psk(ctx, &id, &seen, psk);
+                    rehash_psk(ctx, &id, &seen, psk).await;
                 }
             } else if let Some(lock) = ctx.lockout.failure(&id, now) {
+                ctx.metrics.lockouts.fetch_add(1, Relaxed);
                 tracing::warn!(
                     target: "authd::audit",
                     subject = &*id,
@@ -138,11 +134,8 @@ pub fn authenticate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Val
         }
     };
     let ok = reason == Reason::Ok;
-    tracing::info!(
-        target: "authd::audit",
-        rpc_id = ctx.request.id,
-        src = ctx.request.src,
-        method = "Auth.Authenticate",
+    crate::audit!(
+        ctx,
         subject = &*id,
         credentials = kinds(psk, cert),
         result = ok,
@@ -161,19 +154,16 @@ struct Verdict {
 }
 
 /// Checks the presented credentials of `id`.
-fn decide(
+async fn decide(
     ctx: &Ctx<'_>,
     id: &str,
     psk: Option<&str>,
     cert: Option<&str>,
 ) -> Result<Verdict, StoreError> {
-    let entity = ctx.store.entity(id)?;
-    if entity.is_none() {
-        black_box(EntityRecord::from_bytes(black_box(&DUMMY_RECORD)).ok());
-    }
+    let entity = ctx.store.entity(id).await?;
     let (psk_reason, entity_psk) = match psk {
         None => (Reason::Ok, false),
-        Some(psk) => check_psk(ctx, id, entity.as_ref(), psk)?,
+        Some(psk) => check_psk(ctx, id, entity.as_ref(), psk).await?,
     };
     let cert_reason = match cert {
         None => Reason::Ok,
@@ -198,7 +188,7 @@ fn decide(
 
 /// Stores the hash of `psk` (just verified) under the newest server key, if `seen` is still
 /// the entity's record. Failures are logged, never the sign-in's concern.
-fn rehash_psk(ctx: &Ctx<'_>, id: &str, seen: &EntityRecord, psk: &str) {
+async fn rehash_psk(ctx: &Ctx<'_>, id: &str, seen: &EntityRecord, psk: &str) {
     let key_id = ctx.keys.newest();
     let Some(hash) = ctx.keys.psk_hash(key_id, id, psk) else {
         return;
@@ -207,6 +197,7 @@ fn rehash_psk(ctx: &Ctx<'_>, id: &str, seen: &EntityRecord, psk: &str) {
     match ctx
         .store
         .replace_psk_hash(id, seen, PskHash { key_id, hash })
+        .await
     {
         Ok(true) => tracing::info!(
             target: "authd::audit",
@@ -225,7 +216,7 @@ fn rehash_psk(ctx: &Ctx<'_>, id: &str, seen: &EntityRecord, psk: &str) {
 }
 
 /// Checks a presented psk: the reason, and whether it is the entity's own PSK.
-fn check_psk(
+async fn check_psk(
     ctx: &Ctx<'_>,
     id: &str,
     entity: Option<&EntityRecord>,
@@ -248,7 +239,7 @@ fn check_psk(
     }
     let reason = match parse_token(psk) {
         None => Reason::BadPsk,
-        Some(token) if token_signs_in(ctx, id, &token)? => Reason::Ok,
+        Some(token) if token_signs_in(ctx, id, &token).await? => Reason::Ok,
         Some(_) => Reason::BadToken,
     };
     Ok((reason, false))
@@ -256,19 +247,14 @@ fn check_psk(
 
 /// Whether `token` is the live app token of some host of user `id`. The token id is the
 /// lookup key (not secret on its own); the MAC is the secret, compared in constant time.
-fn token_signs_in(ctx: &Ctx<'_>, id: &str, token: &ParsedToken) -> Result<bool, StoreError> {
-    let Some((user, host)) = ctx.store.token_owner(&token.token_id)? else {
+async fn token_signs_in(ctx: &Ctx<'_>, id: &str, token: &ParsedToken) -> Result<bool, StoreError> {
+    let Some(live) = ctx.store.live_token(&token.token_id).await? else {
         return Ok(false);
     };
-    if user != id {
-        return Ok(false);
-    }
-    let Some(live) = ctx.store.token(&user, &host)? else {
-        return Ok(false);
-    };
-    Ok(ct_eq(&live.token_id, &token.token_id)
-        && live.key_id == token.key_id
-        && ctx.keys.verify_token(token, &user, &host))
+    Ok(live.user == id
+        && ct_eq(&live.record.token_id, &token.token_id)
+        && live.record.key_id == token.key_id
+        && ctx.keys.verify_token(token, &live.user, &live.host))
 }
 
 fn check_cert(ctx: &Ctx<'_>, entity: Option<&EntityRecord>, pem: &str) -> Reason {
@@ -306,74 +292,82 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::crypto::{random_bytes, ServerKeys};
+    use crate::crypto::{random_bytes, KeyId, ServerKeys};
     use crate::lockout::{Lockout, LockoutPolicy};
-    use crate::store::{PskHash, Replay, RequestKey, Store, TokenRecord};
+    use crate::methods::testing::Fixture as Base;
+    use crate::store::{Change, PskHash, TokenRecord};
 
     const PSK: &str = "correct horse battery staple";
 
-    struct Fixture {
-        store: Store,
-        keys: ServerKeys,
-        lockout: Lockout,
-    }
+    struct Fixture(Base);
 
     impl Fixture {
         fn new() -> Fixture {
-            Fixture {
-                store: Store::temporary().unwrap(),
-                keys: ServerKeys::for_tests(),
-                lockout: Lockout::new(LockoutPolicy {
-                    failures: 0,
-                    ..LockoutPolicy::default()
-                }),
-            }
+            Fixture(Base::new(LockoutPolicy {
+                failures: 0,
+                ..LockoutPolicy::default()
+            }))
         }
 
         fn ctx(&self) -> Ctx<'_> {
-            Ctx {
-                store: &self.store,
-                keys: &self.keys,
-                request: RequestKey {
-                    src: "backend",
-                    id: 1,
-                    at_ms: crate::unix_ms(),
-                    record_reply: true,
-                },
-                lockout: &self.lockout,
-            }
+            self.0.ctx("Auth.Authenticate", 1)
         }
 
-        fn put(&self, id: &str, psk: Option<&str>, cert: Option<&str>, disabled: bool) {
+        async fn put(&self, id: &str, psk: Option<&str>, cert: Option<&str>, disabled: bool) {
             let record = EntityRecord {
                 owner: None,
                 psk: psk.map(|p| PskHash {
                     key_id: 1,
-                    hash: self.keys.psk_hash(1, id, p).unwrap(),
+                    hash: self.0.keys.psk_hash(1, id, p).unwrap(),
                 }),
                 cert_sha256: cert.map(|c| Certificate::from_pem(c).unwrap().sha256),
                 disabled,
                 created: 1,
             };
-            self.store
-                .put_entity(id, &record, false, &self.ctx().request, &Replay::Empty)
-                .unwrap();
+            let change = Change::PutEntity {
+                id: id.into(),
+                record,
+                create_only: false,
+                generated: None,
+            };
+            let mut request = self.ctx().request;
+            request.record_reply = false;
+            self.0.store.apply(&request, change).await.unwrap();
         }
 
-        fn token(&self, user: &str, host: &str) -> String {
+        async fn token(&self, user: &str, host: &str) -> String {
             let record = TokenRecord {
                 token_id: random_bytes(),
                 key_id: 1,
                 created: 1,
             };
-            self.store
-                .replace_token(user, host, &record, &self.ctx().request, &Replay::Empty)
-                .unwrap();
-            self.keys.token(1, &record.token_id, user, host).unwrap()
+            let token_id = record.token_id;
+            let change = Change::ReplaceToken {
+                user: user.into(),
+                host: host.into(),
+                record,
+            };
+            let mut request = self.ctx().request;
+            request.record_reply = false;
+            self.0.store.apply(&request, change).await.unwrap();
+            self.0.keys.token(1, &token_id, user, host).unwrap()
         }
 
-        fn reason(&self, id: &str, psk: Option<&str>, cert: Option<&str>) -> Reason {
-            decide(&self.ctx(), id, psk, cert).unwrap().reason
+        async fn reason(&self, id: &str, psk: Option<&str>, cert: Option<&str>) -> Reason {
+            decide(&self.ctx(), id, psk, cert).await.unwrap().reason
+        }
+
+        async fn call(&self, id: &str, psk: &str) -> Option<Value> {
+            let args = serde_json::value::to_raw_value(&serde_json::json!({
+                "id": id, "credentials": {"psk": psk}
+            }))
+            .unwrap();
+            authenticate(&self.ctx(), Some(&args)).await.unwrap()
+        }
+
+        async fn key_of(&self, id: &str) -> KeyId {
+            let e = self.0.store.entity(id).await.unwrap().unwrap();
+            e.psk.unwrap().key_id
         }
     }
 
@@ -384,115 +378,104 @@ mod tests {
             .pem()
     }
 
-    #[test]
-    fn the_dummy_record_is_a_record() {
-        let r = EntityRecord::from_bytes(&DUMMY_RECORD).unwrap();
-        assert!(r.psk.is_some() && r.cert_sha256.is_some());
-    }
-
-    #[test]
-    fn reasons_name_what_failed() {
+    #[tokio::test]
+    async fn reasons_name_what_failed() {
         let f = Fixture::new();
         let pem = cert("dev");
-        f.put("dev", Some(PSK), Some(&pem), false);
-        f.put("off", Some(PSK), None, true);
-        let token = f.token("dev", "app");
-        let users_token = f.token("alice", "app");
+        f.put("dev", Some(PSK), Some(&pem), false).await;
+        f.put("off", Some(PSK), None, true).await;
+        let token = f.token("dev", "app").await;
+        let users_token = f.token("alice", "app").await;
 
-        assert_eq!(f.reason("dev", Some(PSK), Some(&pem)), Reason::Ok);
-        assert_eq!(f.reason("dev", Some(&token), None), Reason::Ok);
-        assert_eq!(f.reason("dev", Some("nope"), Some(&pem)), Reason::BadPsk);
-        assert_eq!(f.reason("dev", Some(&users_token), None), Reason::BadToken);
-        assert_eq!(
-            f.reason("dev", None, Some(&cert("dev"))),
-            Reason::CertMismatch
-        );
-        assert_eq!(f.reason("dev", None, Some("junk")), Reason::BadCert);
-        assert_eq!(f.reason("off", Some(PSK), None), Reason::Disabled);
-        assert_eq!(f.reason("off", Some("nope"), None), Reason::Disabled);
-        assert_eq!(f.reason("ghost", Some(PSK), None), Reason::Unknown);
-        assert_eq!(f.reason("ghost", None, Some(&pem)), Reason::Unknown);
-        assert_eq!(f.reason("ghost", Some(&token), None), Reason::BadToken);
-        assert_eq!(f.reason("alice", Some(&users_token), None), Reason::Ok);
-        assert_eq!(
-            f.reason("alice", Some(&users_token), Some(&pem)),
-            Reason::Unknown
-        );
+        let other_pem = cert("dev");
+        let cases = [
+            ("dev", Some(PSK), Some(pem.as_str()), Reason::Ok),
+            ("dev", Some(token.as_str()), None, Reason::Ok),
+            ("dev", Some("nope"), Some(pem.as_str()), Reason::BadPsk),
+            ("dev", Some(users_token.as_str()), None, Reason::BadToken),
+            ("dev", None, Some(other_pem.as_str()), Reason::CertMismatch),
+            ("dev", None, Some("junk"), Reason::BadCert),
+            ("off", Some(PSK), None, Reason::Disabled),
+            ("off", Some("nope"), None, Reason::Disabled),
+            ("ghost", Some(PSK), None, Reason::Unknown),
+            ("ghost", None, Some(pem.as_str()), Reason::Unknown),
+            ("ghost", Some(token.as_str()), None, Reason::BadToken),
+            ("alice", Some(users_token.as_str()), None, Reason::Ok),
+            (
+                "alice",
+                Some(users_token.as_str()),
+                Some(pem.as_str()),
+                Reason::Unknown,
+            ),
+        ];
+        for (id, psk, cert, want) in cases {
+            assert_eq!(f.reason(id, psk, cert).await, want, "{id} {psk:?}");
+        }
     }
 
-    #[test]
-    fn a_locked_id_is_refused_unchecked_and_success_clears_a_streak() {
+    #[tokio::test]
+    async fn a_locked_id_is_refused_unchecked_and_success_clears_a_streak() {
         let mut f = Fixture::new();
-        f.lockout = Lockout::new(LockoutPolicy {
+        f.0.lockout = Lockout::new(LockoutPolicy {
             failures: 2,
             base: Duration::from_secs(60),
             ..LockoutPolicy::default()
         });
-        f.put("dev", Some(PSK), None, false);
-        let args = |psk: &str| {
-            serde_json::value::to_raw_value(&serde_json::json!({
-                "id": "dev", "credentials": {"psk": psk}
-            }))
-            .unwrap()
-        };
-        let call = |psk: &str| authenticate(&f.ctx(), Some(&args(psk))).unwrap();
-        assert_eq!(call("nope"), Some(Value::Bool(false)));
-        assert_eq!(call(PSK), Some(Value::Bool(true)));
-        assert_eq!(f.lockout.check("dev", Instant::now()), Gate::Clear);
-        call("nope");
-        call("nope");
-        assert_eq!(f.lockout.check("dev", Instant::now()), Gate::Locked);
-        assert_eq!(call(PSK), Some(Value::Bool(false)));
+        f.put("dev", Some(PSK), None, false).await;
+        assert_eq!(f.call("dev", "nope").await, Some(Value::Bool(false)));
+        assert_eq!(f.call("dev", PSK).await, Some(Value::Bool(true)));
+        assert_eq!(f.0.lockout.check("dev", Instant::now()), Gate::Clear);
+        f.call("dev", "nope").await;
+        f.call("dev", "nope").await;
+        assert_eq!(f.0.lockout.check("dev", Instant::now()), Gate::Locked);
+        assert_eq!(f.0.metrics.lockouts.load(Relaxed), 1);
+        assert_eq!(f.call("dev", PSK).await, Some(Value::Bool(false)));
     }
 
-    #[test]
-    fn a_psk_hashed_under_an_older_key_moves_to_the_newest_on_success() {
+    #[tokio::test]
+    async fn a_psk_hashed_under_an_older_key_moves_to_the_newest_on_success() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("server.key");
         let mut f = Fixture::new();
-        f.keys = ServerKeys::load_or_create(&path).unwrap();
-        f.put("dev", Some(PSK), None, false);
-        f.put("off", Some(PSK), None, true);
+        f.0.keys = ServerKeys::load_or_create(&path).unwrap();
+        f.put("dev", Some(PSK), None, false).await;
+        f.put("off", Some(PSK), None, true).await;
         crate::crypto::rotate_key_file(&path).unwrap();
-        f.keys = ServerKeys::load(&path).unwrap();
-        let key_of =
-            |f: &Fixture, id: &str| f.store.entity(id).unwrap().unwrap().psk.unwrap().key_id;
-        let args = |id: &str, psk: &str| {
-            serde_json::value::to_raw_value(&serde_json::json!({
-                "id": id, "credentials": {"psk": psk}
-            }))
-            .unwrap()
-        };
-        let call = |f: &Fixture, id: &str, psk: &str| {
-            authenticate(&f.ctx(), Some(&args(id, psk))).unwrap()
-        };
-        assert_eq!(call(&f, "dev", "wrong"), Some(Value::Bool(false)));
-        assert_eq!(key_of(&f, "dev"), 1, "a failed sign-in changes nothing");
-        assert_eq!(call(&f, "off", PSK), Some(Value::Bool(false)));
-        assert_eq!(key_of(&f, "off"), 1, "a disabled entity is not signed in");
-        assert_eq!(call(&f, "dev", PSK), Some(Value::Bool(true)));
-        assert_eq!(key_of(&f, "dev"), 2);
-        assert_eq!(call(&f, "dev", PSK), Some(Value::Bool(true)));
-        assert_eq!(call(&f, "dev", "wrong"), Some(Value::Bool(false)));
+        f.0.keys = ServerKeys::load(&path).unwrap();
+        assert_eq!(f.call("dev", "wrong").await, Some(Value::Bool(false)));
+        assert_eq!(f.key_of("dev").await, 1, "a failed sign-in changes nothing");
+        assert_eq!(f.call("off", PSK).await, Some(Value::Bool(false)));
+        assert_eq!(
+            f.key_of("off").await,
+            1,
+            "a disabled entity is not signed in"
+        );
+        assert_eq!(f.call("dev", PSK).await, Some(Value::Bool(true)));
+        assert_eq!(f.key_of("dev").await, 2);
+        assert_eq!(f.call("dev", PSK).await, Some(Value::Bool(true)));
+        assert_eq!(f.call("dev", "wrong").await, Some(Value::Bool(false)));
         // The record changed between read and write: the swap does nothing.
-        let stale = f.store.entity("off").unwrap().unwrap();
-        f.put("off", Some("new psk"), None, false);
-        let hash = f.keys.psk_hash(2, "off", PSK).unwrap();
-        assert!(!f
-            .store
-            .replace_psk_hash("off", &stale, PskHash { key_id: 2, hash })
-            .unwrap());
+        let stale = f.0.store.entity("off").await.unwrap().unwrap();
+        f.put("off", Some("new psk"), None, false).await;
+        let hash = f.0.keys.psk_hash(2, "off", PSK).unwrap();
+        let swapped =
+            f.0.store
+                .replace_psk_hash("off", &stale, PskHash { key_id: 2, hash })
+                .await
+                .unwrap();
+        assert!(!swapped);
     }
 
     /// Known-vs-unknown timing. Run with
     /// `cargo test --release --lib -- --ignored --nocapture timing`.
-    #[test]
+    #[tokio::test]
     #[ignore]
-    fn timing_of_known_and_unknown_ids() {
+    async fn timing_of_known_and_unknown_ids() {
         let f = Fixture::new();
         let pem = cert("dev");
         for n in 0..10_000 {
-            f.put(&format!("dev{n:05}"), Some(PSK), Some(&pem), false);
+            f.put(&format!("dev{n:05}"), Some(PSK), Some(&pem), false)
+                .await;
         }
         let raw = |id: &str, creds: serde_json::Value| {
             serde_json::value::to_raw_value(&serde_json::json!({"id": id, "credentials": creds}))
@@ -527,7 +510,7 @@ mod tests {
             // Interleaved, so drift (frequency, caches, other load) hits every case alike.
             for (i, (_, args)) in cases.iter().enumerate() {
                 let t = Instant::now();
-                let r = authenticate(&ctx, Some(args)).unwrap();
+                let r = authenticate(&ctx, Some(args)).await.unwrap();
                 samples[i].push(t.elapsed().as_nanos() as u64);
                 black_box(r);
             }

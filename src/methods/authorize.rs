@@ -17,17 +17,15 @@ struct AuthorizeArgs {
 }
 
 /// `AuthorizeCommand {src, dst, cmd}` → `true` | `false`, with one audit line per decision.
-pub fn authorize(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
+pub async fn authorize(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let AuthorizeArgs { src, dst, cmd } = parse_args(args)?;
     let decision = ctx
         .store
         .authorize(&src, &dst, &cmd)
+        .await
         .map_err(storage_failed)?;
-    tracing::info!(
-        target: "authd::audit",
-        rpc_id = ctx.request.id,
-        src = ctx.request.src,
-        method = "Auth.AuthorizeCommand",
+    crate::audit!(
+        ctx,
         subject_src = &*src,
         subject_dst = &*dst,
         subject_cmd = &*cmd,
@@ -44,35 +42,25 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::crypto::ServerKeys;
-    use crate::lockout::{Lockout, LockoutPolicy};
+    use crate::lockout::LockoutPolicy;
+    use crate::methods::testing::Fixture;
     use crate::rules::{Decision, Effect, Rule};
-    use crate::store::{Replay, RequestKey, Store};
+    use crate::store::{Change, EntityRecord, RequestKey, Store};
 
-    fn ctx<'a>(store: &'a Store, keys: &'a ServerKeys, lockout: &'a Lockout, id: u64) -> Ctx<'a> {
-        Ctx {
-            store,
-            keys,
-            request: RequestKey {
-                src: "backend",
-                id,
-                at_ms: 1,
-                record_reply: true,
-            },
-            lockout,
-        }
+    fn fixture() -> Fixture {
+        Fixture::new(LockoutPolicy::default())
     }
 
-    fn ask(ctx: &Ctx<'_>, src: &str, dst: &str, cmd: &str) -> bool {
+    async fn ask(ctx: &Ctx<'_>, src: &str, dst: &str, cmd: &str) -> bool {
         let args = json!({"src": src, "dst": dst, "cmd": cmd}).to_string();
         let raw = RawValue::from_string(args).expect("json");
-        match authorize(ctx, Some(&raw)) {
+        match authorize(ctx, Some(&raw)).await {
             Ok(Some(Value::Bool(b))) => b,
             other => panic!("{src} {dst} {cmd}: {other:?}"),
         }
     }
 
-    fn add(store: &Store, id: u64, src: &str, dst: &str, cmd: &str, effect: Effect) {
+    async fn add(store: &Store, id: u64, src: &str, dst: &str, cmd: &str, effect: Effect) {
         let rule = Rule {
             src: src.into(),
             dst: dst.into(),
@@ -86,45 +74,75 @@ mod tests {
             record_reply: true,
         };
         store
-            .add_rule(&rule, &request, |_| Replay::Empty)
+            .apply(&request, Change::AddRule { rule })
+            .await
             .expect("rule added");
     }
 
-    #[test]
-    fn deny_beats_owner_beats_allow_against_a_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = ServerKeys::load_or_create(&dir.path().join("server.key")).unwrap();
-        let lockout = Lockout::new(LockoutPolicy::default());
-        let store = Store::temporary().unwrap();
-        let ctx = ctx(&store, &keys, &lockout, 1);
-        store.put_entity_json(
-            "lamp",
-            &json!({"id": "lamp", "owner": "alice", "has_psk": true}),
-        );
-        store.put_entity_json("sensor", &json!({"id": "sensor"}));
+    async fn put(store: &Store, id: &str, owner: Option<&str>) {
+        let record = EntityRecord {
+            owner: owner.map(str::to_owned),
+            psk: None,
+            cert_sha256: Some([1; 32]),
+            disabled: false,
+            created: 1,
+        };
+        let change = Change::PutEntity {
+            id: id.into(),
+            record,
+            create_only: false,
+            generated: None,
+        };
+        let request = RequestKey {
+            src: "admin",
+            id: 1000,
+            at_ms: 1,
+            record_reply: false,
+        };
+        store.apply(&request, change).await.expect("entity put");
+    }
+
+    #[tokio::test]
+    async fn deny_beats_owner_beats_allow_against_a_store() {
+        let f = fixture();
+        let (ctx, store) = (f.ctx("Auth.AuthorizeCommand", 1), &f.store);
+        put(store, "lamp", Some("alice")).await;
+        put(store, "sensor", None).await;
 
         // Deny by default; owners command their devices; nobody else does.
-        assert!(!ask(&ctx, "bob", "lamp", "On"));
-        assert!(ask(&ctx, "alice", "lamp", "On"));
-        assert!(!ask(&ctx, "alice", "sensor", "Read"), "no owner field");
-        assert!(!ask(&ctx, "alice", "unknown", "Read"), "no such entity");
+        assert!(!ask(&ctx, "bob", "lamp", "On").await);
+        assert!(ask(&ctx, "alice", "lamp", "On").await);
+        assert!(
+            !ask(&ctx, "alice", "sensor", "Read").await,
+            "no owner field"
+        );
+        assert!(
+            !ask(&ctx, "alice", "unknown", "Read").await,
+            "no such entity"
+        );
 
-        add(&store, 1, "bob", "lamp", "*", Effect::Allow);
-        assert!(ask(&ctx, "bob", "lamp", "On"));
+        add(store, 1, "bob", "lamp", "*", Effect::Allow).await;
+        assert!(ask(&ctx, "bob", "lamp", "On").await);
         assert_eq!(
-            store.authorize("bob", "lamp", "On").unwrap(),
+            store.authorize("bob", "lamp", "On").await.unwrap(),
             Decision::Allow(1)
         );
         assert_eq!(
-            store.authorize("alice", "lamp", "On").unwrap(),
+            store.authorize("alice", "lamp", "On").await.unwrap(),
             Decision::Owner
         );
 
-        add(&store, 2, "*", "lamp", "Reboot", Effect::Deny);
-        assert!(!ask(&ctx, "alice", "lamp", "Reboot"), "deny beats owner");
-        assert!(!ask(&ctx, "bob", "lamp", "Reboot"), "deny beats allow");
-        assert!(ask(&ctx, "alice", "lamp", "On"));
-        assert!(ask(&ctx, "bob", "lamp", "On"));
+        add(store, 2, "*", "lamp", "Reboot", Effect::Deny).await;
+        assert!(
+            !ask(&ctx, "alice", "lamp", "Reboot").await,
+            "deny beats owner"
+        );
+        assert!(
+            !ask(&ctx, "bob", "lamp", "Reboot").await,
+            "deny beats allow"
+        );
+        assert!(ask(&ctx, "alice", "lamp", "On").await);
+        assert!(ask(&ctx, "bob", "lamp", "On").await);
     }
 
     /// A log sink for one test.
@@ -141,15 +159,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_decision_has_one_audit_line_naming_its_reason() {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = ServerKeys::load_or_create(&dir.path().join("server.key")).unwrap();
-        let lockout = Lockout::new(LockoutPolicy::default());
-        let store = Store::temporary().unwrap();
-        store.put_entity_json("lamp", &json!({"owner": "alice"}));
-        add(&store, 1, "bob", "lamp", "On", Effect::Allow);
-        add(&store, 2, "bob", "lamp", "Reboot", Effect::Deny);
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_decision_has_one_audit_line_naming_its_reason() {
+        let f = fixture();
+        put(&f.store, "lamp", Some("alice")).await;
+        add(&f.store, 1, "bob", "lamp", "On", Effect::Allow).await;
+        add(&f.store, 2, "bob", "lamp", "Reboot", Effect::Deny).await;
 
         let capture = Capture::default();
         let sink = capture.clone();
@@ -157,13 +172,15 @@ mod tests {
             .json()
             .with_writer(move || sink.clone())
             .finish();
-        tracing::subscriber::with_default(subscriber, || {
-            let ctx = ctx(&store, &keys, &lockout, 41);
-            ask(&ctx, "bob", "lamp", "On");
-            ask(&ctx, "bob", "lamp", "Reboot");
-            ask(&ctx, "alice", "lamp", "Reboot");
-            ask(&ctx, "carol", "lamp", "On");
-        });
+        {
+            // One thread (current_thread runtime): the subscriber sees every line.
+            let _logging = tracing::subscriber::set_default(subscriber);
+            let ctx = f.ctx("Auth.AuthorizeCommand", 41);
+            ask(&ctx, "bob", "lamp", "On").await;
+            ask(&ctx, "bob", "lamp", "Reboot").await;
+            ask(&ctx, "alice", "lamp", "Reboot").await;
+            ask(&ctx, "carol", "lamp", "On").await;
+        }
         let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<Value> = text
             .lines()
@@ -174,6 +191,7 @@ mod tests {
         let fields: Vec<&Value> = lines.iter().map(|l| &l["fields"]).collect();
         assert_eq!(fields[0]["rpc_id"], 41);
         assert_eq!(fields[0]["src"], "backend");
+        assert_eq!(fields[0]["method"], "Auth.AuthorizeCommand");
         assert_eq!(fields[0]["subject_src"], "bob");
         assert_eq!(fields[0]["subject_dst"], "lamp");
         assert_eq!(fields[0]["subject_cmd"], "On");
@@ -190,13 +208,10 @@ mod tests {
         assert_eq!(outcome(fields[3]), (false, "default_deny".into(), None));
     }
 
-    #[test]
-    fn arguments_are_checked() {
-        let dir = tempfile::tempdir().unwrap();
-        let keys = ServerKeys::load_or_create(&dir.path().join("server.key")).unwrap();
-        let lockout = Lockout::new(LockoutPolicy::default());
-        let store = Store::temporary().unwrap();
-        let ctx = ctx(&store, &keys, &lockout, 1);
+    #[tokio::test]
+    async fn arguments_are_checked() {
+        let f = fixture();
+        let ctx = f.ctx("Auth.AuthorizeCommand", 1);
         for (args, field) in [
             (json!({"dst": "d", "cmd": "c"}), "src"),
             (json!({"src": "s", "dst": "", "cmd": "c"}), "args.dst"),
@@ -204,7 +219,7 @@ mod tests {
             (json!({"src": "s", "dst": "d", "cmd": 5}), "args.cmd"),
         ] {
             let raw = RawValue::from_string(args.to_string()).unwrap();
-            let e = authorize(&ctx, Some(&raw)).unwrap_err();
+            let e = authorize(&ctx, Some(&raw)).await.unwrap_err();
             assert_eq!(e.code, 400, "{args}");
             assert!(e.message.contains(field), "{args}: {}", e.message);
         }

@@ -14,8 +14,9 @@ use serde_json::{json, Map, Value};
 use super::{storage_failed, Ctx, Name};
 use crate::cert::{hex, parse_fingerprint, Certificate};
 use crate::crypto::{random_bytes, ServerKeys};
+use crate::frame::ErrorCode;
 use crate::frame::{parse_args, valid_name, RpcError};
-use crate::store::{EntityRecord, PskHash, PutOutcome, Replay};
+use crate::store::{Applied, Change, Changed, EntityRecord, PskHash, PutOutcome, Reply};
 
 /// Longest PSK accepted, bytes.
 pub const MAX_PSK_BYTES: usize = 1024;
@@ -64,7 +65,7 @@ struct ListArgs {
 
 /// `Entity.Put {id, psk?, cert?, cert_sha256?, owner?, disabled?, generate_psk?, create_only?}`
 /// → no result, or `{"psk": …}` with `generate_psk`.
-pub fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
+pub async fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcError> {
     let args: PutArgs = parse_args(args)?;
     if args.generate_psk && args.psk.is_some() {
         return Err(RpcError::bad_request(
@@ -87,15 +88,13 @@ pub fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
     }
     let id = args.id.0;
     let key_id = ctx.keys.newest();
-    let (psk, reply) = if args.generate_psk {
+    let (psk, generated) = if args.generate_psk {
         let nonce = random_bytes();
-        let reply = Replay::Psk {
-            id: id.clone(),
-            key_id,
-            nonce,
-        };
-        let psk = generated_psk(ctx.keys, &reply)?;
-        (Some(psk_hash(ctx.keys, key_id, &id, &psk)?), reply)
+        let psk = ctx
+            .keys
+            .generated_psk(key_id, &id, &nonce)
+            .ok_or_else(|| missing_key(key_id))?;
+        (Some(psk_hash(ctx.keys, key_id, &id, &psk)?), Some(nonce))
     } else {
         let psk = match args.psk {
             Some(p) if p.is_empty() || p.len() > MAX_PSK_BYTES => {
@@ -107,7 +106,7 @@ pub fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
             Some(p) => Some(psk_hash(ctx.keys, key_id, &id, &p)?),
             None => None,
         };
-        (psk, Replay::Empty)
+        (psk, None)
     };
     let cert_sha256 = match (&args.cert, &args.cert_sha256) {
         (Some(pem), _) => Some(
@@ -130,20 +129,28 @@ pub fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
         disabled: args.disabled,
         created: ctx.now_secs(),
     };
-    let outcome = ctx
+    let change = Change::PutEntity {
+        id: id.clone(),
+        record,
+        create_only: args.create_only,
+        generated,
+    };
+    let (outcome, reply) = match ctx
         .store
-        .put_entity(&id, &record, args.create_only, &ctx.request, &reply)
-        .map_err(storage_failed)?;
+        .apply(&ctx.request, change)
+        .await
+        .map_err(storage_failed)?
+    {
+        Applied::Now(Changed::EntityPut(outcome), reply) => (outcome, reply),
+        Applied::Now(_, reply) | Applied::Before(reply) => return Ok(reply),
+    };
     let reason = match outcome {
         PutOutcome::Created => "created",
         PutOutcome::Replaced => "replaced",
         PutOutcome::Exists => "exists",
     };
-    tracing::info!(
-        target: "authd::audit",
-        rpc_id = ctx.request.id,
-        src = ctx.request.src,
-        method = "Entity.Put",
+    crate::audit!(
+        ctx,
         subject = id.as_str(),
         result = outcome != PutOutcome::Exists,
         reason,
@@ -151,7 +158,7 @@ pub fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
     );
     if outcome == PutOutcome::Exists {
         return Err(RpcError::new(
-            409,
+            ErrorCode::Conflict,
             format!("args.id: entity `{id}` exists and create_only is set"),
         ));
     }
@@ -160,39 +167,46 @@ pub fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
 
 /// `Entity.Get {id}` → `{id, owner?, has_psk, cert_sha256?, disabled, created}`;
 /// 404 if none.
-pub fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
+pub async fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let IdArgs { id } = parse_args(args)?;
-    match ctx.store.entity(&id).map_err(storage_failed)? {
+    match ctx.store.entity(&id).await.map_err(storage_failed)? {
         Some(record) => Ok(Some(view(&id, &record))),
-        None => Err(RpcError::new(404, format!("args.id: no entity `{}`", &*id))),
+        None => Err(RpcError::new(
+            ErrorCode::NotFound,
+            format!("args.id: no entity `{}`", &*id),
+        )),
     }
 }
 
 /// `Entity.Delete {id}` → no result. Removes the entity and every app token of user `id`.
 /// Deleting an id that does not exist succeeds.
-pub fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
+pub async fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcError> {
     let IdArgs { id } = parse_args(args)?;
-    let (existed, tokens) = ctx
+    let change = Change::DeleteEntity { id: id.0.clone() };
+    match ctx
         .store
-        .delete_entity(&id, &ctx.request, &Replay::Empty)
-        .map_err(storage_failed)?;
-    tracing::info!(
-        target: "authd::audit",
-        rpc_id = ctx.request.id,
-        src = ctx.request.src,
-        method = "Entity.Delete",
-        subject = &*id,
-        result = true,
-        reason = if existed { "deleted" } else { "absent" },
-        tokens_removed = tokens,
-        "entity"
-    );
-    Ok(Replay::Empty)
+        .apply(&ctx.request, change)
+        .await
+        .map_err(storage_failed)?
+    {
+        Applied::Now(Changed::EntityDeleted { existed, tokens }, reply) => {
+            crate::audit!(
+                ctx,
+                subject = &*id,
+                result = true,
+                reason = if existed { "deleted" } else { "absent" },
+                tokens_removed = tokens,
+                "entity"
+            );
+            Ok(reply)
+        }
+        Applied::Now(_, reply) | Applied::Before(reply) => Ok(reply),
+    }
 }
 
 /// `Entity.List {owner?, prefix?, after?, limit?}` → `{"entities": […], "next"?: id}` in id
 /// order; `next` is the `after` of the next page and is absent on the last one.
-pub fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
+pub async fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let args: ListArgs = parse_args(args)?;
     let prefix = args.prefix.unwrap_or_default();
     if !prefix.is_empty() && !valid_name(&prefix) {
@@ -216,6 +230,7 @@ pub fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, Rpc
             args.after.as_deref(),
             limit as usize,
         )
+        .await
         .map_err(storage_failed)?;
     let mut out = Map::new();
     let next = page
@@ -249,9 +264,9 @@ fn view(id: &str, r: &EntityRecord) -> Value {
     Value::Object(v)
 }
 
-/// The PSK a [`Replay::Psk`] stands for.
-pub fn generated_psk(keys: &ServerKeys, reply: &Replay) -> Result<String, RpcError> {
-    let Replay::Psk { id, key_id, nonce } = reply else {
+/// The PSK a [`Reply::Psk`] stands for.
+pub fn generated_psk(keys: &ServerKeys, reply: &Reply) -> Result<String, RpcError> {
+    let Reply::Psk { id, key_id, nonce } = reply else {
         return Err(RpcError::internal());
     };
     keys.generated_psk(*key_id, id, nonce)

@@ -1,9 +1,17 @@
 //! The method table: each method family in a file of its own, turning typed arguments into a
-//! typed result against the store. [`find`] maps a method name to its entry.
+//! typed result against the store (docs/protocol.md#methods). [`find`] maps a method name to
+//! its entry.
 //!
-//! Read methods return their result. Write methods return a [`Replay`]: the recipe of their
-//! result, which the store keeps with the change so that a redelivered request is answered
-//! by the same recipe ([`render`]) without running the method again.
+//! Read methods return their result. Write methods make a [`Change`](crate::store::Change)
+//! and return its [`Reply`]: the recipe of their result, which the store records with the
+//! change so that a redelivered request is answered by the same recipe ([`render`]) without
+//! running the method again.
+//!
+//! To add a method: write `async fn name(ctx: &Ctx<'_>, args: Option<&RawValue>)` in its
+//! family's file (returning `Result<Option<Value>, RpcError>` for a read, `Result<Reply,
+//! RpcError>` for a write) and add one line to [`method_table!`]'s invocation below.
+
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -13,7 +21,8 @@ use crate::caller::Scope;
 use crate::crypto::ServerKeys;
 use crate::frame::{valid_name, RpcError};
 use crate::lockout::Lockout;
-use crate::store::{Replay, RequestKey, Store, StoreError};
+use crate::metrics::Metrics;
+use crate::store::{Reply, RequestKey, Store, StoreError};
 
 pub mod acl;
 pub mod authenticate;
@@ -27,8 +36,11 @@ pub struct Ctx<'a> {
     pub keys: &'a ServerKeys,
     /// The request: its `src` is the subject of the token methods.
     pub request: RequestKey<'a>,
+    /// The canonical name of the method running (for its audit lines).
+    pub method: &'static str,
     /// `Authenticate`'s brute-force guard.
     pub lockout: &'a Lockout,
+    pub metrics: &'a Arc<Metrics>,
 }
 
 impl Ctx<'_> {
@@ -37,92 +49,90 @@ impl Ctx<'_> {
     }
 }
 
-pub type ReadFn = fn(&Ctx<'_>, Option<&RawValue>) -> Result<Option<Value>, RpcError>;
-pub type WriteFn = fn(&Ctx<'_>, Option<&RawValue>) -> Result<Replay, RpcError>;
+/// One audit line (target `authd::audit`) for the method running in `ctx`: the request's
+/// `rpc_id`, `src` and `method`, then the fields given (`subject`, `result`, `reason`, …) and
+/// the message. Never give it a secret.
+#[macro_export]
+macro_rules! audit {
+    ($ctx:expr, $($fields:tt)+) => {
+        tracing::info!(
+            target: "authd::audit",
+            rpc_id = $ctx.request.id,
+            src = $ctx.request.src,
+            method = $ctx.method,
+            $($fields)+
+        )
+    };
+}
 
-/// A method's handler: read-only, or state-changing (and so recorded for redelivery).
-#[derive(Clone, Copy)]
-pub enum Handler {
-    Read(ReadFn),
-    Write(WriteFn),
+/// Whether a method only reads, or changes state (and so is recorded for redelivery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Read,
+    Write,
+}
+
+/// What a method answered: a read's result, or a write's recorded reply.
+#[derive(Debug)]
+pub enum Answer {
+    Read(Option<Value>),
+    Write(Reply),
 }
 
 /// One entry of the method table.
+#[derive(Debug)]
 pub struct Method {
     /// Canonical name without the `/v1/` prefix, e.g. `Auth.GetToken`.
     pub name: &'static str,
     /// The least scope a caller key needs.
     pub scope: Scope,
-    pub handler: Handler,
+    pub kind: Kind,
+    op: Op,
 }
 
-static METHODS: &[Method] = &[
-    Method {
-        name: "Auth.Authenticate",
-        scope: Scope::Service,
-        handler: Handler::Read(authenticate::authenticate),
-    },
-    Method {
-        name: "Auth.GenerateToken",
-        scope: Scope::Service,
-        handler: Handler::Write(token::generate),
-    },
-    Method {
-        name: "Auth.GetToken",
-        scope: Scope::Service,
-        handler: Handler::Read(token::get),
-    },
-    Method {
-        name: "Auth.ListToken",
-        scope: Scope::Service,
-        handler: Handler::Read(token::list),
-    },
-    Method {
-        name: "Auth.RevokeToken",
-        scope: Scope::Service,
-        handler: Handler::Write(token::revoke),
-    },
-    Method {
-        name: "Entity.Put",
-        scope: Scope::Admin,
-        handler: Handler::Write(entity::put),
-    },
-    Method {
-        name: "Entity.Get",
-        scope: Scope::Admin,
-        handler: Handler::Read(entity::get),
-    },
-    Method {
-        name: "Entity.Delete",
-        scope: Scope::Admin,
-        handler: Handler::Write(entity::delete),
-    },
-    Method {
-        name: "Entity.List",
-        scope: Scope::Admin,
-        handler: Handler::Read(entity::list),
-    },
-    Method {
-        name: "Auth.AuthorizeCommand",
-        scope: Scope::Service,
-        handler: Handler::Read(authorize::authorize),
-    },
-    Method {
-        name: "ACL.Add",
-        scope: Scope::Admin,
-        handler: Handler::Write(acl::add),
-    },
-    Method {
-        name: "ACL.Delete",
-        scope: Scope::Admin,
-        handler: Handler::Write(acl::delete),
-    },
-    Method {
-        name: "ACL.List",
-        scope: Scope::Admin,
-        handler: Handler::Read(acl::list),
-    },
-];
+/// Builds the table, the enum naming its entries, and [`Method::run`]. A read function that
+/// is listed as a write (or the reverse) does not compile.
+macro_rules! method_table {
+    ($($op:ident: $name:literal, $scope:ident, $kind:ident => $function:path;)+) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum Op {
+            $($op),+
+        }
+
+        static METHODS: &[Method] = &[
+            $(Method { name: $name, scope: Scope::$scope, kind: Kind::$kind, op: Op::$op }),+
+        ];
+
+        impl Method {
+            /// Runs the method with `args` (raw JSON, parsed by the method).
+            pub async fn run(
+                &self,
+                ctx: &Ctx<'_>,
+                args: Option<&RawValue>,
+            ) -> Result<Answer, RpcError> {
+                Ok(match self.op {
+                    $(Op::$op => Answer::$kind($function(ctx, args).await?)),+
+                })
+            }
+        }
+    };
+}
+
+method_table! {
+    Authenticate: "Auth.Authenticate", Service, Read => authenticate::authenticate;
+    GenerateToken: "Auth.GenerateToken", Service, Write => token::generate;
+    GetToken: "Auth.GetToken", Service, Read => token::get;
+    ListToken: "Auth.ListToken", Service, Read => token::list;
+    RevokeToken: "Auth.RevokeToken", Service, Write => token::revoke;
+    EntityPut: "Entity.Put", Admin, Write => entity::put;
+    EntityGet: "Entity.Get", Admin, Read => entity::get;
+    EntityDelete: "Entity.Delete", Admin, Write => entity::delete;
+    EntityList: "Entity.List", Admin, Read => entity::list;
+    AuthorizeCommand: "Auth.AuthorizeCommand", Service, Read => authorize::authorize;
+    AclAdd: "ACL.Add", Admin, Write => acl::add;
+    AclDelete: "ACL.Delete", Admin, Write => acl::delete;
+    AclList: "ACL.List", Admin, Read => acl::list;
+}
 
 /// Strips the optional `/v1/` (or `v1/`) prefix: `/v1/Auth.X`, `v1/Auth.X` and `Auth.X`
 /// name the same method.
@@ -137,32 +147,22 @@ pub fn find(name: &str) -> Option<&'static Method> {
     METHODS.iter().find(|m| m.name == name)
 }
 
-/// How many methods the table has (metrics keep one fixed row per method).
-pub fn count() -> usize {
-    METHODS.len()
-}
-
-/// A method's position in the table.
+/// A method's position in the table (its metrics row).
 pub fn position(method: &Method) -> Option<usize> {
     METHODS.iter().position(|m| std::ptr::eq(m, method))
 }
 
-/// The canonical name of the method at `position`.
-pub fn name_at(position: usize) -> Option<&'static str> {
-    METHODS.get(position).map(|m| m.name)
-}
-
-/// All canonical method names, for documentation and tests.
+/// All canonical method names, in table order.
 pub fn names() -> impl Iterator<Item = &'static str> {
     METHODS.iter().map(|m| m.name)
 }
 
 /// Turns a write's recorded reply into the response's `result`.
-pub fn render(reply: &Replay, keys: &ServerKeys) -> Result<Option<Value>, RpcError> {
+pub fn render(reply: &Reply, keys: &ServerKeys) -> Result<Option<Value>, RpcError> {
     match reply {
-        Replay::Empty => Ok(None),
-        Replay::Value(v) => Ok(Some(v.clone())),
-        Replay::Token {
+        Reply::Empty => Ok(None),
+        Reply::Value(v) => Ok(Some(v.clone())),
+        Reply::Token {
             user,
             host,
             token_id,
@@ -171,7 +171,7 @@ pub fn render(reply: &Replay, keys: &ServerKeys) -> Result<Option<Value>, RpcErr
             let token = token::token_string(keys, *key_id, token_id, user, host)?;
             Ok(Some(serde_json::json!({ "token": token })))
         }
-        Replay::Psk { .. } => {
+        Reply::Psk { .. } => {
             let psk = entity::generated_psk(keys, reply)?;
             Ok(Some(serde_json::json!({ "psk": psk })))
         }
@@ -205,4 +205,47 @@ impl std::ops::Deref for Name {
 pub fn storage_failed(e: StoreError) -> RpcError {
     tracing::error!(error = %e, "storage failure");
     RpcError::internal()
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A context for calling methods directly in unit tests.
+
+    use super::*;
+    use crate::lockout::LockoutPolicy;
+
+    pub struct Fixture {
+        pub store: Store,
+        pub keys: ServerKeys,
+        pub lockout: Lockout,
+        pub metrics: Arc<Metrics>,
+    }
+
+    impl Fixture {
+        pub fn new(lockout: LockoutPolicy) -> Fixture {
+            Fixture {
+                store: Store::temporary().expect("temporary store"),
+                keys: ServerKeys::for_tests(),
+                lockout: Lockout::new(lockout),
+                metrics: Arc::default(),
+            }
+        }
+
+        /// A context for request `rpc_id` from `backend`, running `method`.
+        pub fn ctx(&self, method: &'static str, rpc_id: u64) -> Ctx<'_> {
+            Ctx {
+                store: &self.store,
+                keys: &self.keys,
+                request: RequestKey {
+                    src: "backend",
+                    id: rpc_id,
+                    at_ms: crate::unix_ms(),
+                    record_reply: true,
+                },
+                method,
+                lockout: &self.lockout,
+                metrics: &self.metrics,
+            }
+        }
+    }
 }

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::{storage_failed, Ctx, Name};
 use crate::crypto::{random_bytes, KeyId, ServerKeys, TokenId};
 use crate::frame::{parse_args, RpcError};
-use crate::store::{Replay, TokenRecord};
+use crate::store::{Applied, Change, Reply, TokenRecord};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,32 +21,26 @@ struct HostArgs {
 struct NoArgs {}
 
 /// `GenerateToken {host}` → `{"token": …}`; the user's earlier token for `host` stops working.
-pub fn generate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
+pub async fn generate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcError> {
     let HostArgs { host } = parse_args(args)?;
-    let user = ctx.request.src;
     let record = TokenRecord {
         token_id: random_bytes(),
         key_id: ctx.keys.newest(),
         created: ctx.now_secs(),
     };
-    let reply = Replay::Token {
-        user: user.to_owned(),
+    let change = Change::ReplaceToken {
+        user: ctx.request.src.to_owned(),
         host: host.0.clone(),
-        token_id: record.token_id,
-        key_id: record.key_id,
+        record,
     };
-    ctx.store
-        .replace_token(user, &host, &record, &ctx.request, &reply)
-        .map_err(storage_failed)?;
-    audit(ctx, "Auth.GenerateToken", &host, "issued");
-    Ok(reply)
+    change_token(ctx, change, &host, "issued").await
 }
 
 /// `GetToken {host}` → `{"exist": true, "token": …}` or `{"exist": false}`.
-pub fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
+pub async fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let HostArgs { host } = parse_args(args)?;
     let user = ctx.request.src;
-    let record = ctx.store.token(user, &host).map_err(storage_failed)?;
+    let record = ctx.store.token(user, &host).await.map_err(storage_failed)?;
     Ok(Some(match record {
         None => json!({ "exist": false }),
         Some(r) => {
@@ -57,11 +51,12 @@ pub fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcE
 }
 
 /// `ListToken {}` → `[{"host": …, "created": …}, …]`, sorted by host.
-pub fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
+pub async fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let NoArgs {} = parse_args(args)?;
     let tokens = ctx
         .store
         .tokens_of(ctx.request.src)
+        .await
         .map_err(storage_failed)?;
     Ok(Some(Value::Array(
         tokens
@@ -72,27 +67,35 @@ pub fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, Rpc
 }
 
 /// `RevokeToken {host}` → no result. Revoking a host with no token succeeds.
-pub fn revoke(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Replay, RpcError> {
+pub async fn revoke(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcError> {
     let HostArgs { host } = parse_args(args)?;
-    ctx.store
-        .revoke_token(ctx.request.src, &host, &ctx.request, &Replay::Empty)
-        .map_err(storage_failed)?;
-    audit(ctx, "Auth.RevokeToken", &host, "revoked");
-    Ok(Replay::Empty)
+    let change = Change::RevokeToken {
+        user: ctx.request.src.to_owned(),
+        host: host.0.clone(),
+    };
+    change_token(ctx, change, &host, "revoked").await
 }
 
-/// One audit line per token change: the user is the request's `src`, the subject the host.
-fn audit(ctx: &Ctx<'_>, method: &str, host: &str, reason: &str) {
-    tracing::info!(
-        target: "authd::audit",
-        rpc_id = ctx.request.id,
-        src = ctx.request.src,
-        method,
-        subject = host,
-        result = true,
-        reason,
-        "token {reason}"
-    );
+/// Applies a token change and writes its audit line: the user is the request's `src`, the
+/// subject the host.
+async fn change_token(
+    ctx: &Ctx<'_>,
+    change: Change,
+    host: &str,
+    reason: &str,
+) -> Result<Reply, RpcError> {
+    match ctx
+        .store
+        .apply(&ctx.request, change)
+        .await
+        .map_err(storage_failed)?
+    {
+        Applied::Now(_, reply) => {
+            crate::audit!(ctx, subject = host, result = true, reason, "token {reason}");
+            Ok(reply)
+        }
+        Applied::Before(reply) => Ok(reply),
+    }
 }
 
 /// The token string of a recorded token id.

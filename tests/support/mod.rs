@@ -301,8 +301,8 @@ pub struct Spy {
 impl Spy {
     /// Connects and subscribes to `filters`; returns once the broker granted them.
     pub async fn start(broker: &Broker, filters: &[&str]) -> Spy {
-        use authd::mqtt::{Link, Session, SessionOptions};
-        let (session, publisher, mut link) = Session::new(SessionOptions {
+        use authd::mqtt::{BrokerState, Session, SessionOptions};
+        let (session, publisher, mut state) = Session::new(SessionOptions {
             broker: broker.address(),
             client_id: format!("spy-{}", uuid::Uuid::new_v4().simple()),
             credentials: None,
@@ -323,7 +323,7 @@ impl Spy {
             close.clone(),
             || {},
         ));
-        tokio::time::timeout(TIMEOUT, link.wait_for(|l| *l == Link::Ready))
+        tokio::time::timeout(TIMEOUT, state.wait_for(|s| *s == BrokerState::Ready))
             .await
             .expect("spy subscribed")
             .expect("spy session alive");

@@ -1,0 +1,225 @@
+//! The embedded store: a sled database in the data directory, for one worker process.
+//!
+//! Reads go straight to sled's trees from the calling task (they are in-memory lookups once
+//! the page is cached). Every change goes to one writer thread ([`writer`]), which commits
+//! concurrent changes in one transaction with their replay records and flushes once for all
+//! of them (group commit); a change's call returns once it is on disk.
+//!
+//! | file | trees |
+//! |---|---|
+//! | [`entities`] | `entities`, `entity_owners` |
+//! | [`tokens`] | `tokens`, `token_ids` |
+//! | [`rules`] | `rules` (and `meta`'s rule id counter), mirrored by the in-memory rule index |
+//! | [`replays`] | `replays`, `replay_times` |
+//! | [`writer`] | the named trees, transactions, the writer thread |
+//! | [`encoding`] | key and record layouts |
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::oneshot;
+
+use crate::crypto::{KeyId, TokenId};
+use crate::rules::{Decision, Rule, RuleIndex};
+use crate::store::records::{
+    Applied, Change, EntityPage, EntityRecord, KeyUsage, LiveToken, PskHash, Reply, RequestKey,
+    StoreError, TokenRecord,
+};
+
+mod encoding;
+mod entities;
+mod replays;
+mod rules;
+mod tokens;
+mod writer;
+
+use writer::{Job, Requester, Trees, Writer};
+
+/// Version of the on-disk layout this build reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Database(Box::new(e))
+    }
+}
+
+/// The embedded sled store. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: sled::Db,
+    trees: Trees,
+    /// The rules of the `rules` tree, indexed. A std lock, not a Tokio one: it is never held
+    /// across an await, and readers (every AuthorizeCommand) do not block each other. Only
+    /// the writer thread changes it, after each commit.
+    rule_index: Arc<RwLock<RuleIndex>>,
+    writer: Arc<Writer>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's page cache.
+    /// With `flush_on_commit`, every change is on disk when the call that made it returns;
+    /// without (bulk import), only after [`EmbeddedStore::flush`].
+    pub fn open(
+        dir: &Path,
+        cache_bytes: u64,
+        flush_on_commit: bool,
+    ) -> Result<EmbeddedStore, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()?;
+        Self::from_db(db, flush_on_commit)
+    }
+
+    /// A throw-away database in a temporary directory (fuzzing, unit tests).
+    pub fn temporary() -> Result<EmbeddedStore, StoreError> {
+        Self::from_db(sled::Config::new().temporary(true).open()?, false)
+    }
+
+    fn from_db(db: sled::Db, flush_on_commit: bool) -> Result<EmbeddedStore, StoreError> {
+        let trees = Trees::open(&db)?;
+        match trees.meta.get("schema_version")? {
+            None => {
+                trees
+                    .meta
+                    .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+                db.flush()?;
+            }
+            Some(v) if v.as_ref() == SCHEMA_VERSION.to_be_bytes() => {}
+            Some(v) => {
+                let found = <[u8; 8]>::try_from(v.as_ref())
+                    .map(|b| u64::from_be_bytes(b).to_string())
+                    .unwrap_or_else(|_| format!("{:?}", v.as_ref()));
+                return Err(StoreError::Schema {
+                    found,
+                    known: SCHEMA_VERSION,
+                });
+            }
+        }
+        let rule_index = Arc::new(RwLock::new(rules::load_index(&trees)?));
+        let writer = Writer::start(
+            db.clone(),
+            trees.clone(),
+            rule_index.clone(),
+            flush_on_commit,
+        )?;
+        Ok(EmbeddedStore {
+            db,
+            trees,
+            rule_index,
+            writer: Arc::new(writer),
+        })
+    }
+
+    pub fn entity(&self, id: &str) -> Result<Option<EntityRecord>, StoreError> {
+        entities::entity(&self.trees, id)
+    }
+
+    pub fn list_entities(
+        &self,
+        owner: Option<&str>,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EntityPage, StoreError> {
+        entities::list(&self.trees, owner, prefix, after, limit)
+    }
+
+    pub fn replace_psk_hash(
+        &self,
+        id: &str,
+        seen: &EntityRecord,
+        psk: PskHash,
+    ) -> Result<bool, StoreError> {
+        entities::replace_psk_hash(&self.trees, id, seen, psk)
+    }
+
+    pub fn key_usage(&self) -> Result<BTreeMap<KeyId, KeyUsage>, StoreError> {
+        entities::key_usage(&self.trees)
+    }
+
+    pub fn token(&self, user: &str, host: &str) -> Result<Option<TokenRecord>, StoreError> {
+        tokens::token(&self.trees, user, host)
+    }
+
+    pub fn tokens_of(&self, user: &str) -> Result<Vec<(String, TokenRecord)>, StoreError> {
+        tokens::tokens_of(&self.trees, user)
+    }
+
+    pub fn live_token(&self, token_id: &TokenId) -> Result<Option<LiveToken>, StoreError> {
+        tokens::live_token(&self.trees, token_id)
+    }
+
+    pub fn rules(&self, after: u64, limit: usize) -> Result<Vec<(u64, Rule)>, StoreError> {
+        rules::list(&self.trees, after, limit)
+    }
+
+    /// AuthorizeCommand's decision: see [`RuleIndex::decide`].
+    pub fn authorize(&self, src: &str, dst: &str, cmd: &str) -> Result<Decision, StoreError> {
+        let index = self.rule_index.read().unwrap_or_else(|e| e.into_inner());
+        index.decide(src, dst, cmd, || {
+            Ok(entities::entity(&self.trees, dst)?.and_then(|e| e.owner))
+        })
+    }
+
+    pub fn replay(&self, src: &str, id: u64) -> Result<Option<Reply>, StoreError> {
+        replays::lookup(&self.trees, src, id)
+    }
+
+    pub fn prune_replays(&self, before_ms: u64) -> Result<usize, StoreError> {
+        replays::prune(&self.trees, before_ms)
+    }
+
+    /// Applies `change` on the writer thread and waits (without blocking the runtime) until
+    /// it is committed, and on disk unless this store was opened for bulk import.
+    pub async fn apply(
+        &self,
+        request: &RequestKey<'_>,
+        change: Change,
+    ) -> Result<Applied, StoreError> {
+        let (done, result) = oneshot::channel();
+        let request = request.record_reply.then(|| Requester {
+            src: request.src.to_owned(),
+            id: request.id,
+            at_ms: request.at_ms,
+        });
+        self.writer.send(Job::Apply {
+            request,
+            change,
+            done,
+        })?;
+        result.await.map_err(|_| StoreError::Writer)?
+    }
+
+    /// Returns once every change committed before the call is on disk.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        let (done, result) = oneshot::channel();
+        self.writer.send(Job::Barrier { done })?;
+        match result.await {
+            Ok(true) => Ok(()),
+            _ => Err(StoreError::Flush),
+        }
+    }
+
+    /// Whether each change is on disk when its call returns.
+    pub fn flushes_on_commit(&self) -> bool {
+        self.writer.flushes
+    }
+
+    /// Writes everything to disk. Blocks: call it off the runtime's worker threads.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Changes an entity behind the writer's back (tests of the owner lookup).
+    #[cfg(test)]
+    pub(crate) fn put_entity_raw(&self, id: &str, record: &EntityRecord) {
+        let _ = self
+            .trees
+            .entities
+            .insert(id.as_bytes(), encoding::entity_to_bytes(record));
+    }
+}

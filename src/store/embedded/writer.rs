@@ -1,0 +1,419 @@
+//! The one thread that writes, and group commit.
+//!
+//! Every sled transaction, however small, seals sled's write buffer and waits for it to reach
+//! the disk, and transactions run one at a time, so one change per transaction caps the write
+//! rate near one disk write per change. The writer takes every job waiting for it and commits
+//! their changes in one transaction, in arrival order (each sees the ones before it), so
+//! concurrent changes share that disk write and then one flush: group commit. If the batch
+//! fails, each change is run again alone, so one bad change fails only its own request.
+//!
+//! A change returns only once it is on disk (unless the store was opened for bulk import,
+//! which flushes once at the end). A [`Job::Barrier`] returns once everything committed before
+//! it is on disk: a reader that saw a record whose batch may still be flushing waits on one.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::Transactional;
+use tokio::sync::oneshot;
+
+use super::{entities, replays, rules, tokens};
+use crate::rules::RuleIndex;
+use crate::store::records::{Applied, Change, Changed, StoreError};
+
+/// The trees of the database.
+#[derive(Clone)]
+pub struct Trees {
+    /// `schema_version`; `next_rule_id` (u64 BE), so rule ids are never reused.
+    pub meta: sled::Tree,
+    /// `rule id` (u64 BE) → `Rule` (JSON).
+    pub rules: sled::Tree,
+    /// `lp(user) ‖ host` → `TokenRecord` (JSON): the live token of each (user, host).
+    pub tokens: sled::Tree,
+    /// `token id` → `lp(user) ‖ host`: finds a presented token's owner.
+    pub token_ids: sled::Tree,
+    /// `id` → entity record (binary, see `encoding`).
+    pub entities: sled::Tree,
+    /// `lp(owner) ‖ id` → ``: an owner's entities in id order.
+    pub entity_owners: sled::Tree,
+    /// `lp(src) ‖ id` → `ReplayRecord` (JSON).
+    pub replays: sled::Tree,
+    /// `at ‖ lp(src) ‖ id` → ``: replay records by age, for pruning.
+    pub replay_times: sled::Tree,
+}
+
+impl Trees {
+    pub fn open(db: &sled::Db) -> Result<Trees, StoreError> {
+        Ok(Trees {
+            meta: db.open_tree("meta")?,
+            rules: db.open_tree("rules")?,
+            tokens: db.open_tree("tokens")?,
+            token_ids: db.open_tree("token_ids")?,
+            entities: db.open_tree("entities")?,
+            entity_owners: db.open_tree("entity_owners")?,
+            replays: db.open_tree("replays")?,
+            replay_times: db.open_tree("replay_times")?,
+        })
+    }
+
+    /// Runs `f` as one transaction over every tree. sled re-runs it on conflict, so `f` has
+    /// no side effects outside the trees.
+    fn transaction<T>(
+        &self,
+        f: impl Fn(&Tx<'_>) -> Result<T, ConflictableTransactionError<StoreError>>,
+    ) -> Result<T, StoreError> {
+        // sled takes the trees as a slice; `Tx` names them again, in this order.
+        let all = [
+            self.meta.clone(),
+            self.rules.clone(),
+            self.tokens.clone(),
+            self.token_ids.clone(),
+            self.entities.clone(),
+            self.entity_owners.clone(),
+            self.replays.clone(),
+            self.replay_times.clone(),
+        ];
+        all.as_slice()
+            .transaction(|t| {
+                f(&Tx {
+                    meta: &t[0],
+                    rules: &t[1],
+                    tokens: &t[2],
+                    token_ids: &t[3],
+                    entities: &t[4],
+                    entity_owners: &t[5],
+                    replays: &t[6],
+                    replay_times: &t[7],
+                })
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => e.into(),
+            })
+    }
+}
+
+/// The trees, inside a transaction.
+pub struct Tx<'a> {
+    pub meta: &'a TransactionalTree,
+    pub rules: &'a TransactionalTree,
+    pub tokens: &'a TransactionalTree,
+    pub token_ids: &'a TransactionalTree,
+    pub entities: &'a TransactionalTree,
+    pub entity_owners: &'a TransactionalTree,
+    pub replays: &'a TransactionalTree,
+    pub replay_times: &'a TransactionalTree,
+}
+
+/// The result type of work inside a transaction.
+pub type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// Aborts a transaction with `e`.
+pub fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+/// A request's identity as the writer keeps it (owned: it crosses to the writer thread).
+#[derive(Debug, Clone)]
+pub struct Requester {
+    pub src: String,
+    pub id: u64,
+    pub at_ms: u64,
+}
+
+/// Work for the writer thread.
+pub enum Job {
+    /// Apply `change` and record its reply for `request` (`None`: record nothing, bulk
+    /// import), unless a reply is already recorded for it.
+    Apply {
+        request: Option<Requester>,
+        change: Change,
+        done: oneshot::Sender<Result<Applied, StoreError>>,
+    },
+    /// Answer once everything committed before it is on disk.
+    Barrier { done: oneshot::Sender<bool> },
+}
+
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// The writer thread's handle. Dropping it stops the thread and waits for it.
+pub struct Writer {
+    /// Each batch is flushed before its changes return.
+    pub flushes: bool,
+    jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Writer {
+    /// Starts the thread. It keeps `index` in step with the committed rules.
+    pub fn start(
+        db: sled::Db,
+        trees: Trees,
+        index: Arc<RwLock<RuleIndex>>,
+        flushes: bool,
+    ) -> Result<Writer, StoreError> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let thread = std::thread::Builder::new()
+            .name("authd-writer".into())
+            .spawn(move || {
+                let batches = Batches {
+                    db,
+                    trees,
+                    index,
+                    flushes,
+                };
+                while let Ok(first) = queue.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match queue.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    batches.run(batch);
+                }
+            })
+            .map_err(|e| StoreError::corrupt("writer thread", e))?;
+        Ok(Writer {
+            flushes,
+            jobs: Mutex::new(Some(jobs)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Hands `job` to the writer thread.
+    pub fn send(&self, job: Job) -> Result<(), StoreError> {
+        let jobs = lock(&self.jobs).clone().ok_or(StoreError::Writer)?;
+        jobs.send(job).map_err(|_| StoreError::Writer)
+    }
+}
+
+impl Drop for Writer {
+    /// Stops the thread and waits for it, so that the database is closed (and can be opened
+    /// again, e.g. by a restarted worker in the same process) once the store is dropped.
+    fn drop(&mut self) {
+        lock(&self.jobs).take();
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What the writer thread owns.
+struct Batches {
+    db: sled::Db,
+    trees: Trees,
+    index: Arc<RwLock<RuleIndex>>,
+    flushes: bool,
+}
+
+impl Batches {
+    fn run(&self, batch: Vec<Job>) {
+        let mut changes = Vec::with_capacity(batch.len());
+        let mut barriers = Vec::new();
+        for job in batch {
+            match job {
+                Job::Apply {
+                    request,
+                    change,
+                    done,
+                } => changes.push((request, change, done)),
+                Job::Barrier { done } => barriers.push(done),
+            }
+        }
+        if !changes.is_empty() {
+            let work: Vec<_> = changes.iter().map(|(r, c, _)| (r, c)).collect();
+            match self.commit(&work) {
+                Ok(results) => {
+                    self.durable();
+                    for ((_, _, done), result) in changes.into_iter().zip(results) {
+                        let _ = done.send(Ok(result));
+                    }
+                }
+                Err(_) if changes.len() > 1 => {
+                    for (request, change, done) in changes {
+                        let result = self
+                            .commit(&[(&request, &change)])
+                            .and_then(|mut r| r.pop().ok_or(StoreError::Writer));
+                        if result.is_ok() {
+                            self.durable();
+                        }
+                        let _ = done.send(result);
+                    }
+                }
+                Err(e) => {
+                    for (_, _, done) in changes {
+                        let _ = done.send(Err(StoreError::corrupt("transaction", &e)));
+                    }
+                }
+            }
+        }
+        if !barriers.is_empty() {
+            // Every batch with changes was flushed before its jobs were answered; only a store
+            // that does not flush on commit has anything left to flush here.
+            let ok = self.flushes || self.db.flush().is_ok();
+            for done in barriers {
+                let _ = done.send(ok);
+            }
+        }
+    }
+
+    /// Applies `work` in one transaction, then brings the rule index up to date.
+    fn commit(&self, work: &[(&Option<Requester>, &Change)]) -> Result<Vec<Applied>, StoreError> {
+        // sled transactions cannot scan: the tokens a change removes are listed first. Only
+        // this thread writes tokens, so the list is exact, given the tokens issued earlier in
+        // the same batch.
+        let mut token_keys = Vec::with_capacity(work.len());
+        for (i, (_, change)) in work.iter().enumerate() {
+            token_keys.push(match change {
+                Change::DeleteEntity { id } => {
+                    tokens::keys_of(&self.trees, id, work[..i].iter().map(|(_, c)| *c))?
+                }
+                _ => Vec::new(),
+            });
+        }
+        let results = self.trees.transaction(|tx| {
+            work.iter()
+                .zip(&token_keys)
+                .map(|((request, change), keys)| apply(tx, request.as_ref(), change, keys))
+                .collect::<TxResult<Vec<_>>>()
+        })?;
+        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        for ((_, change), applied) in work.iter().zip(&results) {
+            match (change, applied) {
+                (Change::AddRule { rule }, Applied::Now(Changed::RuleAdded { rule_id }, _)) => {
+                    index.insert(*rule_id, rule)
+                }
+                (
+                    Change::DeleteRule { rule_id },
+                    Applied::Now(Changed::RuleDeleted(Some(rule)), _),
+                ) => {
+                    index.remove(*rule_id, rule);
+                }
+                _ => {}
+            }
+        }
+        Ok(results)
+    }
+
+    /// Flushes (fsyncs) the database if this store flushes on commit, or stops the process.
+    /// After a failed fsync the state on disk is unknown; answering from memory that may
+    /// disagree with it would break the promise that an answered change is durable. Like
+    /// PostgreSQL, authd stops at once instead: the broker redelivers every unacknowledged
+    /// request to the restarted worker, which answers from what is really on disk.
+    fn durable(&self) {
+        if !self.flushes {
+            return;
+        }
+        if let Err(e) = self.db.flush() {
+            tracing::error!(error = %e, "database flush failed; stopping at once");
+            std::process::exit(74);
+        }
+    }
+}
+
+/// Applies one change inside a transaction: answers a request already recorded with its
+/// record, otherwise makes the change and records its reply. `token_keys`: the tokens the
+/// change removes (see [`tokens::keys_of`]).
+fn apply(
+    tx: &Tx<'_>,
+    request: Option<&Requester>,
+    change: &Change,
+    token_keys: &[Vec<u8>],
+) -> TxResult<Applied> {
+    if let Some(request) = request {
+        if let Some(earlier) = replays::recorded(tx, request)? {
+            return Ok(Applied::Before(earlier));
+        }
+    }
+    let changed = match change {
+        Change::ReplaceToken { user, host, record } => tokens::replace(tx, user, host, record)?,
+        Change::RevokeToken { user, host } => tokens::revoke(tx, user, host)?,
+        Change::PutEntity {
+            id,
+            record,
+            create_only,
+            ..
+        } => entities::put(tx, id, record, *create_only)?,
+        Change::DeleteEntity { id } => entities::delete(tx, id, token_keys)?,
+        Change::AddRule { rule } => rules::add(tx, rule)?,
+        Change::DeleteRule { rule_id } => rules::delete(tx, *rule_id)?,
+    };
+    let reply = crate::store::records::Reply::of(change, &changed);
+    if let (Some(request), Some(reply)) = (request, &reply) {
+        replays::record(tx, request, reply)?;
+    }
+    Ok(Applied::Now(
+        changed,
+        reply.unwrap_or(crate::store::records::Reply::Empty),
+    ))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::records::TokenRecord;
+
+    fn batches() -> Batches {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        Batches {
+            trees: Trees::open(&db).unwrap(),
+            db,
+            index: Arc::default(),
+            flushes: false,
+        }
+    }
+
+    fn job(change: Change) -> (Job, oneshot::Receiver<Result<Applied, StoreError>>) {
+        let (done, rx) = oneshot::channel();
+        let request = None;
+        (
+            Job::Apply {
+                request,
+                change,
+                done,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn a_delete_removes_tokens_issued_earlier_in_its_own_batch() {
+        let b = batches();
+        let issue = |host: &str, n: u8| Change::ReplaceToken {
+            user: "u".into(),
+            host: host.into(),
+            record: TokenRecord {
+                token_id: [n; 16],
+                key_id: 1,
+                created: 1,
+            },
+        };
+        let (before, _) = job(issue("h0", 0));
+        b.run(vec![before]);
+        let (same_batch, _) = job(issue("h1", 1));
+        let (delete, deleted) = job(Change::DeleteEntity { id: "u".into() });
+        let (after, _) = job(issue("h2", 2));
+        b.run(vec![same_batch, delete, after]);
+        let deleted = deleted.blocking_recv().unwrap().unwrap();
+        assert_eq!(
+            deleted,
+            Applied::Now(
+                Changed::EntityDeleted {
+                    existed: false,
+                    tokens: 2
+                },
+                crate::store::records::Reply::Empty
+            )
+        );
+        let left = tokens::tokens_of(&b.trees, "u").unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].0, "h2", "only the token issued after the delete");
+        assert!(tokens::live_token(&b.trees, &[1; 16]).unwrap().is_none());
+    }
+}

@@ -1,0 +1,203 @@
+//! The state of authd, behind operations in the product's words.
+//!
+//! [`Store`] is what the methods see: reads ("the entity `id`", "the live token with this
+//! id", "AuthorizeCommand's decision"), and [`Store::apply`], which makes one [`Change`] in
+//! one transaction together with the record of the reply to the request that asked for it,
+//! so that a redelivered request is answered identically and changes nothing. No type of a
+//! storage engine crosses this boundary.
+//!
+//! Backends: [`embedded`] (sled in the data directory, the default, one worker). A backend
+//! promises, for every change: the change and its replay record commit together; a request
+//! already recorded changes nothing and gets its recorded reply ([`Applied::Before`]); the
+//! call returns once the change is durable; rule ids are never reused.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::crypto::{KeyId, TokenId};
+use crate::rules::{Decision, Rule};
+
+pub mod embedded;
+mod records;
+
+pub use records::{
+    Applied, Change, Changed, EntityPage, EntityRecord, KeyUsage, LiveToken, PskHash, PutOutcome,
+    Reply, RequestKey, StoreError, TokenRecord,
+};
+
+/// The authd database. Cheap to clone.
+#[derive(Clone)]
+pub enum Store {
+    Embedded(embedded::EmbeddedStore),
+}
+
+impl Store {
+    /// Opens (or creates) the embedded database in `dir`; see [`embedded::EmbeddedStore::open`].
+    pub fn open_embedded(
+        dir: &Path,
+        cache_bytes: u64,
+        flush_on_commit: bool,
+    ) -> Result<Store, StoreError> {
+        embedded::EmbeddedStore::open(dir, cache_bytes, flush_on_commit).map(Store::Embedded)
+    }
+
+    /// A throw-away embedded database (fuzzing, unit tests).
+    pub fn temporary() -> Result<Store, StoreError> {
+        embedded::EmbeddedStore::temporary().map(Store::Embedded)
+    }
+
+    /// The entity `id`. An unknown id costs what a known one does.
+    pub async fn entity(&self, id: &str) -> Result<Option<EntityRecord>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.entity(id),
+        }
+    }
+
+    /// Up to `limit` entities in id order whose id starts with `prefix` and sorts after
+    /// `after`, optionally only those of `owner`.
+    pub async fn list_entities(
+        &self,
+        owner: Option<&str>,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EntityPage, StoreError> {
+        match self {
+            Store::Embedded(s) => s.list_entities(owner, prefix, after, limit),
+        }
+    }
+
+    /// Replaces the PSK hash of entity `id` with `psk` if its record is still exactly `seen`;
+    /// whether it did. Records no reply: `Authenticate` moves a PSK to the newest server key
+    /// with it, and losing that write loses nothing (the old hash still verifies).
+    pub async fn replace_psk_hash(
+        &self,
+        id: &str,
+        seen: &EntityRecord,
+        psk: PskHash,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Embedded(s) => s.replace_psk_hash(id, seen, psk),
+        }
+    }
+
+    /// How many PSK hashes and live app tokens were made with each server key: what still
+    /// needs a key before it can be removed from the key file. A full scan (operators only).
+    pub async fn key_usage(&self) -> Result<BTreeMap<KeyId, KeyUsage>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.key_usage(),
+        }
+    }
+
+    /// The live token record of (user, host).
+    pub async fn token(&self, user: &str, host: &str) -> Result<Option<TokenRecord>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.token(user, host),
+        }
+    }
+
+    /// All live tokens of a user, sorted by host.
+    pub async fn tokens_of(&self, user: &str) -> Result<Vec<(String, TokenRecord)>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.tokens_of(user),
+        }
+    }
+
+    /// The live token with this id: whose it is and for which host.
+    pub async fn live_token(&self, token_id: &TokenId) -> Result<Option<LiveToken>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.live_token(token_id),
+        }
+    }
+
+    /// Rules with an id above `after`, in id order, at most `limit`.
+    pub async fn rules(&self, after: u64, limit: usize) -> Result<Vec<(u64, Rule)>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.rules(after, limit),
+        }
+    }
+
+    /// AuthorizeCommand's decision for (src, dst, cmd): see [`crate::rules::RuleIndex::decide`].
+    pub async fn authorize(&self, src: &str, dst: &str, cmd: &str) -> Result<Decision, StoreError> {
+        match self {
+            Store::Embedded(s) => s.authorize(src, dst, cmd),
+        }
+    }
+
+    /// Makes `change` for `request`, in one transaction with the record of its reply; or, if
+    /// a reply is already recorded for `request`, changes nothing and returns that reply.
+    pub async fn apply(
+        &self,
+        request: &RequestKey<'_>,
+        change: Change,
+    ) -> Result<Applied, StoreError> {
+        match self {
+            Store::Embedded(s) => s.apply(request, change).await,
+        }
+    }
+
+    /// The recorded reply of an earlier state-changing request with this `src` and `id`.
+    pub async fn replay(&self, src: &str, id: u64) -> Result<Option<Reply>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.replay(src, id),
+        }
+    }
+
+    /// Deletes replay records made before `before_ms` (UNIX ms). Returns how many.
+    pub async fn prune_replays(&self, before_ms: u64) -> Result<usize, StoreError> {
+        match self {
+            Store::Embedded(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || s.prune_replays(before_ms))
+                    .await
+                    .map_err(|_| StoreError::Writer)?
+            }
+        }
+    }
+
+    /// Returns once every change visible now is durable: a reply that depends on a record
+    /// seen by a read (a redelivery) waits on it.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.durable().await,
+        }
+    }
+
+    /// Whether each change is durable when [`Store::apply`] returns (false only for a store
+    /// opened for bulk import).
+    pub fn durable_on_commit(&self) -> bool {
+        match self {
+            Store::Embedded(s) => s.flushes_on_commit(),
+        }
+    }
+
+    /// Writes everything to stable storage (at the end of an import, at shutdown).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || s.flush())
+                    .await
+                    .map_err(|_| StoreError::Flush)?
+            }
+        }
+    }
+}
+
+/// Deletes replay records older than `window`, every `every`, until the task is dropped.
+pub async fn prune_replays_every(store: Store, window: Duration, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let cutoff = crate::unix_ms().saturating_sub(window.as_millis() as u64);
+        match store.prune_replays(cutoff).await {
+            Ok(n) if n > 0 => tracing::debug!(pruned = n, "replay records pruned"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "pruning replay records failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

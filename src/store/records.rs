@@ -1,0 +1,215 @@
+//! The store's vocabulary: the records it keeps and the changes it applies, in the product's
+//! words. Every backend reads and writes these types; nothing here knows how they are kept.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::{KeyId, PskNonce, TokenId};
+use crate::rules::Rule;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(Box<dyn std::error::Error + Send + Sync>),
+    #[error("database record under {what} is unreadable: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("database schema version {found} is not the version {known} this authd understands")]
+    Schema { found: String, known: u64 },
+    #[error("database flush failed")]
+    Flush,
+    #[error("the database writer thread is gone")]
+    Writer,
+}
+
+impl StoreError {
+    pub(crate) fn corrupt(what: &'static str, detail: impl std::fmt::Display) -> StoreError {
+        StoreError::Corrupt {
+            what,
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// The live token of one (user, host) pair. Holds no usable secret: the token string is
+/// derived from `token_id` with the server key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub token_id: TokenId,
+    pub key_id: KeyId,
+    /// UNIX seconds.
+    pub created: u64,
+}
+
+/// A live token found by its id: whose it is, for which host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveToken {
+    pub user: String,
+    pub host: String,
+    pub record: TokenRecord,
+}
+
+/// An entity as stored: a device or user that signs in. Holds no usable secret: the PSK is a
+/// keyed hash, the certificate a fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityRecord {
+    /// Who owns it (a user id): owners may command their devices.
+    pub owner: Option<String>,
+    pub psk: Option<PskHash>,
+    /// SHA-256 of the pinned certificate's DER encoding.
+    pub cert_sha256: Option<[u8; 32]>,
+    pub disabled: bool,
+    /// UNIX seconds when the id was first created; kept when the entity is replaced.
+    pub created: u64,
+}
+
+/// `ServerKeys::psk_hash` of an entity's PSK and the key it was made with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PskHash {
+    pub key_id: KeyId,
+    pub hash: [u8; 32],
+}
+
+/// What one server key is still used for (`Store::key_usage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KeyUsage {
+    /// Entities whose PSK is hashed under this key.
+    pub psk_hashes: u64,
+    /// Live app tokens made with this key.
+    pub tokens: u64,
+}
+
+/// One page of `Store::list_entities`.
+#[derive(Debug, Default)]
+pub struct EntityPage {
+    /// In id order.
+    pub entities: Vec<(String, EntityRecord)>,
+    /// More entities match after the last one.
+    pub more: bool,
+}
+
+/// A state change, as a method asks for it. The store applies it in one transaction with the
+/// record of the request's reply.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Make `record` the live token of (user, host); an earlier token of the pair stops
+    /// working.
+    ReplaceToken {
+        user: String,
+        host: String,
+        record: TokenRecord,
+    },
+    /// Remove the live token of (user, host), if any.
+    RevokeToken { user: String, host: String },
+    /// Create or replace entity `id`; a replaced entity keeps its `created`. With
+    /// `create_only`, an existing id is left alone. `generated`: the nonce of a PSK the worker
+    /// made, so that the reply can be derived again on redelivery.
+    PutEntity {
+        id: String,
+        record: EntityRecord,
+        create_only: bool,
+        generated: Option<PskNonce>,
+    },
+    /// Remove entity `id` and every app token of user `id`.
+    DeleteEntity { id: String },
+    /// Add a rule under a new id, never one used before.
+    AddRule { rule: Rule },
+    /// Remove rule `rule_id`, if it exists.
+    DeleteRule { rule_id: u64 },
+}
+
+/// What applying a [`Change`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    TokenReplaced,
+    TokenRevoked { existed: bool },
+    EntityPut(PutOutcome),
+    EntityDeleted { existed: bool, tokens: usize },
+    RuleAdded { rule_id: u64 },
+    RuleDeleted(Option<Rule>),
+}
+
+/// What `Change::PutEntity` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Created,
+    Replaced,
+    /// `create_only` and the id exists: nothing was written, no reply recorded.
+    Exists,
+}
+
+/// The result of `Store::apply`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Applied {
+    /// The change was made now, and its reply recorded with it.
+    Now(Changed, Reply),
+    /// The request had been applied before (a redelivery): nothing changed; this is the reply
+    /// recorded then.
+    Before(Reply),
+}
+
+/// What a state-changing request answered, recorded with its change so that a redelivery is
+/// answered identically. Holds no secret: token and generated-PSK replies are derived again
+/// from ids and nonces with the server key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// No result (e.g. RevokeToken).
+    Empty,
+    /// A result with no secret in it.
+    Value(serde_json::Value),
+    /// `{"token": …}`, derived from the token id.
+    Token {
+        user: String,
+        host: String,
+        token_id: TokenId,
+        key_id: KeyId,
+    },
+    /// `{"psk": …}` of `Entity.Put {generate_psk: true}`, derived from the nonce.
+    Psk {
+        id: String,
+        key_id: KeyId,
+        nonce: PskNonce,
+    },
+}
+
+impl Reply {
+    /// The reply a change answers with, from what it asked and what it did. `None` when no
+    /// reply is recorded (a refused `create_only`).
+    pub fn of(change: &Change, changed: &Changed) -> Option<Reply> {
+        Some(match (change, changed) {
+            (_, Changed::EntityPut(PutOutcome::Exists)) => return None,
+            (Change::ReplaceToken { user, host, record }, _) => Reply::Token {
+                user: user.clone(),
+                host: host.clone(),
+                token_id: record.token_id,
+                key_id: record.key_id,
+            },
+            (
+                Change::PutEntity {
+                    id,
+                    record,
+                    generated: Some(nonce),
+                    ..
+                },
+                _,
+            ) => Reply::Psk {
+                id: id.clone(),
+                key_id: record.psk.as_ref().map_or(0, |p| p.key_id),
+                nonce: *nonce,
+            },
+            (_, Changed::RuleAdded { rule_id }) => {
+                Reply::Value(serde_json::json!({ "rule_id": rule_id }))
+            }
+            _ => Reply::Empty,
+        })
+    }
+}
+
+/// Identifies the request that makes a change, for its replay record.
+#[derive(Debug, Clone)]
+pub struct RequestKey<'a> {
+    pub src: &'a str,
+    pub id: u64,
+    /// UNIX milliseconds when it was handled.
+    pub at_ms: u64,
+    /// Keep the reply for redelivery (false only for `authd import`, which nobody redelivers).
+    pub record_reply: bool,
+}
