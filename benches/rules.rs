@@ -1,4 +1,4 @@
-//! How long an AuthorizeCommand decision takes with 10 rules and with 100,000 (SPEC §4: the
+//! How long an AuthorizeCommand decision takes with 10 rules and with 100,000 (docs/protocol.md#auth-authorizecommand: the
 //! cost must not grow with rules that cannot match). No criterion: batches of 100 decisions
 //! are timed and the median (and p99) per decision is printed.
 //!

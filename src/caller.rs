@@ -1,4 +1,4 @@
-//! Caller API keys (SPEC §5, the worker's half of "only the backend may call it").
+//! Caller API keys (docs/protocol.md#caller-keys-and-scopes, the worker's half of "only the backend may call it").
 //!
 //! Every frame carries a key in `key`. Keys have a name and a scope; several may be live at
 //! once so they can be rotated. We keep only SHA-256 digests of the keys and compare a
@@ -22,7 +22,7 @@ use crate::crypto::{random_bytes, sha256, write_secret_file};
 pub enum Scope {
     /// The six Auth methods.
     Service,
-    /// Everything, including provisioning (SPEC §6).
+    /// Everything, including provisioning (the admin methods).
     Admin,
 }
 

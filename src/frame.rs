@@ -1,4 +1,4 @@
-//! The wire format: mg_rpc ("clubby v2") request and response frames (SPEC §2).
+//! The wire format: mg_rpc ("clubby v2") request and response frames (docs/protocol.md#frames).
 //!
 //! Nothing outside this module looks at raw frame bytes. [`parse`] turns a payload into a
 //! typed [`Request`], or into a [`Reject`] that says whether the frame can be answered (we
@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 
 /// Largest request id: ids are JSON integers that a JavaScript caller can represent exactly.
 pub const MAX_ID: u64 = (1 << 53) - 1;
-/// Longest `src`, and longest name argument (SPEC §3, §4).
+/// Longest `src`, and longest name argument (docs/protocol.md#src-rules).
 pub const MAX_NAME_BYTES: usize = 256;
 
 /// A parsed request. Borrowed from the payload where possible.
@@ -199,7 +199,7 @@ impl fmt::Display for RpcError {
 }
 
 /// Checks a string used to build a topic name: 1..=256 bytes, no MQTT wildcard, no control
-/// character, no Unicode non-character, no leading `$` (SPEC §3).
+/// character, no Unicode non-character, no leading `$` (docs/protocol.md#src-rules).
 ///
 /// Non-characters (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF) are valid UTF-8 but MQTT 3.1.1 §1.5.3
 /// says a topic should not hold them, and mosquitto disconnects a client that publishes to
@@ -220,7 +220,7 @@ fn is_noncharacter(c: char) -> bool {
     (0xFDD0..=0xFDEF).contains(&c) || c & 0xFFFE == 0xFFFE
 }
 
-/// Checks a name argument: 1..=256 bytes, no control characters (SPEC §4).
+/// Checks a name argument: 1..=256 bytes, no control characters (docs/protocol.md#methods).
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= MAX_NAME_BYTES && !s.chars().any(char::is_control)
 }

@@ -3,7 +3,7 @@
 //! Input is JSON lines, one admin call per line: `{"method": "Entity.Put", "args": {…}}`
 //! (or `ACL.Add`, …). Each line goes through the same [`Dispatcher`] as a request from the
 //! bus — same validation, same records — but without the broker, and with one flush at the
-//! end instead of one per change. Replay records the calls leave are deleted at the end.
+//! end instead of one per change, and no reply recorded for redelivery (nobody redelivers a file).
 
 use std::io::BufRead;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! `authd key rotate|list`: the operator's side of server key rotation (SPEC §4).
+//! `authd key rotate|list`: the operator's side of server key rotation (docs/protocol.md#server-keys-and-rotation).
 //!
 //! Server keys live in `<data>/server.key`, one `<id> <base64>` line per key. `rotate` adds a
 //! key with the next id; the worker signs and hashes with the newest key it loaded at start,

@@ -2,7 +2,8 @@
 //!
 //! It listens on an MQTT broker for mg_rpc ("clubby v2") request frames, answers on the
 //! caller's reply topic, and keeps its state in an embedded sled database. Data flows one
-//! way: bus → frame → method → store → reply.
+//! way: bus → frame → method → store → reply. The contract is `docs/protocol.md`; the map of
+//! the code is `ARCHITECTURE.md`.
 //!
 //! | module | what it is for |
 //! |---|---|
@@ -10,11 +11,11 @@
 //! | [`frame`] | the wire format: request/response types, parsing with limits, error codes |
 //! | [`mqtt`] | the broker session: subscribe, poll, publish, ordered manual acks, backoff |
 //! | [`server`] | wiring and shutdown: one task per request, drain, flush, disconnect |
-//! | [`dispatch`] | envelope checks, caller keys, method table, deadline, redelivery record |
-//! | [`methods`] | one file per method family, typed args → typed result against the store |
+//! | [`dispatch`] | envelope checks, caller keys, method lookup, deadline, redelivery record |
+//! | [`methods`] | the method table; one file per method family, typed args → typed result against the store |
 //! | [`cert`] | X.509 certificates: PEM parsing, SHA-256 fingerprint, validity |
 //! | [`rules`] | access rules: `*` patterns, the AuthorizeCommand decision order, the rule index |
-//! | [`store`] | sled trees behind product words (tokens, entities, rules, replays); one writer thread batches transactions and flushes (group commit) |
+//! | [`store`] | the state behind operations in product words; `store::embedded` keeps it in sled (one writer thread, group commit) |
 //! | [`crypto`] | server keys, keyed hashes, token derivation, constant-time comparison |
 //! | [`keys`] | `authd key rotate|list`: adding a server key, and what each key still signs |
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |

@@ -1,4 +1,4 @@
-//! The brute-force guard of `Authenticate` (SPEC §4): consecutive failures lock an id.
+//! The brute-force guard of `Authenticate` (docs/protocol.md#auth-authenticate): consecutive failures lock an id.
 //!
 //! After `failures` consecutive failed attempts for an id, each further failure locks it for
 //! `base · 2^(streak − failures)`, capped at `max`. While locked, every attempt is refused

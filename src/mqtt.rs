@@ -6,7 +6,7 @@
 //! else talks to the connection through a [`Publisher`]: publish a reply, then complete the
 //! message's [`Ack`].
 //!
-//! Acks are manual (SPEC §7). A message is acknowledged only when its handler says so, and
+//! Acks are manual (docs/protocol.md#delivery-and-durability). A message is acknowledged only when its handler says so, and
 //! acks leave in the order the messages arrived, as MQTT 3.1.1 requires. After a reconnect,
 //! acks for messages of the old connection are dropped: the broker redelivers those, and an
 //! old packet id may by then name a different message.

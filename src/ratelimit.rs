@@ -1,4 +1,4 @@
-//! Per-caller rate limit (SPEC §2, error 429): a token bucket for each caller key name.
+//! Per-caller rate limit (error 429, docs/protocol.md#caller-keys-and-scopes): a token bucket for each caller key name.
 //!
 //! Off unless `rate_limit_per_sec` is set. Buckets are made once, one per configured key
 //! name, so memory is bounded by the configuration, not by traffic; keys that share a name

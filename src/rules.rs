@@ -1,4 +1,4 @@
-//! Access rules (SPEC §4 AuthorizeCommand, §6 ACL.*): the pattern language, the decision
+//! Access rules (docs/protocol.md#auth-authorizecommand, #acl-add): the pattern language, the decision
 //! order, and an in-memory index that keeps a decision's cost independent of the number of
 //! rules that cannot match it.
 //!
@@ -61,7 +61,7 @@ impl fmt::Display for Rule {
     }
 }
 
-/// Why AuthorizeCommand answered as it did, in SPEC order.
+/// Why AuthorizeCommand answered as it did, in the documented order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// A `deny` rule matched (the lowest-numbered one is named).
@@ -541,7 +541,7 @@ impl RuleIndex {
         found
     }
 
-    /// Decides whether `src` may send `cmd` to `dst`, in SPEC order: a matching deny rule,
+    /// Decides whether `src` may send `cmd` to `dst`, in the documented order: a matching deny rule,
     /// then ownership (`owner_of_dst` is asked only when no deny rule matched), then a
     /// matching allow rule, else deny.
     pub fn decide<E>(

@@ -1,4 +1,4 @@
-//! Access rules and AuthorizeCommand through a real broker (SPEC §4, §6).
+//! Access rules and AuthorizeCommand through a real broker (docs/protocol.md#auth-authorizecommand, #acl-add).
 //! The owner rule needs entities (Entity.Put); it is tested against the store in
 //! `src/methods/authorize.rs`.
 

@@ -1,4 +1,4 @@
-//! `Auth.Authenticate` through a real broker (SPEC §4): PSK, app token and certificate
+//! `Auth.Authenticate` through a real broker (docs/protocol.md#auth-authenticate): PSK, app token and certificate
 //! sign-in, disabled entities and the brute-force guard.
 
 mod support;

@@ -1,5 +1,5 @@
 //! The shipped mosquitto configuration (`mosquitto/`) enforces the broker's half of "only
-//! the backend may call authd" (SPEC §5). These tests run the real mosquitto with it.
+//! the backend may call authd" (docs/protocol.md#caller-keys-and-scopes). These tests run the real mosquitto with it.
 
 mod support;
 

@@ -1,4 +1,4 @@
-//! Nothing lost, nothing doubled (SPEC §7): the worker killed with SIGKILL mid-stream, the
+//! Nothing lost, nothing doubled (docs/protocol.md#delivery-and-durability): the worker killed with SIGKILL mid-stream, the
 //! broker restarted under load, SIGTERM under load. Real processes, real mosquitto with
 //! persistence, clients with persistent sessions so replies wait for them at the broker.
 

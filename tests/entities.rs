@@ -1,4 +1,4 @@
-//! Entity admin methods through a real broker (SPEC §6).
+//! Entity admin methods through a real broker (docs/protocol.md#entity-put).
 
 mod support;
 

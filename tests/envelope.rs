@@ -1,4 +1,4 @@
-//! The request/response envelope through a real broker (SPEC §2, §3): every error code a
+//! The request/response envelope through a real broker (docs/protocol.md#frames, #topics-and-addressing): every error code a
 //! caller can provoke on this branch, `tag`, `nr`, method naming and topic-suffix routing,
 //! and the exact shape of a response.
 //!

@@ -1,4 +1,4 @@
-//! Malformed and hostile frames through a real broker (SPEC §2 "no input, however malformed,
+//! Malformed and hostile frames through a real broker (docs/protocol.md#dropped-frames: "no input, however malformed,
 //! may crash the worker", §3 `src` checks). After every batch the worker still answers a
 //! normal request; frames that cannot be answered are counted by reason and never produce a
 //! publish anywhere; a spy subscribed to `#` sees every topic the worker published to.

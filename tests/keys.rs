@@ -1,4 +1,4 @@
-//! Server key rotation (SPEC §4): `authd key rotate` on a stopped worker's data directory,
+//! Server key rotation (docs/protocol.md#server-keys-and-rotation): `authd key rotate` on a stopped worker's data directory,
 //! then a restart. Old tokens and PSKs keep working, a PSK moves to the newest key at its
 //! next successful sign-in, new tokens use the new key, and removing the old key afterwards
 //! breaks only what still used it (`authd key list` says what that is).

@@ -1,4 +1,4 @@
-//! Per-caller rate limit through the broker (SPEC §2, 429): off by default; when set, each
+//! Per-caller rate limit through the broker (429, docs/protocol.md#caller-keys-and-scopes): off by default; when set, each
 //! caller key name gets `rate_limit_burst` requests at once and `rate_limit_per_sec` after
 //! that. A redelivered state-changing request is answered from its record even when its
 //! caller is over the limit.

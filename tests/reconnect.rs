@@ -1,4 +1,4 @@
-//! Delivery across broker and worker restarts (SPEC §7): the worker reconnects by itself,
+//! Delivery across broker and worker restarts (docs/protocol.md#delivery-and-durability): the worker reconnects by itself,
 //! re-subscribes when the broker lost its session, and requests queued on its persistent
 //! session while it was away are answered when it comes back.
 

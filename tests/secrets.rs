@@ -1,4 +1,4 @@
-//! Secrets hygiene (SPEC §8: "never a secret, at any level"): a child `authd serve` at
+//! Secrets hygiene (SECURITY.md: "never a secret, at any level"): a child `authd serve` at
 //! `RUST_LOG=trace`, in text and in JSON log format, runs a scenario with every kind of
 //! secret authd handles — PSKs, a generated PSK, app tokens, caller keys (configured and
 //! generated), the broker password, the server key — and a pinned certificate, through the

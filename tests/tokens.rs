@@ -1,4 +1,4 @@
-//! Token methods through a real broker (SPEC §4).
+//! Token methods through a real broker (docs/protocol.md#auth-generatetoken).
 
 mod support;
 

@@ -1,4 +1,4 @@
-//! Access rule administration (SPEC §6, admin scope): `ACL.Add`, `ACL.Delete`, `ACL.List`.
+//! Access rule administration (docs/protocol.md#acl-add, admin scope): `ACL.Add`, `ACL.Delete`, `ACL.List`.
 //! A change takes effect on the next AuthorizeCommand: the store updates its rule index with
 //! the change.
 

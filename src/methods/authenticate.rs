@@ -1,4 +1,4 @@
-//! `Auth.Authenticate {id, credentials}` → `true` | `false` (SPEC §4).
+//! `Auth.Authenticate {id, credentials}` → `true` | `false` (docs/protocol.md#auth-authenticate).
 //!
 //! Every presented credential must hold:
 //! - `psk`: the entity's PSK (compared as keyed hashes, in constant time), or a live app

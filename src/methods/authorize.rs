@@ -1,4 +1,4 @@
-//! `AuthorizeCommand {src, dst, cmd}` → `true` | `false` (SPEC §4): may `src` send `cmd` to
+//! `AuthorizeCommand {src, dst, cmd}` → `true` | `false` (docs/protocol.md#auth-authorizecommand): may `src` send `cmd` to
 //! `dst`? Deny by default; the order (deny rule, owner, allow rule) is in [`crate::rules`].
 
 use serde::Deserialize;

@@ -1,4 +1,4 @@
-//! Entity admin methods (SPEC §6): provisioning the devices and users that `Authenticate`
+//! Entity admin methods (docs/protocol.md#entity-put): provisioning the devices and users that `Authenticate`
 //! signs in. Admin scope only. No method ever returns a secret, except the PSK that
 //! `Entity.Put {generate_psk: true}` makes, once (and to a redelivery of that same request).
 //!
@@ -255,7 +255,7 @@ fn view(id: &str, r: &EntityRecord) -> Value {
         v.insert("owner".into(), json!(owner));
     }
     v.insert("has_psk".into(), json!(r.psk.is_some()));
-    // Exactly SPEC §6's fields. Which server key each PSK hash uses is `authd key list`'s.
+    // Exactly the fields of docs/protocol.md#entity-get. Which server key each PSK hash uses is `authd key list`'s.
     if let Some(fp) = &r.cert_sha256 {
         v.insert("cert_sha256".into(), json!(hex(fp)));
     }

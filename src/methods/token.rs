@@ -1,4 +1,4 @@
-//! Token methods (SPEC §4): per-user tokens given to third-party apps. The subject is the
+//! Token methods (docs/protocol.md#auth-generatetoken): per-user tokens given to third-party apps. The subject is the
 //! request's `src`; each (user, host) pair has at most one live token.
 
 use serde::Deserialize;
