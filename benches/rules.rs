@@ -177,7 +177,7 @@ fn main() {
                 src: "bench",
                 id: i as u64 + 1,
                 at_ms: 0,
-                record_reply: false,
+                binding: None,
             };
             let change = Change::AddRule { rule: r.clone() };
             runtime

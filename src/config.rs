@@ -72,6 +72,9 @@ pub struct Config {
     pub max_in_flight: usize,
     /// How long the response to a state-changing request is kept for redelivery, seconds.
     pub replay_window_secs: u64,
+    /// Most responses kept for redelivery; beyond it the oldest go early (a redelivery of
+    /// those would run again). Bounds the database under a flood of writes.
+    pub replay_max_records: u64,
     /// sled page cache, MiB. Small by default: sled's memory grows well beyond it under
     /// writes, and with 1M entities and 100k rules 8 MiB keeps the worker under 256 MiB
     /// resident with no measured loss (README, Performance).
@@ -136,6 +139,7 @@ impl Default for Config {
             max_packet_bytes: 1024 * 1024,
             max_in_flight: 1024,
             replay_window_secs: 600,
+            replay_max_records: 1_000_000,
             cache_mib: 8,
             keep_alive_secs: 30,
             drain_secs: 10,
@@ -258,8 +262,12 @@ impl Config {
         self.reply_topic.replace("{src}", src)
     }
 
-    pub fn replay_window(&self) -> Duration {
-        Duration::from_secs(self.replay_window_secs)
+    /// How long, and how many, responses are kept for redelivery.
+    pub fn replay_policy(&self) -> crate::store::ReplayPolicy {
+        crate::store::ReplayPolicy {
+            window_ms: self.replay_window_secs.saturating_mul(1000),
+            max_records: self.replay_max_records,
+        }
     }
 
     /// The brute-force guard's settings.

@@ -5,16 +5,16 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::caller::{Caller, CallerKeys};
+use crate::caller::CallerKeys;
 use crate::config::Config;
-use crate::crypto::ServerKeys;
+use crate::crypto::{sha256, ServerKeys};
 use crate::frame::{self, Address, ErrorCode, Reject, Request, RpcError};
 use crate::lockout::Lockout;
 use crate::methods::{self, Answer, Ctx, Kind, Method};
 use crate::metrics::{Metrics, RequestLabel};
 use crate::mqtt;
 use crate::ratelimit::RateLimiter;
-use crate::store::{RequestKey, Store};
+use crate::store::{Binding, Recorded, RequestKey, Store};
 
 /// What to do after handling one frame.
 #[derive(Debug, Default)]
@@ -173,15 +173,14 @@ impl Dispatcher {
         if !caller.scope.allows(method.scope) {
             return Err(RpcError::forbidden(name));
         }
-        if !self.rate.admit(caller.name, std::time::Instant::now())
-            && !self.is_recorded(method, req).await
-        {
-            return Err(self.rate_limited(caller.name));
-        }
         let now_ms = crate::unix_ms();
-        if expired(req, arrived_ms, now_ms) {
-            return Err(RpcError::deadline_passed());
-        }
+        // A write is bound to its caller, method and arguments, so that a redelivery is told
+        // apart from another request that reuses its src and id.
+        let binding = (method.kind == Kind::Write && self.record_replies).then(|| Binding {
+            caller: caller.name,
+            method: method.name,
+            args_digest: sha256(req.args.map_or("{}", |a| a.get()).as_bytes()),
+        });
         let ctx = Ctx {
             store: &self.store,
             keys: &self.keys,
@@ -189,32 +188,24 @@ impl Dispatcher {
                 src: &req.to.src,
                 id: req.to.id,
                 at_ms: now_ms,
-                record_reply: self.record_replies,
+                binding,
             },
             method: method.name,
             lockout: &self.lockout,
             metrics: &self.metrics,
         };
-        self.run(method, &ctx, req, caller).await
-    }
-
-    async fn run(
-        &self,
-        method: &Method,
-        ctx: &Ctx<'_>,
-        req: &Request<'_>,
-        caller: Caller<'_>,
-    ) -> Result<(Option<serde_json::Value>, bool), RpcError> {
-        if method.kind == Kind::Write {
-            // A redelivered request (same src and id) gets the recorded answer. The record
-            // may still be on its way to disk (its change is being flushed), so that reply
-            // waits for durability. A fresh change is on disk when the store returns.
-            let recorded = self
-                .store
-                .replay(ctx.request.src, ctx.request.id)
-                .await
-                .map_err(methods::storage_failed)?;
-            if let Some(reply) = recorded {
+        // Before the rate limit and the deadline: a redelivery of a change already made gets
+        // its recorded answer, since a 429 or 504 would say "not executed" of a request that
+        // was. The record may still be on its way to disk (its batch is being flushed), so
+        // that reply waits for durability.
+        match self
+            .store
+            .recorded(&ctx.request)
+            .await
+            .map_err(methods::storage_failed)?
+        {
+            Recorded::Nothing => {}
+            Recorded::Same(reply) => {
                 self.metrics
                     .replayed
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -226,22 +217,21 @@ impl Dispatcher {
                 );
                 return methods::render(&reply, &self.keys).map(|r| (r, true));
             }
+            Recorded::Other => return Err(RpcError::id_reused()),
         }
-        match method.run(ctx, req.args).await? {
+        if !self.rate.admit(caller.name, std::time::Instant::now()) {
+            return Err(self.rate_limited(caller.name));
+        }
+        if expired(req, arrived_ms, now_ms) {
+            return Err(RpcError::deadline_passed());
+        }
+        match method.run(&ctx, req.args).await? {
             Answer::Read(result) => Ok((result, false)),
+            // A fresh change is durable when the store returns (but in a bulk import).
             Answer::Write(reply) => {
-                let wait = !self.store.durable_on_commit();
-                methods::render(&reply, &self.keys).map(|r| (r, wait))
+                methods::render(&reply, &self.keys).map(|r| (r, !self.store.durable_on_commit()))
             }
         }
-    }
-
-    /// Whether `req` is a state-changing request already executed (a redelivery): it is
-    /// answered from its record even over the rate limit, since a 429 would say "not
-    /// executed" of a request that was.
-    async fn is_recorded(&self, method: &Method, req: &Request<'_>) -> bool {
-        method.kind == Kind::Write
-            && matches!(self.store.replay(&req.to.src, req.to.id).await, Ok(Some(_)))
     }
 
     fn rate_limited(&self, caller: &str) -> RpcError {

@@ -181,6 +181,14 @@ impl RpcError {
             format!("frame of {len} bytes is larger than the limit of {limit} bytes"),
         )
     }
+    /// 409: a request reused the `src` and `id` of an earlier, different request that is
+    /// still recorded for redelivery. Says nothing of that request.
+    pub fn id_reused() -> Self {
+        Self::new(
+            ErrorCode::Conflict,
+            "id: request id already used by another request from this src; use a fresh id",
+        )
+    }
     pub fn internal() -> Self {
         Self::new(ErrorCode::Internal, "internal error; nothing was changed")
     }

@@ -49,6 +49,7 @@ pub async fn list(config: &Config) -> anyhow::Result<Vec<KeyStatus>> {
         &config.data.join("db"),
         config.cache_mib * 1024 * 1024,
         true,
+        config.replay_policy(),
     )
     .map_err(|e| {
         anyhow::anyhow!(

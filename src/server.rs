@@ -81,7 +81,6 @@ impl Worker {
         ));
         let background = vec![tokio::spawn(store::prune_replays_every(
             store.clone(),
-            config.replay_window(),
             Duration::from_secs(60),
         ))];
         Self::run(
@@ -344,6 +343,7 @@ pub fn open_data(config: &Config, flush_on_commit: bool) -> anyhow::Result<(Stor
         &config.data.join("db"),
         config.cache_mib * 1024 * 1024,
         flush_on_commit,
+        config.replay_policy(),
     )
     .map_err(|e| {
         anyhow::anyhow!(

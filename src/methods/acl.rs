@@ -52,12 +52,7 @@ pub async fn add(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcErr
     };
     let shown = rule.to_string();
     let change = Change::AddRule { rule };
-    match ctx
-        .store
-        .apply(&ctx.request, change)
-        .await
-        .map_err(storage_failed)?
-    {
+    match super::apply(ctx, change).await? {
         Applied::Now(Changed::RuleAdded { rule_id }, reply) => {
             crate::audit!(
                 ctx,
@@ -69,7 +64,7 @@ pub async fn add(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcErr
             );
             Ok(reply)
         }
-        Applied::Now(_, reply) | Applied::Before(reply) => Ok(reply),
+        other => super::reply_of(other),
     }
 }
 
@@ -77,12 +72,7 @@ pub async fn add(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcErr
 pub async fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcError> {
     let DeleteArgs { rule_id } = parse_args(args)?;
     let change = Change::DeleteRule { rule_id };
-    match ctx
-        .store
-        .apply(&ctx.request, change)
-        .await
-        .map_err(storage_failed)?
-    {
+    match super::apply(ctx, change).await? {
         Applied::Now(Changed::RuleDeleted(removed), reply) => {
             crate::audit!(
                 ctx,
@@ -98,7 +88,7 @@ pub async fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, Rpc
             );
             Ok(reply)
         }
-        Applied::Now(_, reply) | Applied::Before(reply) => Ok(reply),
+        other => super::reply_of(other),
     }
 }
 

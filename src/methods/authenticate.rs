@@ -331,7 +331,7 @@ mod tests {
                 generated: None,
             };
             let mut request = self.ctx().request;
-            request.record_reply = false;
+            request.binding = None;
             self.0.store.apply(&request, change).await.unwrap();
         }
 
@@ -348,7 +348,7 @@ mod tests {
                 record,
             };
             let mut request = self.ctx().request;
-            request.record_reply = false;
+            request.binding = None;
             self.0.store.apply(&request, change).await.unwrap();
             self.0.keys.token(1, &token_id, user, host).unwrap()
         }

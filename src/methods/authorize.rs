@@ -71,7 +71,7 @@ mod tests {
             src: "admin",
             id,
             at_ms: 1,
-            record_reply: true,
+            binding: None,
         };
         store
             .apply(&request, Change::AddRule { rule })
@@ -97,7 +97,7 @@ mod tests {
             src: "admin",
             id: 1000,
             at_ms: 1,
-            record_reply: false,
+            binding: None,
         };
         store.apply(&request, change).await.expect("entity put");
     }

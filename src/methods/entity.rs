@@ -135,14 +135,9 @@ pub async fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcErr
         create_only: args.create_only,
         generated,
     };
-    let (outcome, reply) = match ctx
-        .store
-        .apply(&ctx.request, change)
-        .await
-        .map_err(storage_failed)?
-    {
+    let (outcome, reply) = match super::apply(ctx, change).await? {
         Applied::Now(Changed::EntityPut(outcome), reply) => (outcome, reply),
-        Applied::Now(_, reply) | Applied::Before(reply) => return Ok(reply),
+        other => return super::reply_of(other),
     };
     let reason = match outcome {
         PutOutcome::Created => "created",
@@ -183,12 +178,7 @@ pub async fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>
 pub async fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcError> {
     let IdArgs { id } = parse_args(args)?;
     let change = Change::DeleteEntity { id: id.0.clone() };
-    match ctx
-        .store
-        .apply(&ctx.request, change)
-        .await
-        .map_err(storage_failed)?
-    {
+    match super::apply(ctx, change).await? {
         Applied::Now(Changed::EntityDeleted { existed, tokens }, reply) => {
             crate::audit!(
                 ctx,
@@ -200,7 +190,7 @@ pub async fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, Rpc
             );
             Ok(reply)
         }
-        Applied::Now(_, reply) | Applied::Before(reply) => Ok(reply),
+        other => super::reply_of(other),
     }
 }
 

@@ -22,7 +22,7 @@ use crate::crypto::ServerKeys;
 use crate::frame::{valid_name, RpcError};
 use crate::lockout::Lockout;
 use crate::metrics::Metrics;
-use crate::store::{Reply, RequestKey, Store, StoreError};
+use crate::store::{Applied, Change, Reply, RequestKey, Store, StoreError};
 
 pub mod acl;
 pub mod authenticate;
@@ -201,6 +201,23 @@ impl std::ops::Deref for Name {
     }
 }
 
+/// Makes a write's change in the store (see [`Store::apply`]).
+pub async fn apply(ctx: &Ctx<'_>, change: Change) -> Result<Applied, RpcError> {
+    ctx.store
+        .apply(&ctx.request, change)
+        .await
+        .map_err(storage_failed)
+}
+
+/// The reply of an applied change that needs no more than its reply: made now or before, or
+/// 409 when the request's id belongs to another request.
+pub fn reply_of(applied: Applied) -> Result<Reply, RpcError> {
+    match applied {
+        Applied::Now(_, reply) | Applied::Before(reply) => Ok(reply),
+        Applied::IdReused => Err(RpcError::id_reused()),
+    }
+}
+
 /// A storage failure as the caller sees it: 500, details in our log only.
 pub fn storage_failed(e: StoreError) -> RpcError {
     tracing::error!(error = %e, "storage failure");
@@ -240,7 +257,11 @@ pub(crate) mod testing {
                     src: "backend",
                     id: rpc_id,
                     at_ms: crate::unix_ms(),
-                    record_reply: true,
+                    binding: Some(crate::store::Binding {
+                        caller: "tests",
+                        method,
+                        args_digest: [0; 32],
+                    }),
                 },
                 method,
                 lockout: &self.lockout,

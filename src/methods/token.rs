@@ -84,17 +84,12 @@ async fn change_token(
     host: &str,
     reason: &str,
 ) -> Result<Reply, RpcError> {
-    match ctx
-        .store
-        .apply(&ctx.request, change)
-        .await
-        .map_err(storage_failed)?
-    {
+    match super::apply(ctx, change).await? {
         Applied::Now(_, reply) => {
             crate::audit!(ctx, subject = host, result = true, reason, "token {reason}");
             Ok(reply)
         }
-        Applied::Before(reply) => Ok(reply),
+        other => super::reply_of(other),
     }
 }
 

@@ -22,8 +22,8 @@ pub mod embedded;
 mod records;
 
 pub use records::{
-    Applied, Change, Changed, EntityPage, EntityRecord, KeyUsage, LiveToken, PskHash, PutOutcome,
-    Reply, RequestKey, StoreError, TokenRecord,
+    Applied, Binding, Change, Changed, EntityPage, EntityRecord, KeyUsage, LiveToken, PskHash,
+    PutOutcome, Recorded, ReplayPolicy, Reply, RequestKey, StoreError, TokenRecord,
 };
 
 /// The authd database. Cheap to clone.
@@ -38,8 +38,10 @@ impl Store {
         dir: &Path,
         cache_bytes: u64,
         flush_on_commit: bool,
+        replays: ReplayPolicy,
     ) -> Result<Store, StoreError> {
-        embedded::EmbeddedStore::open(dir, cache_bytes, flush_on_commit).map(Store::Embedded)
+        embedded::EmbeddedStore::open(dir, cache_bytes, flush_on_commit, replays)
+            .map(Store::Embedded)
     }
 
     /// A throw-away embedded database (fuzzing, unit tests).
@@ -125,8 +127,10 @@ impl Store {
         }
     }
 
-    /// Makes `change` for `request`, in one transaction with the record of its reply; or, if
-    /// a reply is already recorded for `request`, changes nothing and returns that reply.
+    /// Makes `change` for `request`, in one transaction with the record of its reply. If a
+    /// reply is already recorded for `request` (within the replay window), changes nothing
+    /// and returns that reply; if another request used its `src` and `id`, changes nothing
+    /// ([`Applied::IdReused`]).
     pub async fn apply(
         &self,
         request: &RequestKey<'_>,
@@ -137,22 +141,32 @@ impl Store {
         }
     }
 
-    /// The recorded reply of an earlier state-changing request with this `src` and `id`.
-    pub async fn replay(&self, src: &str, id: u64) -> Result<Option<Reply>, StoreError> {
+    /// What is recorded for `request`'s `src` and `id` within the replay window, judged
+    /// against its binding. Nothing for a request that records nothing (import).
+    pub async fn recorded(&self, request: &RequestKey<'_>) -> Result<Recorded, StoreError> {
         match self {
-            Store::Embedded(s) => s.replay(src, id),
+            Store::Embedded(s) => s.recorded(request),
         }
     }
 
-    /// Deletes replay records made before `before_ms` (UNIX ms). Returns how many.
-    pub async fn prune_replays(&self, before_ms: u64) -> Result<usize, StoreError> {
+    /// Deletes replay records older than the window, then the oldest beyond the policy's
+    /// count. Returns how many went.
+    pub async fn prune_replays(&self, now_ms: u64) -> Result<u64, StoreError> {
         match self {
             Store::Embedded(s) => {
                 let s = s.clone();
-                tokio::task::spawn_blocking(move || s.prune_replays(before_ms))
+                tokio::task::spawn_blocking(move || s.prune_replays(now_ms))
                     .await
                     .map_err(|_| StoreError::Writer)?
             }
+        }
+    }
+
+    /// Resolves when there are more replay records than the policy keeps (the pruner should
+    /// run now rather than at its next tick).
+    async fn too_many_replays(&self) {
+        match self {
+            Store::Embedded(s) => s.too_many_replays().await,
         }
     }
 
@@ -185,13 +199,16 @@ impl Store {
     }
 }
 
-/// Deletes replay records older than `window`, every `every`, until the task is dropped.
-pub async fn prune_replays_every(store: Store, window: Duration, every: Duration) {
+/// Prunes replay records every `every`, and as soon as there are more than the policy keeps,
+/// until the task is dropped.
+pub async fn prune_replays_every(store: Store, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
-        tick.tick().await;
-        let cutoff = crate::unix_ms().saturating_sub(window.as_millis() as u64);
-        match store.prune_replays(cutoff).await {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = store.too_many_replays() => {}
+        }
+        match store.prune_replays(crate::unix_ms()).await {
             Ok(n) if n > 0 => tracing::debug!(pruned = n, "replay records pruned"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning replay records failed"),

@@ -144,6 +144,19 @@ pub enum Applied {
     /// The request had been applied before (a redelivery): nothing changed; this is the reply
     /// recorded then.
     Before(Reply),
+    /// Another request with the same `src` and `id` was recorded: nothing changed.
+    IdReused,
+}
+
+/// What is recorded for a request's `src` and `id` ([`crate::store::Store::recorded`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Recorded {
+    /// Nothing within the replay window.
+    Nothing,
+    /// This very request (same caller, method and arguments): its reply.
+    Same(Reply),
+    /// A different request used this `src` and `id`.
+    Other,
 }
 
 /// What a state-changing request answered, recorded with its change so that a redelivery is
@@ -210,6 +223,37 @@ pub struct RequestKey<'a> {
     pub id: u64,
     /// UNIX milliseconds when it was handled.
     pub at_ms: u64,
-    /// Keep the reply for redelivery (false only for `authd import`, which nobody redelivers).
-    pub record_reply: bool,
+    /// What a redelivery of it must match; `None`: record nothing and look nothing up
+    /// (`authd import`, which nobody redelivers).
+    pub binding: Option<Binding<'a>>,
+}
+
+/// What makes two deliveries with the same `src` and `id` the same request: the caller key
+/// that sent it, the method, and the arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding<'a> {
+    /// The caller key's name.
+    pub caller: &'a str,
+    /// The canonical method name.
+    pub method: &'a str,
+    /// SHA-256 of the raw `args` JSON (of `{}` when absent).
+    pub args_digest: [u8; 32],
+}
+
+/// How long, and how many, replies are kept for redelivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayPolicy {
+    /// A record older than this is not looked at and is pruned.
+    pub window_ms: u64,
+    /// Beyond this many records the oldest are pruned early.
+    pub max_records: u64,
+}
+
+impl Default for ReplayPolicy {
+    fn default() -> Self {
+        ReplayPolicy {
+            window_ms: 600_000,
+            max_records: 1_000_000,
+        }
+    }
 }

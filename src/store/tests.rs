@@ -8,8 +8,16 @@ fn req(src: &str, id: u64, at_ms: u64) -> RequestKey<'_> {
         src,
         id,
         at_ms,
-        record_reply: true,
+        binding: Some(Binding {
+            caller: "ops",
+            method: "Test.Change",
+            args_digest: [0; 32],
+        }),
     }
+}
+
+async fn recorded(s: &Store, src: &str, id: u64, at_ms: u64) -> Recorded {
+    s.recorded(&req(src, id, at_ms)).await.unwrap()
 }
 
 fn token(n: u8) -> TokenRecord {
@@ -72,11 +80,17 @@ async fn replays_are_kept_then_pruned() {
         token_id: [1; 16],
         key_id: 1,
     };
-    assert_eq!(s.replay("caller", 9).await.unwrap(), Some(reply));
-    assert_eq!(s.replay("caller", 10).await.unwrap(), None);
-    assert_eq!(s.prune_replays(1_000).await.unwrap(), 0);
-    assert_eq!(s.prune_replays(1_001).await.unwrap(), 1);
-    assert_eq!(s.replay("caller", 9).await.unwrap(), None);
+    let window = ReplayPolicy::default().window_ms;
+    assert_eq!(
+        recorded(&s, "caller", 9, 1_000).await,
+        Recorded::Same(reply)
+    );
+    assert_eq!(recorded(&s, "caller", 10, 1_000).await, Recorded::Nothing);
+    let late = 1_001 + window;
+    assert_eq!(recorded(&s, "caller", 9, late).await, Recorded::Nothing);
+    assert_eq!(s.prune_replays(1_000 + window).await.unwrap(), 0);
+    assert_eq!(s.prune_replays(late).await.unwrap(), 1);
+    assert_eq!(recorded(&s, "caller", 9, 1_000).await, Recorded::Nothing);
 }
 
 #[tokio::test]
@@ -130,7 +144,7 @@ async fn added_id(s: &Store, n: u64, change: Change) -> u64 {
 async fn rules_and_their_counter_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = Store::open_embedded(dir.path(), 1 << 20, true).unwrap();
+        let s = Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default()).unwrap();
         assert_eq!(added_id(&s, 1, add_rule("a", Effect::Allow)).await, 1);
         assert_eq!(added_id(&s, 2, add_rule("b", Effect::Deny)).await, 2);
         assert_eq!(added_id(&s, 3, add_rule("c", Effect::Allow)).await, 3);
@@ -155,7 +169,7 @@ async fn rules_and_their_counter_survive_a_reopen() {
         );
         s.flush().await.unwrap();
     }
-    let s = Store::open_embedded(dir.path(), 1 << 20, true).unwrap();
+    let s = Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default()).unwrap();
     let ids: Vec<u64> = s
         .rules(0, usize::MAX)
         .await
@@ -217,8 +231,8 @@ async fn put_keeps_created_and_moves_the_owner_index() {
     let exists = put(&s, "d1", entity(Some("bob"), 20), true, 2).await;
     assert_eq!(exists, PutOutcome::Exists);
     assert_eq!(
-        s.replay("ops", 2).await.unwrap(),
-        None,
+        recorded(&s, "ops", 2, 1).await,
+        Recorded::Nothing,
         "a 409 records nothing"
     );
     let d1 = s.entity("d1").await.unwrap().unwrap();
@@ -330,6 +344,50 @@ async fn authorize_asks_the_owner_only_when_no_rule_denies() {
     );
 }
 
+#[tokio::test]
+async fn a_request_id_used_by_another_request_changes_nothing() {
+    let s = Store::temporary().unwrap();
+    replace(&s, "u", "h", token(1), req("u", 5, 1)).await;
+    let mut other = req("u", 5, 1);
+    other.binding = Some(Binding {
+        caller: "ops",
+        method: "Auth.RevokeToken",
+        args_digest: [0; 32],
+    });
+    let revoke = Change::RevokeToken {
+        user: "u".into(),
+        host: "h".into(),
+    };
+    assert_eq!(s.apply(&other, revoke).await.unwrap(), Applied::IdReused);
+    assert_eq!(s.token("u", "h").await.unwrap(), Some(token(1)));
+    assert_eq!(s.recorded(&other).await.unwrap(), Recorded::Other);
+}
+
+#[tokio::test]
+async fn replay_records_beyond_the_maximum_are_pruned_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = ReplayPolicy {
+        window_ms: 1_000_000,
+        max_records: 3,
+    };
+    let s = Store::open_embedded(dir.path(), 1 << 20, false, policy).unwrap();
+    for n in 0..5u8 {
+        replace(&s, "u", "h", token(n), req("u", n.into(), n.into())).await;
+    }
+    assert_eq!(s.prune_replays(10).await.unwrap(), 2);
+    let left: Vec<bool> = still_recorded(&s).await;
+    assert_eq!(left, [false, false, true, true, true]);
+}
+
+/// Whether requests 0..5 of `u` are still recorded.
+async fn still_recorded(s: &Store) -> Vec<bool> {
+    let mut out = Vec::new();
+    for n in 0..5u64 {
+        out.push(matches!(recorded(s, "u", n, 10).await, Recorded::Same(_)));
+    }
+    out
+}
+
 #[test]
 fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -342,7 +400,7 @@ fn a_newer_schema_is_refused() {
         db.flush().unwrap();
     }
     assert!(matches!(
-        Store::open_embedded(dir.path(), 1 << 20, true),
+        Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default()),
         Err(StoreError::Schema { .. })
     ));
 }

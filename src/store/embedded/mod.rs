@@ -23,8 +23,8 @@ use tokio::sync::oneshot;
 use crate::crypto::{KeyId, TokenId};
 use crate::rules::{Decision, Rule, RuleIndex};
 use crate::store::records::{
-    Applied, Change, EntityPage, EntityRecord, KeyUsage, LiveToken, PskHash, Reply, RequestKey,
-    StoreError, TokenRecord,
+    Applied, Change, EntityPage, EntityRecord, KeyUsage, LiveToken, PskHash, Recorded,
+    ReplayPolicy, RequestKey, StoreError, TokenRecord,
 };
 
 mod encoding;
@@ -34,7 +34,8 @@ mod rules;
 mod tokens;
 mod writer;
 
-use writer::{Job, Requester, Trees, Writer};
+use replays::Requester;
+use writer::{Job, Shared, Trees, Writer};
 
 /// Version of the on-disk layout this build reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -54,6 +55,10 @@ pub struct EmbeddedStore {
     /// across an await, and readers (every AuthorizeCommand) do not block each other. Only
     /// the writer thread changes it, after each commit.
     rule_index: Arc<RwLock<RuleIndex>>,
+    replays: ReplayPolicy,
+    replay_count: Arc<replays::Count>,
+    /// Wakes the pruner early when there are more replay records than the policy keeps.
+    prune_now: Arc<tokio::sync::Notify>,
     writer: Arc<Writer>,
 }
 
@@ -65,20 +70,26 @@ impl EmbeddedStore {
         dir: &Path,
         cache_bytes: u64,
         flush_on_commit: bool,
+        replays: ReplayPolicy,
     ) -> Result<EmbeddedStore, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
             .open()?;
-        Self::from_db(db, flush_on_commit)
+        Self::from_db(db, flush_on_commit, replays)
     }
 
     /// A throw-away database in a temporary directory (fuzzing, unit tests).
     pub fn temporary() -> Result<EmbeddedStore, StoreError> {
-        Self::from_db(sled::Config::new().temporary(true).open()?, false)
+        let db = sled::Config::new().temporary(true).open()?;
+        Self::from_db(db, false, ReplayPolicy::default())
     }
 
-    fn from_db(db: sled::Db, flush_on_commit: bool) -> Result<EmbeddedStore, StoreError> {
+    fn from_db(
+        db: sled::Db,
+        flush_on_commit: bool,
+        replays: ReplayPolicy,
+    ) -> Result<EmbeddedStore, StoreError> {
         let trees = Trees::open(&db)?;
         match trees.meta.get("schema_version")? {
             None => {
@@ -99,16 +110,22 @@ impl EmbeddedStore {
             }
         }
         let rule_index = Arc::new(RwLock::new(rules::load_index(&trees)?));
-        let writer = Writer::start(
-            db.clone(),
-            trees.clone(),
-            rule_index.clone(),
-            flush_on_commit,
-        )?;
+        let replay_count = Arc::new(replays::Count::at_open(&trees));
+        let prune_now = Arc::new(tokio::sync::Notify::new());
+        let shared = Shared {
+            index: rule_index.clone(),
+            replays,
+            replay_count: replay_count.clone(),
+            prune_now: prune_now.clone(),
+        };
+        let writer = Writer::start(db.clone(), trees.clone(), shared, flush_on_commit)?;
         Ok(EmbeddedStore {
             db,
             trees,
             rule_index,
+            replays,
+            replay_count,
+            prune_now,
             writer: Arc::new(writer),
         })
     }
@@ -164,12 +181,32 @@ impl EmbeddedStore {
         })
     }
 
-    pub fn replay(&self, src: &str, id: u64) -> Result<Option<Reply>, StoreError> {
-        replays::lookup(&self.trees, src, id)
+    pub fn recorded(&self, request: &RequestKey<'_>) -> Result<Recorded, StoreError> {
+        match &request.binding {
+            None => Ok(Recorded::Nothing),
+            Some(binding) => replays::lookup(
+                &self.trees,
+                request.src,
+                request.id,
+                binding,
+                request.at_ms,
+                &self.replays,
+            ),
+        }
     }
 
-    pub fn prune_replays(&self, before_ms: u64) -> Result<usize, StoreError> {
-        replays::prune(&self.trees, before_ms)
+    pub fn prune_replays(&self, now_ms: u64) -> Result<u64, StoreError> {
+        replays::prune(&self.trees, &self.replay_count, now_ms, &self.replays)
+    }
+
+    /// Replay records in the database now.
+    pub fn replay_records(&self) -> u64 {
+        self.replay_count.get()
+    }
+
+    /// Resolves when there are more replay records than the policy keeps.
+    pub async fn too_many_replays(&self) {
+        self.prune_now.notified().await
     }
 
     /// Applies `change` on the writer thread and waits (without blocking the runtime) until
@@ -180,10 +217,13 @@ impl EmbeddedStore {
         change: Change,
     ) -> Result<Applied, StoreError> {
         let (done, result) = oneshot::channel();
-        let request = request.record_reply.then(|| Requester {
+        let request = request.binding.as_ref().map(|b| Requester {
             src: request.src.to_owned(),
             id: request.id,
             at_ms: request.at_ms,
+            caller: b.caller.to_owned(),
+            method: b.method.to_owned(),
+            args_digest: b.args_digest,
         });
         self.writer.send(Job::Apply {
             request,

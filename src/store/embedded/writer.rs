@@ -17,9 +17,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Transactional;
 use tokio::sync::oneshot;
 
-use super::{entities, replays, rules, tokens};
+use super::replays::{self, Requester};
+use super::{entities, rules, tokens};
 use crate::rules::RuleIndex;
-use crate::store::records::{Applied, Change, Changed, StoreError};
+use crate::store::records::{Applied, Change, Changed, Recorded, ReplayPolicy, Reply, StoreError};
 
 /// The trees of the database.
 #[derive(Clone)]
@@ -113,15 +114,9 @@ pub fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
     ConflictableTransactionError::Abort(e)
 }
 
-/// A request's identity as the writer keeps it (owned: it crosses to the writer thread).
-#[derive(Debug, Clone)]
-pub struct Requester {
-    pub src: String,
-    pub id: u64,
-    pub at_ms: u64,
-}
-
-/// Work for the writer thread.
+/// Work for the writer thread. (Its size does not matter: a job moves once, through a
+/// channel.)
+#[allow(clippy::large_enum_variant)]
 pub enum Job {
     /// Apply `change` and record its reply for `request` (`None`: record nothing, bulk
     /// import), unless a reply is already recorded for it.
@@ -145,12 +140,23 @@ pub struct Writer {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+/// What the writer thread shares with the rest of the store.
+pub struct Shared {
+    /// Kept in step with the committed rules.
+    pub index: Arc<RwLock<RuleIndex>>,
+    pub replays: ReplayPolicy,
+    /// Replay records in the database.
+    pub replay_count: Arc<replays::Count>,
+    /// Woken when there are more replay records than the policy keeps.
+    pub prune_now: Arc<tokio::sync::Notify>,
+}
+
 impl Writer {
-    /// Starts the thread. It keeps `index` in step with the committed rules.
+    /// Starts the thread.
     pub fn start(
         db: sled::Db,
         trees: Trees,
-        index: Arc<RwLock<RuleIndex>>,
+        shared: Shared,
         flushes: bool,
     ) -> Result<Writer, StoreError> {
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
@@ -160,7 +166,7 @@ impl Writer {
                 let batches = Batches {
                     db,
                     trees,
-                    index,
+                    shared,
                     flushes,
                 };
                 while let Ok(first) = queue.recv() {
@@ -204,7 +210,7 @@ impl Drop for Writer {
 struct Batches {
     db: sled::Db,
     trees: Trees,
-    index: Arc<RwLock<RuleIndex>>,
+    shared: Shared,
     flushes: bool,
 }
 
@@ -273,13 +279,28 @@ impl Batches {
                 _ => Vec::new(),
             });
         }
+        let policy = &self.shared.replays;
         let results = self.trees.transaction(|tx| {
             work.iter()
                 .zip(&token_keys)
-                .map(|((request, change), keys)| apply(tx, request.as_ref(), change, keys))
+                .map(|((request, change), keys)| apply(tx, request.as_ref(), change, keys, policy))
                 .collect::<TxResult<Vec<_>>>()
         })?;
-        let mut index = self.index.write().unwrap_or_else(|e| e.into_inner());
+        let recorded = work
+            .iter()
+            .zip(&results)
+            .filter(|((request, change), applied)| match applied {
+                Applied::Now(changed, _) => {
+                    request.is_some() && Reply::of(change, changed).is_some()
+                }
+                _ => false,
+            })
+            .count();
+        self.shared.replay_count.add(recorded as u64);
+        if self.shared.replay_count.get() > policy.max_records {
+            self.shared.prune_now.notify_one();
+        }
+        let mut index = self.shared.index.write().unwrap_or_else(|e| e.into_inner());
         for ((_, change), applied) in work.iter().zip(&results) {
             match (change, applied) {
                 (Change::AddRule { rule }, Applied::Now(Changed::RuleAdded { rule_id }, _)) => {
@@ -314,17 +335,20 @@ impl Batches {
 }
 
 /// Applies one change inside a transaction: answers a request already recorded with its
-/// record, otherwise makes the change and records its reply. `token_keys`: the tokens the
-/// change removes (see [`tokens::keys_of`]).
+/// record (or says its id was used by another), otherwise makes the change and records its
+/// reply. `token_keys`: the tokens the change removes (see [`tokens::keys_of`]).
 fn apply(
     tx: &Tx<'_>,
     request: Option<&Requester>,
     change: &Change,
     token_keys: &[Vec<u8>],
+    policy: &ReplayPolicy,
 ) -> TxResult<Applied> {
     if let Some(request) = request {
-        if let Some(earlier) = replays::recorded(tx, request)? {
-            return Ok(Applied::Before(earlier));
+        match replays::recorded(tx, request, policy)? {
+            Recorded::Nothing => {}
+            Recorded::Same(earlier) => return Ok(Applied::Before(earlier)),
+            Recorded::Other => return Ok(Applied::IdReused),
         }
     }
     let changed = match change {
@@ -340,14 +364,11 @@ fn apply(
         Change::AddRule { rule } => rules::add(tx, rule)?,
         Change::DeleteRule { rule_id } => rules::delete(tx, *rule_id)?,
     };
-    let reply = crate::store::records::Reply::of(change, &changed);
+    let reply = Reply::of(change, &changed);
     if let (Some(request), Some(reply)) = (request, &reply) {
         replays::record(tx, request, reply)?;
     }
-    Ok(Applied::Now(
-        changed,
-        reply.unwrap_or(crate::store::records::Reply::Empty),
-    ))
+    Ok(Applied::Now(changed, reply.unwrap_or(Reply::Empty)))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -364,7 +385,12 @@ mod tests {
         Batches {
             trees: Trees::open(&db).unwrap(),
             db,
-            index: Arc::default(),
+            shared: Shared {
+                index: Arc::default(),
+                replays: ReplayPolicy::default(),
+                replay_count: Arc::default(),
+                prune_now: Arc::default(),
+            },
             flushes: false,
         }
     }
@@ -408,7 +434,7 @@ mod tests {
                     existed: false,
                     tokens: 2
                 },
-                crate::store::records::Reply::Empty
+                Reply::Empty
             )
         );
         let left = tokens::tokens_of(&b.trees, "u").unwrap();
