@@ -20,16 +20,16 @@
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
 //! | [`caller`] | caller API keys and scopes |
 //! | [`ratelimit`] | per-caller token buckets (429) |
-//! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
+//! | [`client`] | the RPC client used by `authd call`, the tests and `authd-bench` (the load generator, crate `bench/`) |
 //! | [`logging`] | the log filter: `RUST_LOG=trace` is authd's trace, other crates stay at info |
 //! | [`import`] | `authd import`: bulk provisioning of a stopped worker's data directory |
 //! | [`metrics`] | counters and latency of requests, dropped frames, reconnects, lockouts |
 //! | [`http`] | the operator's endpoint: `/metrics` (Prometheus) and `/ready` |
-//! | [`bench`] | `authd bench` load generator and the null worker (the ceiling) |
+//! | [`cli`] | the `authd` command line: one file per subcommand, errors → exit status in one place |
 
-pub mod bench;
 pub mod caller;
 pub mod cert;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod crypto;
