@@ -7,8 +7,9 @@
 //! case (`max_in_flight` → `AUTHD_MAX_IN_FLIGHT`), except the `[[caller]]` tables, whose
 //! variable is `AUTHD_CALLER_KEYS` (`name:scope:secret,…`). `authd.example.toml` lists
 //! every key. Flags go through the same key-by-key path as the variables: a flag is a key
-//! (`--client-id` is `client_id`, `--caller-keys` is `caller`), so a new key needs no code
-//! here or in the CLI to be read from the file, the environment or a flag.
+//! (`--client-id` is `client_id`, `--caller-keys` is `caller`). A new key is read from the
+//! file and the environment with no code, and becomes a flag with one field in the CLI's
+//! flag struct (`cli::serve`), never a hand-copied override.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -6,7 +6,7 @@
 //! | [`load`] | one benchmark run: the targets, the load, the table |
 //! | [`scenario`] | the request mixes, their setup and their expected answers |
 //! | [`setup`] | the processes a run starts (mosquitto, `authd serve`, the null worker) |
-//! | [`null_worker`] | the ceiling: authd's serving path with a handler that answers `true` |
+//! | [`null_worker`](mod@null_worker) | the ceiling: authd's serving path with a handler that answers `true` |
 
 use std::path::PathBuf;
 use std::process::ExitCode;

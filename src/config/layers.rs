@@ -1,5 +1,5 @@
 //! The layers above the file: `AUTHD_*` variables, then flags, both read key by key
-//! through one path ([`Config::apply_layer`]), so a value means the same wherever it is set.
+//! through one path (`Config::apply_layer`), so a value means the same wherever it is set.
 
 use std::fmt;
 use std::path::Path;
@@ -89,7 +89,7 @@ impl Config {
     /// Overlays the value `lookup` gives for each key (`None`: not set in this layer). A
     /// value's type is the key's: whole numbers, numbers and `true`/`false` are parsed, the
     /// `caller` key is `name:scope:secret,…`, anything else is a string.
-    pub fn apply_layer(
+    fn apply_layer(
         &mut self,
         layer: Layer,
         lookup: impl Fn(&str) -> Option<String>,
