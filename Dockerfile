@@ -11,6 +11,9 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The workspace's other member (the load generator): cargo reads its manifest, the image
+# ships only authd.
+COPY bench ./bench
 RUN cargo build --release --locked --bin authd
 
 FROM debian:bookworm-slim

@@ -1,20 +1,31 @@
 //! Configuration: defaults, then a TOML file, then `AUTHD_*` environment variables, then
-//! command-line flags — each later source overrides the earlier ones. With no file at all,
-//! `authd serve` runs against `mqtt://127.0.0.1:1883` with a store in the user's data dir.
+//! command-line flags — each later source overrides the earlier ones ([`Config::load`]).
+//! With no file at all, `authd serve` runs against `mqtt://127.0.0.1:1883` with a store in
+//! the user's data dir.
 //!
 //! Every key of the file is also an environment variable: `AUTHD_` and the key in upper
 //! case (`max_in_flight` → `AUTHD_MAX_IN_FLIGHT`), except the `[[caller]]` tables, whose
 //! variable is `AUTHD_CALLER_KEYS` (`name:scope:secret,…`). `authd.example.toml` lists
-//! every key.
+//! every key. Flags go through the same key-by-key path as the variables: a flag is a key
+//! (`--client-id` is `client_id`, `--caller-keys` is `caller`). A new key is read from the
+//! file and the environment with no code, and becomes a flag with one field in the CLI's
+//! flag struct (`cli::serve`), never a hand-copied override.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::caller::CallerKeyConfig;
 use crate::lockout::LockoutPolicy;
 use crate::ratelimit::RatePolicy;
+
+mod broker;
+mod layers;
+
+pub use broker::BrokerAddress;
+pub use layers::Layer;
 
 /// The Mongoose OS cloud's service address, the default `src` of every response.
 pub const DEFAULT_SERVICE_ID: &str = "//api.mongoose-iot.com";
@@ -177,8 +188,14 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("{0}")]
     Invalid(String),
-    #[error("environment variable {name}: {message}")]
-    Env { name: String, message: String },
+    /// A value from the environment or a flag that does not fit its key; `name` is the
+    /// variable or flag, never the value.
+    #[error("{layer} {name}: {message}")]
+    Setting {
+        layer: Layer,
+        name: String,
+        message: String,
+    },
 }
 
 impl Config {
@@ -199,57 +216,6 @@ impl Config {
                 .unwrap_or("invalid TOML")
                 .to_owned(),
         })
-    }
-
-    /// Overlays `AUTHD_<KEY>` variables (read through `var`) on every scalar key. A value's
-    /// type is the key's: numbers and `true`/`false` are parsed, anything else is a string.
-    /// An empty variable counts as unset.
-    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        let serde_json::Value::Object(mut map) =
-            serde_json::to_value(&*self).map_err(|e| ConfigError::Invalid(e.to_string()))?
-        else {
-            return Err(ConfigError::Invalid("configuration is not a table".into()));
-        };
-        let mut changed = false;
-        for (key, slot) in map.iter_mut() {
-            if key == "caller" {
-                continue; // AUTHD_CALLER_KEYS, parsed by the caller module
-            }
-            let name = format!("AUTHD_{}", key.to_uppercase());
-            let Some(text) = var(&name).filter(|v| !v.is_empty()) else {
-                continue;
-            };
-            let bad = |what: &str| ConfigError::Env {
-                name: name.clone(),
-                message: format!("expected {what}"),
-            };
-            *slot = match slot {
-                serde_json::Value::Number(_) => text
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| bad("a whole number"))?
-                    .into(),
-                serde_json::Value::Bool(_) => match text.trim() {
-                    "true" | "1" => true.into(),
-                    "false" | "0" => false.into(),
-                    _ => return Err(bad("true or false")),
-                },
-                _ => text.into(),
-            };
-            changed = true;
-        }
-        if changed {
-            // Only enums can still fail here (e.g. AUTHD_LOG_FORMAT=xml); the message names
-            // the key, never the value.
-            *self =
-                serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(|e| {
-                    ConfigError::Env {
-                        name: format!("AUTHD_{}", e.path().to_string().to_uppercase()),
-                        message: e.inner().to_string(),
-                    }
-                })?;
-        }
-        Ok(())
     }
 
     /// The resolved request topic.
@@ -373,7 +339,7 @@ impl Config {
         let mut out = String::from(
             "# authd configuration in force (defaults < file < AUTHD_* environment < flags).\n",
         );
-        if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(&redacted) {
+        if let Ok(Value::Object(map)) = serde_json::to_value(&redacted) {
             for (key, value) in &map {
                 if value.is_null() {
                     out.push_str(&format!("# {key}: not set\n"));
@@ -401,85 +367,9 @@ impl Config {
     }
 }
 
-/// A parsed `--broker` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerAddress {
-    pub host: String,
-    pub port: u16,
-    /// `mqtts://`: TLS, the broker's certificate checked against `broker_ca`.
-    pub tls: bool,
-}
-
-impl BrokerAddress {
-    /// A plain-MQTT address.
-    pub fn plain(host: impl Into<String>, port: u16) -> BrokerAddress {
-        BrokerAddress {
-            host: host.into(),
-            port,
-            tls: false,
-        }
-    }
-
-    /// `mqtt://HOST[:PORT]` (default port 1883) or `mqtts://HOST[:PORT]` (8883).
-    pub fn parse(url: &str) -> Result<BrokerAddress, ConfigError> {
-        let bad = |why: &str| ConfigError::Invalid(format!("broker `{url}`: {why}"));
-        let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("mqtt://") {
-            (rest, false, 1883)
-        } else if let Some(rest) = url.strip_prefix("mqtts://") {
-            (rest, true, 8883)
-        } else {
-            return Err(bad("expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"));
-        };
-        let rest = rest.trim_end_matches('/');
-        let port = |p: &str| {
-            p.parse::<u16>()
-                .map_err(|_| bad("port must be a number 1-65535"))
-        };
-        let (host, port) = if let Some(r) = rest.strip_prefix('[') {
-            let (h, after) = r.split_once(']').ok_or_else(|| bad("unclosed ["))?;
-            match after.strip_prefix(':') {
-                Some(p) => (h, port(p)?),
-                None if after.is_empty() => (h, default_port),
-                None => return Err(bad("expected mqtt://[IPV6]:PORT")),
-            }
-        } else {
-            match rest.rsplit_once(':') {
-                Some((h, p)) => (h, port(p)?),
-                None => (rest, default_port),
-            }
-        };
-        if host.is_empty() || port == 0 {
-            return Err(bad("expected mqtt://HOST[:PORT]"));
-        }
-        Ok(BrokerAddress {
-            host: host.to_owned(),
-            port,
-            tls,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn broker_urls() {
-        let a = BrokerAddress::parse("mqtt://127.0.0.1:1884").unwrap();
-        assert_eq!((a.host.as_str(), a.port), ("127.0.0.1", 1884));
-        assert_eq!(BrokerAddress::parse("mqtt://broker").unwrap().port, 1883);
-        assert_eq!(BrokerAddress::parse("mqtt://[::1]:99").unwrap().host, "::1");
-        assert!(BrokerAddress::parse("tcp://x").is_err());
-        assert!(BrokerAddress::parse("mqtt://x:notaport").is_err());
-        assert!(BrokerAddress::parse("mqtt://").is_err());
-        assert!(!BrokerAddress::parse("mqtt://x").unwrap().tls);
-        let a = BrokerAddress::parse("mqtts://broker.example.com").unwrap();
-        assert_eq!(
-            (a.host.as_str(), a.port, a.tls),
-            ("broker.example.com", 8883, true)
-        );
-        assert_eq!(BrokerAddress::parse("mqtts://[::1]:9").unwrap().port, 9);
-    }
 
     #[test]
     fn tls_files_need_mqtts_and_cert_needs_key() {
@@ -501,39 +391,6 @@ mod tests {
             ..Config::default()
         };
         c.validate().unwrap();
-    }
-
-    #[test]
-    fn every_scalar_key_has_an_env_variable() {
-        let vars = std::collections::HashMap::from([
-            ("AUTHD_MAX_IN_FLIGHT", "7"),
-            ("AUTHD_BROKER", "mqtts://b:1"),
-            ("AUTHD_BROKER_CA", "/ca.pem"),
-            ("AUTHD_LOG_FORMAT", "json"),
-            ("AUTHD_METRICS", "127.0.0.1:9464"),
-            ("AUTHD_BROKER_USERNAME", ""),
-        ]);
-        let mut c = Config::default();
-        c.apply_env(|k| vars.get(k).map(|v| v.to_string())).unwrap();
-        assert_eq!(c.max_in_flight, 7);
-        assert_eq!(c.broker, "mqtts://b:1");
-        assert_eq!(c.broker_ca, Some(PathBuf::from("/ca.pem")));
-        assert_eq!(c.log_format, LogFormat::Json);
-        assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9464"));
-        assert_eq!(c.broker_username, None, "empty counts as unset");
-        let e = Config::default()
-            .apply_env(|k| (k == "AUTHD_MAX_IN_FLIGHT").then(|| "lots".to_string()))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("AUTHD_MAX_IN_FLIGHT") && e.contains("whole number"),
-            "{e}"
-        );
-        let e = Config::default()
-            .apply_env(|k| (k == "AUTHD_LOG_FORMAT").then(|| "xml".to_string()))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("AUTHD_LOG_FORMAT"), "{e}");
     }
 
     #[test]

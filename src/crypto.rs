@@ -81,6 +81,11 @@ pub enum KeyFileError {
 }
 
 impl ServerKeys {
+    /// The server key file of a data directory.
+    pub fn file_in(data: &Path) -> std::path::PathBuf {
+        data.join("server.key")
+    }
+
     /// Loads the key file, creating it with one fresh key (mode 0600) when it does not exist.
     pub fn load_or_create(path: &Path) -> Result<ServerKeys, KeyFileError> {
         let io = |source| KeyFileError::Io {

@@ -17,20 +17,19 @@
 //! | [`rules`] | access rules: `*` patterns, the AuthorizeCommand decision order, the rule index |
 //! | [`store`] | the state behind operations in product words; `store::embedded` keeps it in sled (one writer thread, group commit) |
 //! | [`crypto`] | server keys, keyed hashes, token derivation, constant-time comparison |
-//! | [`keys`] | `authd key rotate|list`: adding a server key, and what each key still signs |
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
 //! | [`caller`] | caller API keys and scopes |
 //! | [`ratelimit`] | per-caller token buckets (429) |
-//! | [`client`] | the RPC client used by `authd call`, the tests and the benchmarks |
+//! | [`client`] | the RPC client used by `authd call`, the tests and `authd-bench` (the load generator, crate `bench/`) |
 //! | [`logging`] | the log filter: `RUST_LOG=trace` is authd's trace, other crates stay at info |
 //! | [`import`] | `authd import`: bulk provisioning of a stopped worker's data directory |
 //! | [`metrics`] | counters and latency of requests, dropped frames, reconnects, lockouts |
 //! | [`http`] | the operator's endpoint: `/metrics` (Prometheus) and `/ready` |
-//! | [`bench`] | `authd bench` load generator and the null worker (the ceiling) |
+//! | [`cli`] | the `authd` command line: one file per subcommand, errors → exit status in one place |
 
-pub mod bench;
 pub mod caller;
 pub mod cert;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod crypto;
@@ -38,7 +37,6 @@ pub mod dispatch;
 pub mod frame;
 pub mod http;
 pub mod import;
-pub mod keys;
 pub mod lockout;
 pub mod logging;
 pub mod methods;

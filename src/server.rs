@@ -338,7 +338,7 @@ impl<R: Responder> Serving<R> {
 pub fn open_data(config: &Config, flush_on_commit: bool) -> anyhow::Result<(Store, ServerKeys)> {
     config.validate()?;
     create_private_dir(&config.data)?;
-    let keys = ServerKeys::load_or_create(&crate::keys::key_file(&config.data))?;
+    let keys = ServerKeys::load_or_create(&ServerKeys::file_in(&config.data))?;
     let store = Store::open_embedded(
         &config.data.join("db"),
         config.cache_mib * 1024 * 1024,

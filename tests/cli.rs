@@ -271,3 +271,26 @@ fn which(name: &str) -> Result<PathBuf, ()> {
         })
         .ok_or(())
 }
+
+/// `authd bench` runs `authd-bench` from beside `authd`; where it is missing it says how to
+/// build it (exit 2).
+#[test]
+fn bench_without_authd_bench_says_how_to_build_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let lone = dir
+        .path()
+        .join(format!("authd{}", std::env::consts::EXE_SUFFIX));
+    std::fs::copy(authd_bin(), &lone).unwrap();
+    let out = Command::new(&lone)
+        .args(["bench", "-n", "10"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("authd bench: ")
+            && stderr.contains("authd-bench not found")
+            && stderr.contains("cargo build --release"),
+        "{stderr}"
+    );
+}

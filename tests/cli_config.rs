@@ -245,3 +245,17 @@ fn the_example_file_lists_every_key() {
         assert_eq!(Some(value), defaults.get(key), "default of {key}");
     }
 }
+
+#[test]
+fn a_float_key_takes_a_fraction_from_the_environment() {
+    let (out, stdout) = print_config(
+        authd()
+            .env("AUTHD_RATE_LIMIT_PER_SEC", "2.5")
+            .env("AUTHD_RATE_LIMIT_BURST", "4")
+            .arg("serve"),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let c = parse(&stdout);
+    assert_eq!(c["rate_limit_per_sec"].as_float(), Some(2.5));
+    assert_eq!(c["rate_limit_burst"].as_integer(), Some(4));
+}
