@@ -11,23 +11,25 @@
 //! acks for messages of the old connection are dropped: the broker redelivers those, and an
 //! old packet id may by then name a different message.
 
-use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::tokio_rustls::rustls;
 use rumqttc::{
-    AsyncClient, ClientError, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions,
-    Outgoing, Packet, Publish, QoS, StateError, SubscribeReasonCode, TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
+    QoS, StateError, SubscribeReasonCode, TlsConfiguration, Transport,
 };
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerAddress;
+
+mod publisher;
+mod tls;
+
+use publisher::{lock, AckQueue};
+pub use publisher::{Ack, Closed, Publisher};
+pub use tls::{Tls, TlsError};
 
 /// How to connect.
 #[derive(Debug, Clone)]
@@ -45,114 +47,6 @@ pub struct SessionOptions {
     pub max_packet_bytes: usize,
     /// TLS (`mqtts://`); `None` is plain TCP.
     pub tls: Option<Tls>,
-}
-
-/// TLS to the broker: the roots that may sign its certificate and, optionally, our client
-/// certificate. Loaded and checked when made, so a bad file fails at start, not at connect.
-/// rustls with the ring provider; the broker's name (or IP) must match its certificate.
-#[derive(Clone)]
-pub struct Tls {
-    config: Arc<rustls::ClientConfig>,
-}
-
-impl std::fmt::Debug for Tls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Tls { .. }")
-    }
-}
-
-/// A TLS file that could not be used; names the file, never its contents.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
-    #[error("no broker_ca given and no trusted roots found on this system")]
-    NoRoots,
-    #[error("TLS setup: {0}")]
-    Setup(String),
-}
-
-impl Tls {
-    /// The TLS settings for `broker`: `None` for `mqtt://`, else [`Tls::from_files`].
-    /// `cert` and `key` are used only together.
-    pub fn for_broker(
-        broker: &BrokerAddress,
-        ca: Option<&Path>,
-        cert: Option<&Path>,
-        key: Option<&Path>,
-    ) -> Result<Option<Tls>, TlsError> {
-        if !broker.tls {
-            return match ca.or(cert).or(key) {
-                Some(path) => Err(TlsError::File {
-                    path: path.to_path_buf(),
-                    message: "TLS files need an mqtts:// broker".into(),
-                }),
-                None => Ok(None),
-            };
-        }
-        Tls::from_files(ca, cert.zip(key)).map(Some)
-    }
-
-    /// Trusts the certificates in the PEM file `ca` (or the system's roots when `None`) and
-    /// presents `client` (PEM certificate chain, PEM private key) when given.
-    pub fn from_files(ca: Option<&Path>, client: Option<(&Path, &Path)>) -> Result<Tls, TlsError> {
-        let file_error = |path: &Path, message: String| TlsError::File {
-            path: path.to_path_buf(),
-            message,
-        };
-        let mut roots = rustls::RootCertStore::empty();
-        match ca {
-            Some(path) => {
-                for cert in read_certs(path)? {
-                    roots.add(cert).map_err(|e| {
-                        file_error(path, format!("not a usable CA certificate: {e}"))
-                    })?;
-                }
-            }
-            None => {
-                let (added, _) =
-                    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-                if added == 0 {
-                    return Err(TlsError::NoRoots);
-                }
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Setup(e.to_string()))?
-            .with_root_certificates(roots);
-        let config = match client {
-            None => builder.with_no_client_auth(),
-            Some((cert, key)) => {
-                let chain = read_certs(cert)?;
-                let key = PrivateKeyDer::from_pem_file(key)
-                    .map_err(|e| file_error(key, format!("no usable PEM private key: {e}")))?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| file_error(cert, format!("client certificate and key: {e}")))?
-            }
-        };
-        Ok(Tls {
-            config: Arc::new(config),
-        })
-    }
-}
-
-/// Every certificate in a PEM file; none is an error.
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let file_error = |message: String| TlsError::File {
-        path: path.to_path_buf(),
-        message,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_error(format!("cannot read PEM: {e}")))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error(format!("bad PEM: {e}")))?;
-    if certs.is_empty() {
-        return Err(file_error("no CERTIFICATE in this PEM file".into()));
-    }
-    Ok(certs)
 }
 
 /// Bytes a QoS 1 PUBLISH adds to its topic and payload: packet type, up to 4 bytes of
@@ -180,127 +74,12 @@ pub struct Message {
     pub ack: Option<Ack>,
 }
 
-/// A message's place in the ack order.
-#[derive(Debug)]
-#[must_use = "an Ack not completed holds back every later ack"]
-pub struct Ack {
-    epoch: u64,
-    seq: u64,
-}
-
 /// Connection state, for readiness and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerState {
     Down,
     /// Connected and every subscription granted.
     Ready,
-}
-
-/// The send side of a session. Cheap to clone.
-#[derive(Clone)]
-pub struct Publisher {
-    client: AsyncClient,
-    acks: Arc<Mutex<AckQueue>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("the broker connection is closed")]
-pub struct Closed;
-
-impl Publisher {
-    /// Queues a QoS 1 publish on the connection. Returns once the connection task has it:
-    /// from then on rumqttc resends it until the broker acknowledges it.
-    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), Closed> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .map_err(|_| Closed)
-    }
-
-    /// Marks a message handled; sends every ack that is now due, in arrival order.
-    pub async fn complete(&self, ack: Ack) {
-        let mut retry = {
-            let mut q = lock(&self.acks);
-            q.mark_done(&ack);
-            q.release(&self.client)
-        };
-        // The request channel was full: wait for the connection task to drain it. We never
-        // block while holding the lock, which the connection task also takes.
-        while retry {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            retry = lock(&self.acks).release(&self.client);
-        }
-    }
-
-    /// Asks the connection task to disconnect cleanly; [`Session::run`] then returns.
-    pub async fn disconnect(&self) {
-        let _ = self.client.disconnect().await;
-    }
-}
-
-/// Messages awaiting an ack, in arrival order.
-#[derive(Default)]
-struct AckQueue {
-    /// Bumped at every disconnect: acks of an older epoch are never sent.
-    epoch: u64,
-    /// Sequence number of `slots[0]`.
-    base: u64,
-    /// `(packet id, handled)`.
-    slots: VecDeque<(u16, bool)>,
-}
-
-impl AckQueue {
-    fn register(&mut self, pkid: u16) -> Ack {
-        let seq = self.base + self.slots.len() as u64;
-        self.slots.push_back((pkid, false));
-        Ack {
-            epoch: self.epoch,
-            seq,
-        }
-    }
-
-    fn mark_done(&mut self, ack: &Ack) {
-        if ack.epoch != self.epoch {
-            return;
-        }
-        if let Some(slot) = ack
-            .seq
-            .checked_sub(self.base)
-            .and_then(|i| self.slots.get_mut(i as usize))
-        {
-            slot.1 = true;
-        }
-    }
-
-    /// Sends the acks of the handled messages at the front. Returns true if the request
-    /// channel was full and some remain.
-    fn release(&mut self, client: &AsyncClient) -> bool {
-        while let Some(&(pkid, true)) = self.slots.front() {
-            let mut publish = Publish::new("", QoS::AtLeastOnce, Vec::new());
-            publish.pkid = pkid;
-            match client.try_ack(&publish) {
-                Ok(()) => {
-                    self.slots.pop_front();
-                    self.base += 1;
-                }
-                Err(ClientError::TryRequest(_)) => return true,
-                // The event loop is gone; nothing more can be sent.
-                Err(_) => return false,
-            }
-        }
-        false
-    }
-
-    fn reset(&mut self) {
-        self.epoch += 1;
-        self.base += self.slots.len() as u64;
-        self.slots.clear();
-    }
-}
-
-fn lock(m: &Mutex<AckQueue>) -> MutexGuard<'_, AckQueue> {
-    // The queue stays consistent even if a holder panicked: every method leaves it valid.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Exponential backoff with full jitter between `min` and `max`.
@@ -538,25 +317,5 @@ mod tests {
         assert_eq!(b.next, Duration::from_secs(30));
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
-    }
-
-    #[test]
-    fn acks_leave_in_arrival_order_and_old_epochs_are_ignored() {
-        let mut q = AckQueue::default();
-        let a = q.register(1);
-        let b = q.register(2);
-        q.mark_done(&b);
-        assert_eq!(
-            q.slots.front(),
-            Some(&(1, false)),
-            "b is done but waits behind a"
-        );
-        q.mark_done(&a);
-        assert_eq!(q.slots.iter().filter(|s| s.1).count(), 2);
-        q.reset();
-        let c = q.register(1);
-        assert_eq!(c.seq, 2);
-        q.mark_done(&a); // of the old connection
-        assert_eq!(q.slots.front(), Some(&(1, false)));
     }
 }
