@@ -86,9 +86,8 @@ pub struct Config {
     /// Most responses kept for redelivery; beyond it the oldest go early (a redelivery of
     /// those would run again). Bounds the database under a flood of writes.
     pub replay_max_records: u64,
-    /// sled page cache, MiB. Small by default: sled's memory grows well beyond it under
-    /// writes, and with 1M entities and 100k rules 8 MiB keeps the worker under 256 MiB
-    /// resident with no measured loss (README, Performance).
+    /// sled page cache, MiB (embedded store). sled's memory grows well beyond it under
+    /// writes; the README's Performance section has the measurements behind the default.
     pub cache_mib: u64,
     /// MQTT keep-alive, seconds.
     pub keep_alive_secs: u64,

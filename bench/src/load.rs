@@ -1,4 +1,4 @@
-//! One benchmark run (SPEC §9): starts (unless `--broker` is given) a private mosquitto
+//! One benchmark run (README, Performance): starts (unless `--broker` is given) a private mosquitto
 //! with TCP_NODELAY, `authd serve` on a fresh data directory and the null worker; sends each
 //! scenario's frames to both from several connections; prints throughput and latency side
 //! by side, as ratios. Every answer is checked; a wrong answer fails the run.
