@@ -72,7 +72,7 @@ async fn assert_probes_answer_promptly(addr: SocketAddr) {
     for path in ["/live", "/ready"] {
         let ((status, _, body), took) = timed_get(addr, path).await;
         assert_eq!(status, 200, "{path}: {body}");
-        assert!(took < Duration::from_secs(1), "{path} took {took:?}");
+        assert!(took < Duration::from_secs(2), "{path} took {took:?}");
     }
 }
 
