@@ -108,7 +108,7 @@ impl Dispatcher {
             Err(Reject::Drop(reason)) => {
                 let n = self.metrics.drop_frame(reason);
                 // A flood of garbage must not become a flood of logs.
-                if n <= 10 || n % 1000 == 0 {
+                if n <= 10 || n.is_multiple_of(1000) {
                     tracing::warn!(
                         reason = reason.label(),
                         count = n,
@@ -241,7 +241,7 @@ impl Dispatcher {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
         // A caller hammering us must not become a flood of logs.
-        if n <= 10 || n % 1000 == 0 {
+        if n <= 10 || n.is_multiple_of(1000) {
             tracing::warn!(caller, count = n, "caller over its rate limit: 429");
         }
         let p = self.rate.policy();

@@ -2,26 +2,45 @@
 //! format), `GET /ready` (200 when connected to the broker and subscribed, 503 otherwise)
 //! and `GET /live` (200 while the process serves HTTP at all).
 //!
-//! A deliberately tiny HTTP/1.1 server: one request per connection, `Connection: close`,
-//! request head capped at 8 KiB and 5 s, at most 32 connections at once (more are closed
-//! unanswered). It is meant for a scraper and a health probe on a private interface, not
-//! for the internet.
+//! Served by hyper (HTTP/1.1, one request per connection, `Connection: close`). It is meant
+//! for a scraper and a health probe on a private interface, and slow or idle clients must
+//! not starve the probes:
+//! - the request head must arrive within [`HEAD_TIMEOUT`] and be at most 8 KiB (else 431);
+//! - a connection lives at most [`CONNECTION_TIMEOUT`], answer included;
+//! - at most [`MAX_CONNECTIONS`] are open at once; a new connection beyond that closes the
+//!   oldest one, so the newest caller (a probe) is always heard. A flood can cut short
+//!   other clients' connections, but cannot keep a prompt one from being answered.
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::mqtt::BrokerState;
 
+/// The whole request head must have arrived within this.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection is closed after this, whatever it is doing.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once; one more closes the oldest.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Request heads larger than this are refused with 431 (hyper's smallest read buffer).
 const MAX_HEAD: usize = 8 * 1024;
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_CONNECTIONS: usize = 32;
+
+const PLAIN: &str = "text/plain";
+const PROMETHEUS: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// What the endpoint reports on.
 #[derive(Clone)]
@@ -50,9 +69,40 @@ pub fn bind(addr: &str) -> anyhow::Result<TcpListener> {
     Ok(TcpListener::from_std(listener)?)
 }
 
-/// Serves until `shutdown` fires.
+/// The open connections, oldest first, each with the token that closes it.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    by_age: BTreeMap<u64, CancellationToken>,
+}
+
+/// Removes a connection from [`Open`] when its task ends.
+struct Registered {
+    open: Arc<Mutex<Open>>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.open).by_age.remove(&self.id);
+    }
+}
+
+fn lock(open: &Mutex<Open>) -> std::sync::MutexGuard<'_, Open> {
+    open.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Serves until `shutdown` fires (or this future is dropped); open connections are closed
+/// then too.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let all = shutdown.child_token();
+    let _close_all = all.clone().drop_guard();
+    let open = Arc::new(Mutex::new(Open::default()));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false);
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -64,98 +114,82 @@ pub async fn serve(listener: TcpListener, endpoint: Endpoint, shutdown: Cancella
                     continue;
                 }
             },
-            _ = shutdown.cancelled() => return,
+            _ = all.cancelled() => return,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            continue; // dropped: closes the connection
+        let close = all.child_token();
+        let registered = {
+            let mut o = lock(&open);
+            while o.by_age.len() >= MAX_CONNECTIONS {
+                if let Some((_, oldest)) = o.by_age.pop_first() {
+                    oldest.cancel();
+                }
+            }
+            let id = o.next;
+            o.next += 1;
+            o.by_age.insert(id, close.clone());
+            Registered {
+                open: open.clone(),
+                id,
+            }
         };
         let endpoint = endpoint.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let response = answer(&endpoint, &req);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let connection = http.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(READ_TIMEOUT * 2, answer(stream, &endpoint)).await;
-            drop(permit);
+            let _registered = registered;
+            tokio::select! {
+                // Dropping the connection closes it.
+                _ = close.cancelled() => {}
+                _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection) => {}
+            }
         });
     }
 }
 
-async fn answer(mut stream: TcpStream, endpoint: &Endpoint) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() >= MAX_HEAD {
-            return respond(&mut stream, 431, "text/plain", "request head too large\n").await;
-        }
-        let n = match tokio::time::timeout(READ_TIMEOUT, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Err(_) => return Ok(()),
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => return Err(e),
-        };
-        head.extend_from_slice(&buf[..n]);
+fn answer(endpoint: &Endpoint, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        let mut r = respond(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "only GET\n".into());
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET"));
+        return r;
     }
-    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    if method != "GET" {
-        return respond(&mut stream, 405, "text/plain", "only GET\n").await;
-    }
-    match path {
+    match req.uri().path() {
         "/metrics" => match endpoint.metrics.render(endpoint.ready()) {
-            Ok(text) => {
-                respond(
-                    &mut stream,
-                    200,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    &text,
-                )
-                .await
-            }
+            Ok(text) => respond(StatusCode::OK, PROMETHEUS, text),
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode metrics");
-                respond(&mut stream, 500, "text/plain", "cannot encode metrics\n").await
+                respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    PLAIN,
+                    "cannot encode metrics\n".into(),
+                )
             }
         },
-        "/ready" if endpoint.ready() => respond(&mut stream, 200, "text/plain", "ready\n").await,
+        "/ready" if endpoint.ready() => respond(StatusCode::OK, PLAIN, "ready\n".into()),
         "/ready" => {
             let why = if endpoint.stopping.is_cancelled() {
                 "not ready: shutting down\n"
             } else {
                 "not ready: not connected to the broker or not subscribed\n"
             };
-            respond(&mut stream, 503, "text/plain", why).await
+            respond(StatusCode::SERVICE_UNAVAILABLE, PLAIN, why.into())
         }
-        "/live" => respond(&mut stream, 200, "text/plain", "live\n").await,
-        _ => {
-            respond(
-                &mut stream,
-                404,
-                "text/plain",
-                "not found: try /metrics, /ready or /live\n",
-            )
-            .await
-        }
+        "/live" => respond(StatusCode::OK, PLAIN, "live\n".into()),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "not found: try /metrics, /ready or /live\n".into(),
+        ),
     }
 }
 
-async fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
 }

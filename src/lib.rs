@@ -24,7 +24,7 @@
 //! | [`logging`] | the log filter: `RUST_LOG=trace` is authd's trace, other crates stay at info |
 //! | [`import`] | `authd import`: bulk provisioning of a stopped worker's data directory |
 //! | [`metrics`] | counters and latency of requests, dropped frames, reconnects, lockouts |
-//! | [`http`] | the operator's endpoint: `/metrics` (Prometheus) and `/ready` |
+//! | [`http`] | the operator's endpoint (hyper): `/metrics` (Prometheus), `/ready`, `/live` |
 //! | [`cli`] | the `authd` command line: one file per subcommand, errors → exit status in one place |
 
 pub mod caller;

@@ -9,7 +9,8 @@
 //! A disabled entity is always refused. An unknown id does the same work as a known one (the
 //! store decodes a dummy record, then a keyed hash of the presented PSK and a fingerprint
 //! compare against a dummy pin), so the answer time does not tell whether an id exists. The brute-force guard ([`crate::lockout`]) runs
-//! first: a locked id is refused unchecked. Each decision is one audit line, never a secret.
+//! first: a locked id (or one with as many attempts in progress as it has left before a
+//! lock) is refused unchecked, and an attempt let through counts until its outcome is in. Each decision is one audit line, never a secret.
 //!
 //! The hot path is one store read (the entity record) and one HMAC.
 //!
@@ -32,7 +33,7 @@ use super::{storage_failed, Ctx, Name};
 use crate::cert::Certificate;
 use crate::crypto::{ct_eq, parse_token, ParsedToken};
 use crate::frame::{parse_args, RpcError};
-use crate::lockout::Gate;
+use crate::lockout::Refused;
 use crate::store::{EntityRecord, PskHash, StoreError};
 
 #[derive(Deserialize)]
@@ -108,20 +109,13 @@ pub async fn authenticate(
     }
     let psk = credentials.psk.as_deref();
     let cert = credentials.cert.as_deref();
-    let now = Instant::now();
-    let reason = match ctx.lockout.check(&id, now) {
-        Gate::Locked => Reason::Locked,
-        gate => {
+    let reason = match ctx.lockout.begin(&id, Instant::now()) {
+        Err(Refused) => Reason::Locked,
+        Ok(attempt) => {
+            // A storage error drops the attempt unfinished: it counts neither way.
             let Verdict { reason, stale_psk } =
                 decide(ctx, &id, psk, cert).await.map_err(storage_failed)?;
-            if reason == Reason::Ok {
-                if gate == Gate::Streak {
-                    ctx.lockout.success(&id);
-                }
-                if let (Some(seen), Some(psk)) = (stale_psk, psk) {
-                    rehash_psk(ctx, &id, &seen, psk).await;
-                }
-            } else if let Some(lock) = ctx.lockout.failure(&id, now) {
+            if let Some(lock) = attempt.finish(reason == Reason::Ok, Instant::now()) {
                 ctx.metrics.lockouts.fetch_add(1, Relaxed);
                 tracing::warn!(
                     target: "authd::audit",
@@ -129,6 +123,9 @@ pub async fn authenticate(
                     lock_ms = lock.as_millis() as u64,
                     "too many failed sign-ins: id locked"
                 );
+            }
+            if let (Reason::Ok, Some(seen), Some(psk)) = (reason, stale_psk, psk) {
+                rehash_psk(ctx, &id, &seen, psk).await;
             }
             reason
         }
@@ -424,12 +421,50 @@ mod tests {
         f.put("dev", Some(PSK), None, false).await;
         assert_eq!(f.call("dev", "nope").await, Some(Value::Bool(false)));
         assert_eq!(f.call("dev", PSK).await, Some(Value::Bool(true)));
-        assert_eq!(f.0.lockout.check("dev", Instant::now()), Gate::Clear);
         f.call("dev", "nope").await;
+        assert!(
+            !f.0.lockout.is_locked("dev", Instant::now()),
+            "the success cleared the first failure"
+        );
         f.call("dev", "nope").await;
-        assert_eq!(f.0.lockout.check("dev", Instant::now()), Gate::Locked);
+        assert!(f.0.lockout.is_locked("dev", Instant::now()));
         assert_eq!(f.0.metrics.lockouts.load(Relaxed), 1);
         assert_eq!(f.call("dev", PSK).await, Some(Value::Bool(false)));
+    }
+
+    /// Attempts still being checked count against the threshold: with as many in progress
+    /// as the id has left before a lock, the right PSK is refused unchecked.
+    #[tokio::test]
+    async fn attempts_in_progress_count_against_the_threshold() {
+        let mut f = Fixture::new();
+        f.0.lockout = Lockout::new(LockoutPolicy {
+            failures: 3,
+            base: Duration::from_secs(60),
+            ..LockoutPolicy::default()
+        });
+        f.put("dev", Some(PSK), None, false).await;
+        assert_eq!(f.call("dev", "nope").await, Some(Value::Bool(false)));
+        let now = Instant::now();
+        let in_progress: Vec<_> = (0..2)
+            .map(|_| f.0.lockout.begin("dev", now).unwrap())
+            .collect();
+        assert_eq!(
+            f.call("dev", PSK).await,
+            Some(Value::Bool(false)),
+            "refused unchecked"
+        );
+        // Both fail: the third failure locks, and the right PSK stays refused.
+        let locks: Vec<_> = in_progress
+            .into_iter()
+            .map(|a| a.finish(false, now))
+            .collect();
+        assert_eq!(locks, [None, Some(Duration::from_secs(60))]);
+        assert_eq!(f.call("dev", PSK).await, Some(Value::Bool(false)));
+        assert_eq!(
+            f.0.metrics.lockouts.load(Relaxed),
+            0,
+            "counted by Authenticate, not here"
+        );
     }
 
     #[tokio::test]

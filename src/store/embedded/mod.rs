@@ -72,10 +72,23 @@ impl EmbeddedStore {
         flush_on_commit: bool,
         replays: ReplayPolicy,
     ) -> Result<EmbeddedStore, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()?;
+        let config = sled::Config::new().path(dir).cache_capacity(cache_bytes);
+        // sled releases its file lock a little after the last handle is dropped (its
+        // background threads let go last): a store reopened at once, as a worker restarted in
+        // the same process does, waits for it briefly. Another process holding the database
+        // still fails, after the wait.
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < give_up =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other?,
+            }
+        };
         Self::from_db(db, flush_on_commit, replays)
     }
 
