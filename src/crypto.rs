@@ -385,6 +385,12 @@ mod tests {
             let t = format!("authd_{key_id}{rest}");
             assert!(parse_token(&t).is_none(), "{t}");
         }
+        // The token id's last character carries 4 unused bits: only zeros parse.
+        let zeros = keys.token(1, &[0; 16], "alice", "app").unwrap();
+        let stray = zeros.replacen("AAA.", "AAB.", 1);
+        assert_ne!(stray, zeros);
+        assert!(parse_token(&zeros).is_some());
+        assert!(parse_token(&stray).is_none(), "{stray}");
     }
 
     #[test]
