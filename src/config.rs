@@ -507,5 +507,11 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        let c = Config {
+            max_tokens_per_user: 0,
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_tokens_per_user"), "{e}");
     }
 }
