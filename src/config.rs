@@ -86,6 +86,10 @@ pub struct Config {
     /// Most responses kept for redelivery; beyond it the oldest go early (a redelivery of
     /// those would run again). Bounds the database under a flood of writes.
     pub replay_max_records: u64,
+    /// Most live app tokens one user may hold. GenerateToken for a new host beyond it is
+    /// 409; replacing the token of a host the user has is always allowed. Bounds ListToken's
+    /// answer and the transaction of an Entity.Delete.
+    pub max_tokens_per_user: u64,
     /// sled page cache, MiB (embedded store). sled's memory grows well beyond it under
     /// writes; the README's Performance section has the measurements behind the default.
     pub cache_mib: u64,
@@ -150,6 +154,7 @@ impl Default for Config {
             max_in_flight: 1024,
             replay_window_secs: 600,
             replay_max_records: 1_000_000,
+            max_tokens_per_user: 1000,
             cache_mib: 8,
             keep_alive_secs: 30,
             drain_secs: 10,
@@ -280,6 +285,9 @@ impl Config {
         }
         if self.max_in_flight == 0 {
             return invalid("max_in_flight must be at least 1".into());
+        }
+        if self.max_tokens_per_user == 0 {
+            return invalid("max_tokens_per_user must be at least 1".into());
         }
         if self.lockout_failures > 0 {
             if self.lockout_base_ms == 0
@@ -498,5 +506,11 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        let c = Config {
+            max_tokens_per_user: 0,
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_tokens_per_user"), "{e}");
     }
 }

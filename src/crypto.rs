@@ -229,11 +229,18 @@ pub struct ParsedToken {
 }
 
 /// Splits `authd_<key id>.<b64url token id>.<b64url mac>`; `None` if it is not of that shape.
+/// Only the canonical form parses, the one [`ServerKeys::token`] writes: the key id in
+/// decimal without sign or leading zero, base64url without padding or stray bits. So a token
+/// has one spelling, and `authd_01.…` is not another name for `authd_1.…`.
 pub fn parse_token(token: &str) -> Option<ParsedToken> {
     let rest = token.strip_prefix(TOKEN_PREFIX)?;
     let mut parts = rest.split('.');
     let key_id = parts.next()?;
-    if key_id.is_empty() || key_id.len() > 10 || !key_id.bytes().all(|b| b.is_ascii_digit()) {
+    if key_id.is_empty()
+        || key_id.len() > 10
+        || !key_id.bytes().all(|b| b.is_ascii_digit())
+        || (key_id.len() > 1 && key_id.starts_with('0'))
+    {
         return None;
     }
     let key_id = key_id.parse().ok()?;
@@ -366,6 +373,24 @@ mod tests {
         ] {
             assert!(parse_token(t).is_none(), "{t}");
         }
+    }
+
+    #[test]
+    fn only_the_canonical_key_id_parses() {
+        let keys = ServerKeys::for_tests();
+        let token = keys.token(1, &[7; 16], "alice", "app").unwrap();
+        let rest = token.strip_prefix("authd_1").unwrap();
+        assert!(parse_token(&token).is_some());
+        for key_id in ["01", "0001", "+1", "00", " 1", "1 "] {
+            let t = format!("authd_{key_id}{rest}");
+            assert!(parse_token(&t).is_none(), "{t}");
+        }
+        // The token id's last character carries 4 unused bits: only zeros parse.
+        let zeros = keys.token(1, &[0; 16], "alice", "app").unwrap();
+        let stray = zeros.replacen("AAA.", "AAB.", 1);
+        assert_ne!(stray, zeros);
+        assert!(parse_token(&zeros).is_some());
+        assert!(parse_token(&stray).is_none(), "{stray}");
     }
 
     #[test]

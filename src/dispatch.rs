@@ -193,6 +193,7 @@ impl Dispatcher {
             method: method.name,
             lockout: &self.lockout,
             metrics: &self.metrics,
+            max_tokens_per_user: self.config.max_tokens_per_user,
         };
         // Before the rate limit and the deadline: a redelivery of a change already made gets
         // its recorded answer, since a 429 or 504 would say "not executed" of a request that

@@ -1,6 +1,6 @@
 //! Access rules and AuthorizeCommand through a real broker (docs/protocol.md#auth-authorizecommand, #acl-add).
 //! The owner rule needs entities (Entity.Put); it is tested against the store in
-//! `src/methods/authorize.rs`.
+//! `src/methods/authorize.rs`, and through the broker with disabled entities here.
 
 mod support;
 
@@ -233,8 +233,10 @@ async fn acl_methods_need_an_admin_key_and_checked_arguments() {
         let msg = err(&admin, "/v1/ACL.Delete", args.clone(), 400).await;
         assert!(msg.contains("rule_id"), "{args}: {msg}");
     }
-    let msg = err(&admin, "/v1/ACL.List", json!({"limit": 0}), 400).await;
-    assert!(msg.contains("limit"), "{msg}");
+    for limit in [0, 1001] {
+        let msg = err(&admin, "/v1/ACL.List", json!({ "limit": limit }), 400).await;
+        assert!(msg.contains("args.limit: must be 1 to 1000"), "{msg}");
+    }
     let msg = err(
         &backend,
         "/v1/Auth.AuthorizeCommand",
@@ -376,4 +378,97 @@ async fn ctl_acl_add_list_delete() {
     // A bad effect is refused before anything is sent.
     let out = ctl(&["add", "a", "b", "c", "perhaps"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// A disabled `src` or `dst` entity is refused before any rule, the owner rule included;
+/// enabling it again restores what the rules say (security review #8).
+#[tokio::test]
+async fn a_disabled_src_or_dst_is_refused_before_any_rule() {
+    let s = Setup::start().await;
+    let admin = s.admin().await;
+    let backend = s.service("backend").await;
+    let put = |args: Value| {
+        let admin = &admin;
+        async move { ok(admin, "/v1/Entity.Put", args).await }
+    };
+    put(json!({"id": "lamp", "psk": "lamp psk", "owner": "alice"})).await;
+    put(json!({"id": "alice", "psk": "alice psk", "kind": "user"})).await;
+    add(&admin, "bob", "*", "*", "allow").await;
+    add(&admin, "lamp", "*", "*", "allow").await;
+    assert!(may(&backend, "alice", "lamp", "On").await, "owner");
+    assert!(may(&backend, "bob", "lamp", "On").await, "allow rule");
+    assert!(may(&backend, "lamp", "bob", "Report").await, "allow rule");
+
+    // The device disabled: neither its owner nor a rule lets anyone command it, and it
+    // commands nobody.
+    put(json!({"id": "lamp", "psk": "lamp psk", "owner": "alice", "disabled": true})).await;
+    assert!(!may(&backend, "alice", "lamp", "On").await);
+    assert!(!may(&backend, "bob", "lamp", "On").await);
+    assert!(!may(&backend, "lamp", "bob", "Report").await);
+
+    // The user disabled: no longer the owner that commands, for any command.
+    put(json!({"id": "lamp", "psk": "lamp psk", "owner": "alice"})).await;
+    put(json!({"id": "alice", "psk": "alice psk", "kind": "user", "disabled": true})).await;
+    assert!(!may(&backend, "alice", "lamp", "On").await);
+    assert!(
+        may(&backend, "bob", "lamp", "On").await,
+        "others are unaffected"
+    );
+    put(json!({"id": "alice", "psk": "alice psk", "kind": "user"})).await;
+    assert!(may(&backend, "alice", "lamp", "On").await);
+}
+
+/// `ACL.List` without `limit` answers at most 1000 rules and says where to go on;
+/// `authd ctl acl list` follows the pages (security review #9). The 1001 rules are
+/// provisioned with `authd import`, which writes without a flush per rule.
+#[tokio::test]
+async fn acl_list_pages_by_default_and_ctl_follows() {
+    let broker = Broker::start();
+    let data = tempfile::tempdir().unwrap();
+    let input = data.path().join("rules.jsonl");
+    let lines: Vec<String> = (0..1001)
+        .map(|n| {
+            json!({"method": "ACL.Add", "args": {"src": format!("u{n}"), "dst": "*", "cmd": "*", "effect": "allow"}})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&input, lines.join("\n")).unwrap();
+    let db = data.path().join("worker");
+    let out = std::process::Command::new(authd_bin())
+        .args(["import", "--data"])
+        .arg(&db)
+        .arg(&input)
+        .output()
+        .expect("run authd import");
+    assert!(out.status.success(), "{out:?}");
+    let worker = authd::Worker::start(worker_config(&broker, &db))
+        .await
+        .expect("worker starts");
+    tokio::time::timeout(TIMEOUT, worker.ready()).await.unwrap();
+    let admin = client(&broker, Some(ADMIN_KEY), None).await;
+
+    let first = ok(&admin, "/v1/ACL.List", json!({})).await.unwrap();
+    assert_eq!(first["rules"].as_array().unwrap().len(), 1000);
+    assert_eq!(first["next"], 1000);
+    let last = ok(&admin, "/v1/ACL.List", json!({"after": 1000}))
+        .await
+        .unwrap();
+    assert_eq!(ids(last["rules"].as_array().unwrap()), [1001]);
+    assert!(last.get("next").is_none(), "{last}");
+
+    let out = authd(vec![
+        "ctl".into(),
+        "acl".into(),
+        "list".into(),
+        "--broker".into(),
+        broker.url(),
+        "--key".into(),
+        ADMIN_KEY.into(),
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let all = ids(listed["rules"].as_array().unwrap());
+    assert_eq!(all, (1..=1001).collect::<Vec<u64>>());
+    worker.stop().await.unwrap();
 }

@@ -152,17 +152,21 @@ async fn app_tokens_sign_in_as_their_user_until_rotated_or_revoked() {
 }
 
 #[tokio::test]
-async fn entity_signs_in_with_its_psk_or_its_users_token() {
+async fn a_user_entity_signs_in_with_its_psk_or_its_tokens() {
     let s = Setup::start().await;
     let admin = s.admin().await;
     let backend = s.service("backend").await;
-    put(&admin, json!({"id": "carol", "psk": PSK})).await;
+    put(&admin, json!({"id": "carol", "psk": PSK, "kind": "user"})).await;
     let token = generate_token(&s, "carol", "app").await;
     assert!(authenticate(&backend, "carol", json!({"psk": PSK})).await);
     assert!(authenticate(&backend, "carol", json!({"psk": token})).await);
 
     // Disabled: nothing works.
-    put(&admin, json!({"id": "carol", "psk": PSK, "disabled": true})).await;
+    put(
+        &admin,
+        json!({"id": "carol", "psk": PSK, "kind": "user", "disabled": true}),
+    )
+    .await;
     assert!(!authenticate(&backend, "carol", json!({"psk": PSK})).await);
     assert!(!authenticate(&backend, "carol", json!({"psk": token})).await);
     let got = ok(&admin, "/v1/Entity.Get", json!({"id": "carol"}))
@@ -170,13 +174,41 @@ async fn entity_signs_in_with_its_psk_or_its_users_token() {
         .unwrap();
     assert_eq!(got["disabled"], true);
 
-    // Enabled again.
+    // Enabled again: the PSK works; the token went when carol was disabled.
     put(
         &admin,
-        json!({"id": "carol", "psk": PSK, "disabled": false}),
+        json!({"id": "carol", "psk": PSK, "kind": "user", "disabled": false}),
     )
     .await;
     assert!(authenticate(&backend, "carol", json!({"psk": PSK})).await);
+    assert!(!authenticate(&backend, "carol", json!({"psk": token})).await);
+}
+
+/// An app token is issued to whatever user the request's `src` names, a device's id
+/// included; it never signs in as a device, whether the device has a PSK or only a pinned
+/// certificate (security review #5).
+#[tokio::test]
+async fn an_app_token_never_signs_in_as_a_device() {
+    let s = Setup::start().await;
+    let admin = s.admin().await;
+    let backend = s.service("backend").await;
+    let cert = certs::valid("cam1");
+    put(&admin, json!({"id": "dev1", "psk": PSK})).await;
+    put(&admin, json!({"id": "cam1", "cert": cert})).await;
+    let dev_token = generate_token(&s, "dev1", "app").await;
+    let cam_token = generate_token(&s, "cam1", "app").await;
+    assert!(!authenticate(&backend, "dev1", json!({"psk": dev_token})).await);
+    assert!(!authenticate(&backend, "cam1", json!({"psk": cam_token})).await);
+    assert!(
+        !authenticate(&backend, "cam1", json!({"psk": cam_token, "cert": cert})).await,
+        "nor with the device's certificate"
+    );
+    // The devices' own credentials still work; the same tokens of a user do.
+    assert!(authenticate(&backend, "dev1", json!({"psk": PSK})).await);
+    assert!(authenticate(&backend, "cam1", json!({"cert": cert})).await);
+    put(&admin, json!({"id": "cam1", "cert": cert, "kind": "user"})).await;
+    let cam_token = generate_token(&s, "cam1", "app").await;
+    assert!(authenticate(&backend, "cam1", json!({"psk": cam_token})).await);
 }
 
 #[tokio::test]

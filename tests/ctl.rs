@@ -83,6 +83,30 @@ async fn entity_put_get_list_delete() {
     let got = stdout_json(&out);
     assert_eq!(got["cert_sha256"], certs::sha256_hex(&cert).as_str());
     assert_eq!(got["has_psk"], false);
+    assert_eq!(got["kind"], "device");
+
+    let out = ctl(
+        &s,
+        &[
+            "entity",
+            "put",
+            "alice",
+            "--psk",
+            "alice psk",
+            "--kind",
+            "user",
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let out = ctl(&s, &["entity", "get", "alice"]).await;
+    assert_eq!(stdout_json(&out)["kind"], "user");
+    let out = ctl(&s, &["entity", "put", "x", "--psk", "p", "--kind", "robot"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "refused before sending: {out:?}"
+    );
 
     let out = ctl(
         &s,

@@ -31,6 +31,7 @@ async fn put_get_never_shows_a_secret() {
         got,
         json!({
             "id": "dev1",
+            "kind": "device",
             "owner": "alice",
             "has_psk": true,
             "cert_sha256": certs::sha256_hex(&cert),
@@ -200,7 +201,13 @@ async fn delete_removes_the_entity_and_its_tokens_and_is_idempotent() {
     let service = s.service("backend").await;
     let dev = s.service("dev1").await;
 
-    ok(&admin, "/v1/Entity.Put", json!({"id": "dev1", "psk": PSK})).await;
+    // A user: app tokens sign in only as users.
+    ok(
+        &admin,
+        "/v1/Entity.Put",
+        json!({"id": "dev1", "psk": PSK, "kind": "user"}),
+    )
+    .await;
     let token = ok(&dev, "/v1/Auth.GenerateToken", json!({"host": "app"}))
         .await
         .unwrap()["token"]
@@ -329,4 +336,115 @@ async fn entity_methods_need_an_admin_key() {
     }
     // Nothing was created by the refused Put.
     err(&s.admin().await, "/v1/Entity.Get", json!({"id": "d"}), 404).await;
+}
+
+async fn token_of(s: &Setup, user: &str, host: &str) -> String {
+    let c = s.service(user).await;
+    ok(&c, "/v1/Auth.GenerateToken", json!({"host": host}))
+        .await
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn hosts_of(s: &Setup, user: &str) -> Vec<Value> {
+    let c = s.service(user).await;
+    let list = ok(&c, "/v1/Auth.ListToken", json!({})).await.unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["host"].clone())
+        .collect()
+}
+
+/// Re-provisioning a user (new credentials) or disabling it removes its app tokens in the
+/// same transaction: they stop working at once, and stay dead when it is enabled again
+/// (security review #5).
+#[tokio::test]
+async fn reprovisioning_or_disabling_a_user_kills_its_tokens_at_once() {
+    let s = Setup::start().await;
+    let admin = s.admin().await;
+    let backend = s.service("backend").await;
+    let put = |args: Value| {
+        let admin = &admin;
+        async move { ok(admin, "/v1/Entity.Put", args).await }
+    };
+
+    put(json!({"id": "u1", "kind": "user", "psk": PSK})).await;
+    let t1 = token_of(&s, "u1", "app").await;
+    let t2 = token_of(&s, "u1", "other").await;
+    assert!(authenticate(&backend, "u1", json!({"psk": t1})).await);
+    put(json!({"id": "u1", "kind": "user", "psk": "a new psk"})).await;
+    assert!(!authenticate(&backend, "u1", json!({"psk": t1})).await);
+    assert!(!authenticate(&backend, "u1", json!({"psk": t2})).await);
+    assert!(hosts_of(&s, "u1").await.is_empty());
+    assert!(authenticate(&backend, "u1", json!({"psk": "a new psk"})).await);
+
+    // Disabling, then enabling again.
+    let t3 = token_of(&s, "u1", "app").await;
+    assert!(authenticate(&backend, "u1", json!({"psk": t3})).await);
+    put(json!({"id": "u1", "kind": "user", "psk": "a new psk", "disabled": true})).await;
+    put(json!({"id": "u1", "kind": "user", "psk": "a new psk"})).await;
+    assert!(!authenticate(&backend, "u1", json!({"psk": t3})).await);
+    assert!(hosts_of(&s, "u1").await.is_empty());
+
+    // A certificate-only user: a new pin kills the tokens; changing only the owner does not.
+    let cert = certs::valid("u2");
+    put(json!({"id": "u2", "kind": "user", "cert": cert})).await;
+    let t4 = token_of(&s, "u2", "app").await;
+    put(json!({"id": "u2", "kind": "user", "cert": cert, "owner": "ops"})).await;
+    assert!(authenticate(&backend, "u2", json!({"psk": t4})).await);
+    put(json!({"id": "u2", "kind": "user", "cert": certs::valid("u2")})).await;
+    assert!(!authenticate(&backend, "u2", json!({"psk": t4})).await);
+
+    // Tokens a user held before it became an entity go when it is created.
+    let t5 = token_of(&s, "u3", "app").await;
+    assert!(authenticate(&backend, "u3", json!({"psk": t5})).await);
+    put(json!({"id": "u3", "kind": "user", "generate_psk": true})).await;
+    assert!(!authenticate(&backend, "u3", json!({"psk": t5})).await);
+}
+
+#[tokio::test]
+async fn the_kind_is_stored_shown_listed_and_checked() {
+    let s = Setup::start().await;
+    let admin = s.admin().await;
+    ok(&admin, "/v1/Entity.Put", json!({"id": "a-dev", "psk": PSK})).await;
+    ok(
+        &admin,
+        "/v1/Entity.Put",
+        json!({"id": "a-user", "psk": PSK, "kind": "user"}),
+    )
+    .await;
+    ok(
+        &admin,
+        "/v1/Entity.Put",
+        json!({"id": "b-dev", "psk": PSK, "kind": "device"}),
+    )
+    .await;
+    let kind_of = |v: &Value| v["kind"].as_str().unwrap().to_owned();
+    let got = ok(&admin, "/v1/Entity.Get", json!({"id": "a-user"}))
+        .await
+        .unwrap();
+    assert_eq!(kind_of(&got), "user");
+    let got = ok(&admin, "/v1/Entity.Get", json!({"id": "a-dev"}))
+        .await
+        .unwrap();
+    assert_eq!(kind_of(&got), "device", "the default");
+    let list = ok(&admin, "/v1/Entity.List", json!({})).await.unwrap();
+    let kinds: Vec<String> = list["entities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(kind_of)
+        .collect();
+    assert_eq!(kinds, ["device", "user", "device"]);
+    let msg = err(
+        &admin,
+        "/v1/Entity.Put",
+        json!({"id": "x", "psk": PSK, "kind": "robot"}),
+        400,
+    )
+    .await;
+    assert!(msg.contains("args.kind"), "{msg}");
 }

@@ -205,6 +205,41 @@ proptest! {
         prop_assert!(keys.verify_token(&parsed, &user, &host));
     }
 
+    /// A token has one spelling: whatever the key id is written as, it parses only in the
+    /// form the worker writes (decimal, no sign, no leading zero), and any string that
+    /// parses is exactly the token its parts make.
+    #[test]
+    fn only_canonical_token_strings_parse(
+        token_id in any::<TokenId>(),
+        key_id in prop_oneof![
+            "[0-9]{1,12}",
+            "0{1,4}[1-9][0-9]{0,3}",
+            "[+-]?0*[0-9]{1,4}",
+            any::<String>(),
+        ],
+    ) {
+        let keys = ServerKeys::for_tests();
+        let genuine = keys.token(keys.newest(), &token_id, "alice", "app").unwrap();
+        let tail = genuine.split_once('.').unwrap().1;
+        let presented = format!("{}{key_id}.{tail}", authd::crypto::TOKEN_PREFIX);
+        let canonical = key_id
+            .parse::<u32>()
+            .ok()
+            .filter(|n| n.to_string() == key_id);
+        match parse_token(&presented) {
+            Some(parsed) => {
+                prop_assert_eq!(Some(parsed.key_id), canonical, "{} parsed", presented);
+                let rebuilt = format!(
+                    "{}{}.{tail}",
+                    authd::crypto::TOKEN_PREFIX,
+                    parsed.key_id
+                );
+                prop_assert_eq!(rebuilt, presented);
+            }
+            None => prop_assert!(canonical.is_none(), "{} refused", presented),
+        }
+    }
+
     #[test]
     fn any_one_character_change_breaks_a_token(
         token_id in any::<TokenId>(),

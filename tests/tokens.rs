@@ -95,3 +95,46 @@ async fn a_new_token_replaces_the_old_and_users_are_separate() {
         json!([])
     );
 }
+
+/// A user holds at most `max_tokens_per_user` tokens: a new host beyond it is 409 and
+/// issues nothing; replacing a held host's token always works; a revoke makes room
+/// (security review #9).
+#[tokio::test]
+async fn tokens_beyond_the_per_user_cap_are_refused_with_409() {
+    let s = Setup::start_with(|c| c.max_tokens_per_user = 3).await;
+    let alice = s.service("alice").await;
+    let generate = |host: &'static str| {
+        let alice = &alice;
+        async move { ok(alice, "/v1/Auth.GenerateToken", json!({ "host": host })).await }
+    };
+    for host in ["a", "b", "c"] {
+        generate(host).await;
+    }
+    let msg = err(&alice, "/v1/Auth.GenerateToken", json!({"host": "d"}), 409).await;
+    assert!(msg.contains("3 tokens"), "{msg}");
+    assert!(
+        !msg.contains("already used"),
+        "not the reused-id 409: {msg}"
+    );
+    let got = ok(&alice, "/v1/Auth.GetToken", json!({"host": "d"})).await;
+    assert_eq!(got, Some(json!({"exist": false})));
+    // The same request again is refused again (errors are not recorded).
+    err(&alice, "/v1/Auth.GenerateToken", json!({"host": "d"}), 409).await;
+
+    generate("b").await;
+    ok(&alice, "/v1/Auth.RevokeToken", json!({"host": "a"})).await;
+    generate("d").await;
+    err(&alice, "/v1/Auth.GenerateToken", json!({"host": "e"}), 409).await;
+    let list = ok(&alice, "/v1/Auth.ListToken", json!({})).await.unwrap();
+    let hosts: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["host"].clone())
+        .collect();
+    assert_eq!(hosts, [json!("b"), json!("c"), json!("d")]);
+
+    // Other users have caps of their own.
+    let bob = s.service("bob").await;
+    ok(&bob, "/v1/Auth.GenerateToken", json!({"host": "e"})).await;
+}

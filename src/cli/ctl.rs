@@ -45,7 +45,7 @@ enum AclCommand {
         #[arg(value_enum)]
         effect: EffectArg,
     },
-    /// List the rules, by rule id.
+    /// List every rule, by rule id (follows ACL.List's pages).
     List,
     /// Delete a rule (succeeds if there is no such rule).
     Delete { rule_id: u64 },
@@ -55,6 +55,12 @@ enum AclCommand {
 enum EffectArg {
     Allow,
     Deny,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KindArg {
+    Device,
+    User,
 }
 
 #[derive(Subcommand)]
@@ -94,6 +100,9 @@ struct EntityPutArgs {
     /// SHA-256 fingerprint of the certificate to pin (hex, colons allowed).
     #[arg(long)]
     cert_sha256: Option<String>,
+    /// `device` (the default) or `user`: only a user signs in with app tokens.
+    #[arg(long, value_enum)]
+    kind: Option<KindArg>,
     /// The owning user.
     #[arg(long)]
     owner: Option<String>,
@@ -144,8 +153,12 @@ pub(super) async fn run(args: CtlArgs) -> Result<(), Failure> {
     }
 }
 
-/// One `ctl` command's method and arguments, and whether to follow `next` (list --all).
-fn entity_request(command: EntityCommand) -> Result<(&'static str, Value, bool), Failure> {
+/// One `ctl` command's method and arguments, and the list to gather across pages by
+/// following `next` (`None`: one call).
+type Request = (&'static str, Value, Option<&'static str>);
+
+/// One `ctl entity` command's request; `list --all` gathers `entities`.
+fn entity_request(command: EntityCommand) -> Result<Request, Failure> {
     Ok(match command {
         EntityCommand::Put(put) => {
             let mut args = json!({ "id": put.id });
@@ -166,6 +179,12 @@ fn entity_request(command: EntityCommand) -> Result<(&'static str, Value, bool),
             if let Some(fp) = put.cert_sha256 {
                 args["cert_sha256"] = json!(fp);
             }
+            if let Some(kind) = put.kind {
+                args["kind"] = json!(match kind {
+                    KindArg::Device => "device",
+                    KindArg::User => "user",
+                });
+            }
             if let Some(owner) = put.owner {
                 args["owner"] = json!(owner);
             }
@@ -175,10 +194,10 @@ fn entity_request(command: EntityCommand) -> Result<(&'static str, Value, bool),
             if put.create_only {
                 args["create_only"] = json!(true);
             }
-            ("/v1/Entity.Put", args, false)
+            ("/v1/Entity.Put", args, None)
         }
-        EntityCommand::Get { id } => ("/v1/Entity.Get", json!({ "id": id }), false),
-        EntityCommand::Delete { id } => ("/v1/Entity.Delete", json!({ "id": id }), false),
+        EntityCommand::Get { id } => ("/v1/Entity.Get", json!({ "id": id }), None),
+        EntityCommand::Delete { id } => ("/v1/Entity.Delete", json!({ "id": id }), None),
         EntityCommand::List(list) => {
             let mut args = json!({});
             for (name, value) in [
@@ -193,13 +212,13 @@ fn entity_request(command: EntityCommand) -> Result<(&'static str, Value, bool),
             if let Some(limit) = list.limit {
                 args["limit"] = json!(limit);
             }
-            ("/v1/Entity.List", args, list.all)
+            ("/v1/Entity.List", args, list.all.then_some("entities"))
         }
     })
 }
 
-/// One `ctl acl` command's method and arguments.
-fn acl_request(command: AclCommand) -> (&'static str, Value, bool) {
+/// One `ctl acl` command's request; `list` gathers every page's `rules`.
+fn acl_request(command: AclCommand) -> Request {
     match command {
         AclCommand::Add {
             src_pattern,
@@ -212,10 +231,10 @@ fn acl_request(command: AclCommand) -> (&'static str, Value, bool) {
                 EffectArg::Deny => "deny",
             };
             let args = json!({"src": src_pattern, "dst": dst_pattern, "cmd": cmd_pattern, "effect": effect});
-            ("/v1/ACL.Add", args, false)
+            ("/v1/ACL.Add", args, None)
         }
-        AclCommand::List => ("/v1/ACL.List", json!({}), false),
-        AclCommand::Delete { rule_id } => ("/v1/ACL.Delete", json!({ "rule_id": rule_id }), false),
+        AclCommand::List => ("/v1/ACL.List", json!({}), Some("rules")),
+        AclCommand::Delete { rule_id } => ("/v1/ACL.Delete", json!({ "rule_id": rule_id }), None),
     }
 }
 
@@ -231,13 +250,13 @@ fn read_secret(path: &std::path::Path) -> Result<String, Failure> {
     Ok(text.strip_suffix('\r').unwrap_or(text).to_owned())
 }
 
-/// Calls `method`; with `follow`, repeats with `after` = `next` and joins the pages'
-/// `entities`. The outer error is a transport failure, the inner one an error frame.
+/// Calls `method`; with `follow` (a list's name), repeats with `after` = `next` and joins
+/// the pages' lists. The outer error is a transport failure, the inner one an error frame.
 async fn ctl_call(
     client: &Client,
     method: &str,
     mut args: Value,
-    follow: bool,
+    follow: Option<&str>,
     timeout: Duration,
 ) -> Result<Result<Option<Value>, RpcError>, CallError> {
     let mut all: Vec<Value> = Vec::new();
@@ -246,16 +265,16 @@ async fn ctl_call(
         if let Some(e) = response.error {
             return Ok(Err(e));
         }
-        if !follow {
+        let Some(list) = follow else {
             return Ok(Ok(response.result));
-        }
+        };
         let mut page = response.result.unwrap_or_default();
-        if let Some(Value::Array(entities)) = page.get_mut("entities").map(Value::take) {
-            all.extend(entities);
+        if let Some(Value::Array(items)) = page.get_mut(list).map(Value::take) {
+            all.extend(items);
         }
         match page.get("next") {
             Some(next) => args["after"] = next.clone(),
-            None => return Ok(Ok(Some(json!({ "entities": all })))),
+            None => return Ok(Ok(Some(json!({ list: all })))),
         }
     }
 }

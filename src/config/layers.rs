@@ -214,6 +214,7 @@ mod tests {
             ("max_frame_bytes", "1000"),
             ("max_in_flight", "7"),
             ("max_packet_bytes", "2097152"),
+            ("max_tokens_per_user", "50"),
             ("metrics", "127.0.0.1:9464"),
             ("rate_limit_burst", "4"),
             ("rate_limit_per_sec", "2.5"),

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use super::entity::MAX_PAGE;
 use super::{storage_failed, Ctx, Name};
 use crate::frame::{parse_args, RpcError};
 use crate::rules::{Effect, Rule};
@@ -32,8 +33,9 @@ struct ListArgs {
     /// Only rules with a higher id (the previous page's `next`).
     #[serde(default)]
     after: u64,
-    /// At most this many rules; absent: all of them.
-    limit: Option<usize>,
+    /// At most this many rules: 1 to [`MAX_PAGE`], default [`MAX_PAGE`].
+    #[serde(default)]
+    limit: Option<u32>,
 }
 
 /// `ACL.Add {src, dst, cmd, effect}` → `{"rule_id": N}`; ids increase and are never reused.
@@ -93,23 +95,26 @@ pub async fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, Rpc
 }
 
 /// `ACL.List {after?, limit?}` → `{"rules": [{rule_id, src, dst, cmd, effect}, …]}` sorted by
-/// rule id, plus `"next": <rule_id>` when `limit` cut the list short.
+/// rule id, at most `limit` (default and most: [`MAX_PAGE`]), plus `"next": <rule_id>` when
+/// more rules follow.
 pub async fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let ListArgs { after, limit } = parse_args(args)?;
-    if limit == Some(0) {
-        return Err(RpcError::bad_request("args.limit", "must be at least 1"));
+    let limit = limit.unwrap_or(MAX_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(RpcError::bad_request(
+            "args.limit",
+            format!("must be 1 to {MAX_PAGE}"),
+        ));
     }
+    let limit = limit as usize;
     // One more than asked for tells whether there is a next page.
-    let fetch = limit.map_or(usize::MAX, |l| l.saturating_add(1));
     let mut rules = ctx
         .store
-        .rules(after, fetch)
+        .rules(after, limit + 1)
         .await
         .map_err(storage_failed)?;
-    let more = limit.is_some_and(|l| rules.len() > l);
-    if let Some(l) = limit {
-        rules.truncate(l);
-    }
+    let more = rules.len() > limit;
+    rules.truncate(limit);
     let listed: Vec<Value> = rules
         .into_iter()
         .map(|(id, r)| {

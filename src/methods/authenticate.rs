@@ -2,7 +2,8 @@
 //!
 //! Every presented credential must hold:
 //! - `psk`: the entity's PSK (compared as keyed hashes, in constant time), or a live app
-//!   token issued to user `id` (an app signs in as the user);
+//!   token issued to user `id` (an app signs in as the user) when `id` is a `user` entity
+//!   or no entity at all: a token never signs in as a device;
 //! - `cert`: a PEM certificate whose DER SHA-256 equals the entity's pinned fingerprint and
 //!   whose validity period contains now.
 //!
@@ -34,7 +35,7 @@ use crate::cert::Certificate;
 use crate::crypto::{ct_eq, parse_token, ParsedToken};
 use crate::frame::{parse_args, RpcError};
 use crate::lockout::Refused;
-use crate::store::{EntityRecord, PskHash, StoreError};
+use crate::store::{EntityKind, EntityRecord, PskHash, StoreError};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +64,9 @@ pub enum Reason {
     BadPsk,
     /// The psk is shaped like an app token but is not a live token of user `id`.
     BadToken,
+    /// A live app token of user `id`, but `id` is a device entity: tokens sign in only as
+    /// users.
+    TokenForDevice,
     /// The certificate is not the pinned one (or nothing is pinned).
     CertMismatch,
     /// The pinned certificate, outside its validity period.
@@ -82,6 +86,7 @@ impl Reason {
             Reason::Ok => "ok",
             Reason::BadPsk => "bad_psk",
             Reason::BadToken => "bad_token",
+            Reason::TokenForDevice => "token_for_device",
             Reason::CertMismatch => "cert_mismatch",
             Reason::ExpiredCert => "expired_cert",
             Reason::BadCert => "bad_cert",
@@ -212,7 +217,10 @@ async fn rehash_psk(ctx: &Ctx<'_>, id: &str, seen: &EntityRecord, psk: &str) {
     }
 }
 
-/// Checks a presented psk: the reason, and whether it is the entity's own PSK.
+/// Checks a presented psk: the reason, and whether it is the entity's own PSK. An app token
+/// counts only for a user: a `user` entity, or an id that is no entity (users need not be
+/// provisioned: tokens are issued to whatever user the backend names). A device's token is
+/// still looked up, so that the work does not depend on the kind.
 async fn check_psk(
     ctx: &Ctx<'_>,
     id: &str,
@@ -234,10 +242,14 @@ async fn check_psk(
     if is_entity_psk {
         return Ok((Reason::Ok, true));
     }
+    let is_user = !matches!(entity, Some(e) if e.kind == EntityKind::Device);
     let reason = match parse_token(psk) {
         None => Reason::BadPsk,
-        Some(token) if token_signs_in(ctx, id, &token).await? => Reason::Ok,
-        Some(_) => Reason::BadToken,
+        Some(token) => match (token_signs_in(ctx, id, &token).await?, is_user) {
+            (true, true) => Reason::Ok,
+            (true, false) => Reason::TokenForDevice,
+            (false, _) => Reason::BadToken,
+        },
     };
     Ok((reason, false))
 }
@@ -311,7 +323,20 @@ mod tests {
         }
 
         async fn put(&self, id: &str, psk: Option<&str>, cert: Option<&str>, disabled: bool) {
+            self.put_kind(id, EntityKind::Device, psk, cert, disabled)
+                .await
+        }
+
+        async fn put_kind(
+            &self,
+            id: &str,
+            kind: EntityKind,
+            psk: Option<&str>,
+            cert: Option<&str>,
+            disabled: bool,
+        ) {
             let record = EntityRecord {
+                kind,
                 owner: None,
                 psk: psk.map(|p| PskHash {
                     key_id: 1,
@@ -343,6 +368,7 @@ mod tests {
                 user: user.into(),
                 host: host.into(),
                 record,
+                max_per_user: 1000,
             };
             let mut request = self.ctx().request;
             request.binding = None;
@@ -381,13 +407,30 @@ mod tests {
         let pem = cert("dev");
         f.put("dev", Some(PSK), Some(&pem), false).await;
         f.put("off", Some(PSK), None, true).await;
+        f.put("cam", None, Some(&pem), false).await;
+        f.put_kind("carol", EntityKind::User, Some(PSK), None, false)
+            .await;
         let token = f.token("dev", "app").await;
+        let cam_token = f.token("cam", "app").await;
+        let carols_token = f.token("carol", "app").await;
         let users_token = f.token("alice", "app").await;
 
         let other_pem = cert("dev");
         let cases = [
             ("dev", Some(PSK), Some(pem.as_str()), Reason::Ok),
-            ("dev", Some(token.as_str()), None, Reason::Ok),
+            // A token never signs in as a device, PSK or certificate-only.
+            ("dev", Some(token.as_str()), None, Reason::TokenForDevice),
+            (
+                "cam",
+                Some(cam_token.as_str()),
+                None,
+                Reason::TokenForDevice,
+            ),
+            ("cam", None, Some(pem.as_str()), Reason::Ok),
+            // A user entity signs in with its PSK or its tokens.
+            ("carol", Some(PSK), None, Reason::Ok),
+            ("carol", Some(carols_token.as_str()), None, Reason::Ok),
+            ("carol", Some(users_token.as_str()), None, Reason::BadToken),
             ("dev", Some("nope"), Some(pem.as_str()), Reason::BadPsk),
             ("dev", Some(users_token.as_str()), None, Reason::BadToken),
             ("dev", None, Some(other_pem.as_str()), Reason::CertMismatch),

@@ -43,7 +43,7 @@ mod tests {
 
     use super::*;
     use crate::lockout::LockoutPolicy;
-    use crate::methods::testing::Fixture;
+    use crate::methods::testing::{Capture, Fixture};
     use crate::rules::{Decision, Effect, Rule};
     use crate::store::{Change, EntityRecord, RequestKey, Store};
 
@@ -80,11 +80,16 @@ mod tests {
     }
 
     async fn put(store: &Store, id: &str, owner: Option<&str>) {
+        put_as(store, id, owner, false).await
+    }
+
+    async fn put_as(store: &Store, id: &str, owner: Option<&str>, disabled: bool) {
         let record = EntityRecord {
+            kind: Default::default(),
             owner: owner.map(str::to_owned),
             psk: None,
             cert_sha256: Some([1; 32]),
-            disabled: false,
+            disabled,
             created: 1,
         };
         let change = Change::PutEntity {
@@ -145,26 +150,14 @@ mod tests {
         assert!(ask(&ctx, "bob", "lamp", "On").await);
     }
 
-    /// A log sink for one test.
-    #[derive(Clone, Default)]
-    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[tokio::test(flavor = "current_thread")]
     async fn every_decision_has_one_audit_line_naming_its_reason() {
         let f = fixture();
         put(&f.store, "lamp", Some("alice")).await;
         add(&f.store, 1, "bob", "lamp", "On", Effect::Allow).await;
         add(&f.store, 2, "bob", "lamp", "Reboot", Effect::Deny).await;
+        put_as(&f.store, "off", Some("alice"), true).await;
+        add(&f.store, 3, "bob", "off", "On", Effect::Allow).await;
 
         let capture = Capture::default();
         let sink = capture.clone();
@@ -180,6 +173,8 @@ mod tests {
             ask(&ctx, "bob", "lamp", "Reboot").await;
             ask(&ctx, "alice", "lamp", "Reboot").await;
             ask(&ctx, "carol", "lamp", "On").await;
+            ask(&ctx, "alice", "off", "On").await;
+            ask(&ctx, "bob", "off", "On").await;
         }
         let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<Value> = text
@@ -187,7 +182,7 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .filter(|l: &Value| l["target"] == "authd::audit")
             .collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 6, "{text}");
         let fields: Vec<&Value> = lines.iter().map(|l| &l["fields"]).collect();
         assert_eq!(fields[0]["rpc_id"], 41);
         assert_eq!(fields[0]["src"], "backend");
@@ -206,6 +201,8 @@ mod tests {
         assert_eq!(outcome(fields[1]), (false, "deny_rule".into(), Some(2)));
         assert_eq!(outcome(fields[2]), (true, "owner".into(), None));
         assert_eq!(outcome(fields[3]), (false, "default_deny".into(), None));
+        assert_eq!(outcome(fields[4]), (false, "disabled".into(), None));
+        assert_eq!(outcome(fields[5]), (false, "disabled".into(), None));
     }
 
     #[tokio::test]

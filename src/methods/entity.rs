@@ -3,7 +3,10 @@
 //! `Entity.Put {generate_psk: true}` makes, once (and to a redelivery of that same request).
 //!
 //! `Entity.Put` replaces the whole entity: credentials not given are dropped (only
-//! `created` is kept). A certificate is pinned by the SHA-256 of its DER encoding; `cert`
+//! `created` is kept). An entity is a `device` (the default) or a `user`; only a user signs
+//! in with app tokens. A put that re-provisions an id (new credentials, a change of kind, or
+//! disabling it: [`EntityRecord::reprovisions`]) and `Entity.Delete` remove user `id`'s app
+//! tokens in the same transaction. A certificate is pinned by the SHA-256 of its DER encoding; `cert`
 //! takes the PEM, `cert_sha256` the fingerprint itself (hex, colons allowed), for operators
 //! who have the fingerprint but not the file.
 
@@ -16,7 +19,9 @@ use crate::cert::{hex, parse_fingerprint, Certificate};
 use crate::crypto::{random_bytes, ServerKeys};
 use crate::frame::ErrorCode;
 use crate::frame::{parse_args, valid_name, RpcError};
-use crate::store::{Applied, Change, Changed, EntityRecord, PskHash, PutOutcome, Reply};
+use crate::store::{
+    Applied, Change, Changed, EntityKind, EntityRecord, PskHash, PutOutcome, Reply,
+};
 
 /// Longest PSK accepted, bytes.
 pub const MAX_PSK_BYTES: usize = 1024;
@@ -34,6 +39,8 @@ struct PutArgs {
     cert: Option<String>,
     #[serde(default)]
     cert_sha256: Option<String>,
+    #[serde(default)]
+    kind: Option<EntityKind>,
     #[serde(default)]
     owner: Option<Name>,
     #[serde(default)]
@@ -63,8 +70,8 @@ struct ListArgs {
     limit: Option<u32>,
 }
 
-/// `Entity.Put {id, psk?, cert?, cert_sha256?, owner?, disabled?, generate_psk?, create_only?}`
-/// → no result, or `{"psk": …}` with `generate_psk`.
+/// `Entity.Put {id, kind?, psk?, cert?, cert_sha256?, owner?, disabled?, generate_psk?,
+/// create_only?}` → no result, or `{"psk": …}` with `generate_psk`.
 pub async fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcError> {
     let args: PutArgs = parse_args(args)?;
     if args.generate_psk && args.psk.is_some() {
@@ -123,6 +130,7 @@ pub async fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcErr
         (None, None) => None,
     };
     let record = EntityRecord {
+        kind: args.kind.unwrap_or_default(),
         owner: args.owner.map(|o| o.0),
         psk,
         cert_sha256,
@@ -135,8 +143,8 @@ pub async fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcErr
         create_only: args.create_only,
         generated,
     };
-    let (outcome, reply) = match super::apply(ctx, change).await? {
-        Applied::Now(Changed::EntityPut(outcome), reply) => (outcome, reply),
+    let (outcome, tokens, reply) = match super::apply(ctx, change).await? {
+        Applied::Now(Changed::EntityPut { outcome, tokens }, reply) => (outcome, tokens, reply),
         other => return super::reply_of(other),
     };
     let reason = match outcome {
@@ -149,6 +157,7 @@ pub async fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcErr
         subject = id.as_str(),
         result = outcome != PutOutcome::Exists,
         reason,
+        tokens_removed = tokens,
         "entity"
     );
     if outcome == PutOutcome::Exists {
@@ -160,7 +169,7 @@ pub async fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcErr
     Ok(reply)
 }
 
-/// `Entity.Get {id}` → `{id, owner?, has_psk, cert_sha256?, disabled, created}`;
+/// `Entity.Get {id}` → `{id, kind, owner?, has_psk, cert_sha256?, disabled, created}`;
 /// 404 if none.
 pub async fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let IdArgs { id } = parse_args(args)?;
@@ -241,6 +250,7 @@ pub async fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value
 fn view(id: &str, r: &EntityRecord) -> Value {
     let mut v = Map::new();
     v.insert("id".into(), json!(id));
+    v.insert("kind".into(), json!(r.kind.as_str()));
     if let Some(owner) = &r.owner {
         v.insert("owner".into(), json!(owner));
     }
@@ -278,4 +288,68 @@ fn psk_hash(
 fn missing_key(key_id: crate::crypto::KeyId) -> RpcError {
     tracing::error!(key_id, "a record names a server key that is not loaded");
     RpcError::internal()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lockout::LockoutPolicy;
+    use crate::methods::testing::{Capture, Fixture};
+
+    fn raw(v: Value) -> Box<RawValue> {
+        RawValue::from_string(v.to_string()).unwrap()
+    }
+
+    /// The audit line of a put and of a delete says how many of user `id`'s tokens went.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_audit_line_counts_the_tokens_removed() {
+        let f = Fixture::new(LockoutPolicy::default());
+        let capture = Capture::default();
+        let sink = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || sink.clone())
+            .finish();
+        let _logging = tracing::subscriber::set_default(subscriber);
+        let mut user = f.ctx("Auth.GenerateToken", 1);
+        user.request.binding = None;
+        user.request.src = "u1";
+        let mut admin = f.ctx("Entity.Put", 2);
+        admin.request.binding = None;
+
+        let put_user = raw(json!({"id": "u1", "kind": "user", "psk": "p"}));
+        put(&admin, Some(&put_user)).await.unwrap();
+        for host in ["a", "b"] {
+            super::super::token::generate(&user, Some(&raw(json!({ "host": host }))))
+                .await
+                .unwrap();
+        }
+        put(&admin, Some(&put_user)).await.unwrap();
+        super::super::token::generate(&user, Some(&raw(json!({"host": "c"}))))
+            .await
+            .unwrap();
+        delete(&admin, Some(&raw(json!({"id": "u1"}))))
+            .await
+            .unwrap();
+
+        let entity_lines: Vec<(String, u64)> = capture
+            .audit_fields()
+            .iter()
+            .filter(|f| f["message"] == "entity")
+            .map(|f| {
+                (
+                    f["reason"].as_str().unwrap().to_owned(),
+                    f["tokens_removed"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            entity_lines,
+            [
+                ("created".into(), 0),
+                ("replaced".into(), 2),
+                ("deleted".into(), 1)
+            ]
+        );
+    }
 }

@@ -41,6 +41,8 @@ pub struct Ctx<'a> {
     /// `Authenticate`'s brute-force guard.
     pub lockout: &'a Lockout,
     pub metrics: &'a Arc<Metrics>,
+    /// Most live app tokens per user (`max_tokens_per_user`).
+    pub max_tokens_per_user: u64,
 }
 
 impl Ctx<'_> {
@@ -231,6 +233,32 @@ pub(crate) mod testing {
     use super::*;
     use crate::lockout::LockoutPolicy;
 
+    /// A log sink for one test.
+    #[derive(Clone, Default)]
+    pub struct Capture(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Capture {
+        /// The `fields` of every `authd::audit` line written so far (JSON logs).
+        pub fn audit_fields(&self) -> Vec<Value> {
+            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+            text.lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .filter(|l| l["target"] == "authd::audit")
+                .map(|l| l["fields"].clone())
+                .collect()
+        }
+    }
+
     pub struct Fixture {
         pub store: Store,
         pub keys: ServerKeys,
@@ -266,6 +294,7 @@ pub(crate) mod testing {
                 method,
                 lockout: &self.lockout,
                 metrics: &self.metrics,
+                max_tokens_per_user: 1000,
             }
         }
     }

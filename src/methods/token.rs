@@ -7,8 +7,11 @@ use serde_json::{json, Value};
 
 use super::{storage_failed, Ctx, Name};
 use crate::crypto::{random_bytes, KeyId, ServerKeys, TokenId};
-use crate::frame::{parse_args, RpcError};
-use crate::store::{Applied, Change, Reply, TokenRecord};
+use crate::frame::{parse_args, ErrorCode, RpcError};
+use crate::store::{Applied, Change, Changed, Reply, TokenRecord};
+
+/// ListToken reads the store in pages of this many tokens.
+const LIST_PAGE: usize = 256;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +24,7 @@ struct HostArgs {
 struct NoArgs {}
 
 /// `GenerateToken {host}` → `{"token": …}`; the user's earlier token for `host` stops working.
+/// 409 for a new host when the user already holds `max_tokens_per_user` tokens.
 pub async fn generate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcError> {
     let HostArgs { host } = parse_args(args)?;
     let record = TokenRecord {
@@ -32,8 +36,26 @@ pub async fn generate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, R
         user: ctx.request.src.to_owned(),
         host: host.0.clone(),
         record,
+        max_per_user: ctx.max_tokens_per_user,
     };
-    change_token(ctx, change, &host, "issued").await
+    match super::apply(ctx, change).await? {
+        Applied::Now(Changed::TooManyTokens { limit }, _) => {
+            crate::audit!(
+                ctx,
+                subject = &*host,
+                result = false,
+                reason = "too_many_tokens",
+                "token refused"
+            );
+            Err(RpcError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "args.host: the user already has {limit} tokens, the most allowed; revoke one first (replacing the token of one of those hosts is allowed)"
+                ),
+            ))
+        }
+        applied => token_changed(ctx, applied, &host, "issued"),
+    }
 }
 
 /// `GetToken {host}` → `{"exist": true, "token": …}` or `{"exist": false}`.
@@ -50,20 +72,43 @@ pub async fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>
     }))
 }
 
-/// `ListToken {}` → `[{"host": …, "created": …}, …]`, sorted by host.
+/// `ListToken {}` → `[{"host": …, "created": …}, …]`, sorted by host. Reads the store a
+/// page at a time and lists at most `max_tokens_per_user` hosts: a user can hold more only
+/// with tokens issued before the cap was lowered, and those beyond it are left out (and
+/// logged) rather than making every answer too large to send.
 pub async fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let NoArgs {} = parse_args(args)?;
-    let tokens = ctx
-        .store
-        .tokens_of(ctx.request.src)
-        .await
-        .map_err(storage_failed)?;
-    Ok(Some(Value::Array(
-        tokens
-            .into_iter()
-            .map(|(host, r)| json!({ "host": host, "created": r.created }))
-            .collect(),
-    )))
+    let user = ctx.request.src;
+    let cap = usize::try_from(ctx.max_tokens_per_user).unwrap_or(usize::MAX);
+    let mut listed = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let room = cap - listed.len();
+        let page = ctx
+            .store
+            .tokens_of(user, after.as_deref(), room.min(LIST_PAGE))
+            .await
+            .map_err(storage_failed)?;
+        after = page.tokens.last().map(|(host, _)| host.clone());
+        listed.extend(
+            page.tokens
+                .into_iter()
+                .map(|(host, r)| json!({ "host": host, "created": r.created })),
+        );
+        if !page.more {
+            break;
+        }
+        if listed.len() >= cap {
+            tracing::warn!(
+                rpc_id = ctx.request.id,
+                src = user,
+                limit = cap,
+                "ListToken: the user holds more tokens than max_tokens_per_user; the list is cut there"
+            );
+            break;
+        }
+    }
+    Ok(Some(Value::Array(listed)))
 }
 
 /// `RevokeToken {host}` → no result. Revoking a host with no token succeeds.
@@ -73,18 +118,19 @@ pub async fn revoke(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, Rpc
         user: ctx.request.src.to_owned(),
         host: host.0.clone(),
     };
-    change_token(ctx, change, &host, "revoked").await
+    let applied = super::apply(ctx, change).await?;
+    token_changed(ctx, applied, &host, "revoked")
 }
 
-/// Applies a token change and writes its audit line: the user is the request's `src`, the
-/// subject the host.
-async fn change_token(
+/// The reply to an applied token change, and its audit line: the user is the request's
+/// `src`, the subject the host.
+fn token_changed(
     ctx: &Ctx<'_>,
-    change: Change,
+    applied: Applied,
     host: &str,
     reason: &str,
 ) -> Result<Reply, RpcError> {
-    match super::apply(ctx, change).await? {
+    match applied {
         Applied::Now(_, reply) => {
             crate::audit!(ctx, subject = host, result = true, reason, "token {reason}");
             Ok(reply)
@@ -108,4 +154,48 @@ pub fn token_string(
         );
         RpcError::internal()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lockout::LockoutPolicy;
+    use crate::methods::testing::Fixture;
+
+    /// ListToken reads the store a page at a time and lists every token up to the cap; a
+    /// user over the cap (tokens from before it was lowered) gets the first `cap` hosts.
+    #[tokio::test]
+    async fn list_reads_pages_and_stops_at_the_cap() {
+        let f = Fixture::new(LockoutPolicy::default());
+        let mut ctx = f.ctx("Auth.GenerateToken", 1);
+        ctx.request.binding = None;
+        ctx.request.src = "alice";
+        for n in 0..(2 * LIST_PAGE + 3) {
+            let args =
+                RawValue::from_string(json!({ "host": format!("h{n:04}") }).to_string()).unwrap();
+            generate(&ctx, Some(&args)).await.unwrap();
+        }
+        let hosts = |v: Option<Value>| -> Vec<String> {
+            v.unwrap()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["host"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let all = hosts(list(&ctx, None).await.unwrap());
+        let want: Vec<String> = (0..(2 * LIST_PAGE + 3))
+            .map(|n| format!("h{n:04}"))
+            .collect();
+        assert_eq!(all, want);
+        ctx.max_tokens_per_user = 300;
+        assert_eq!(hosts(list(&ctx, None).await.unwrap()), want[..300]);
+        let refused = generate(
+            &ctx,
+            Some(&RawValue::from_string(r#"{"host":"new"}"#.into()).unwrap()),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(refused.code, 409);
+    }
 }

@@ -7,7 +7,7 @@ use std::hash::BuildHasherDefault;
 
 use fxhash::FxHasher;
 
-use super::{Decision, Effect, Glob, Rule};
+use super::{Decision, Effect, Glob, Parties, Rule};
 
 /// Hash maps of the index. FxHash, not SipHash: keys are patterns an admin wrote, lookups
 /// are on the hot path, and the hash of a short name is most of a lookup's cost.
@@ -397,26 +397,24 @@ impl RuleIndex {
         found
     }
 
-    /// Decides whether `src` may send `cmd` to `dst`, in the documented order: a matching deny rule,
-    /// then ownership (`owner_of_dst` is asked only when no deny rule matched), then a
-    /// matching allow rule, else deny.
-    pub fn decide<E>(
-        &self,
-        src: &str,
-        dst: &str,
-        cmd: &str,
-        owner_of_dst: impl FnOnce() -> Result<Option<String>, E>,
-    ) -> Result<Decision, E> {
+    /// Decides whether `src` may send `cmd` to `dst`, in the documented order: a disabled
+    /// `src` or `dst` entity (before any rule), then a matching deny rule, then ownership,
+    /// then a matching allow rule, else deny. `parties` is what the store knows of the two
+    /// entities.
+    pub fn decide(&self, src: &str, dst: &str, cmd: &str, parties: &Parties) -> Decision {
+        if parties.src_disabled || parties.dst_disabled {
+            return Decision::Disabled;
+        }
         let found = self.matches(src, dst, cmd);
         if let Some(id) = found.deny {
-            return Ok(Decision::Deny(id));
+            return Decision::Deny(id);
         }
-        if owner_of_dst()?.as_deref() == Some(src) {
-            return Ok(Decision::Owner);
+        if parties.dst_owner.as_deref() == Some(src) {
+            return Decision::Owner;
         }
-        Ok(match found.allow {
+        match found.allow {
             Some(id) => Decision::Allow(id),
             None => Decision::DefaultDeny,
-        })
+        }
     }
 }

@@ -61,9 +61,23 @@ impl fmt::Display for Rule {
     }
 }
 
+/// What AuthorizeCommand needs to know of the entities named by its `src` and `dst`
+/// (nothing, for an id that is no entity).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parties {
+    /// `src` is a disabled entity.
+    pub src_disabled: bool,
+    /// `dst` is a disabled entity.
+    pub dst_disabled: bool,
+    /// The owner of entity `dst`.
+    pub dst_owner: Option<String>,
+}
+
 /// Why AuthorizeCommand answered as it did, in the documented order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
+    /// `src` or `dst` is a disabled entity: refused before any rule.
+    Disabled,
     /// A `deny` rule matched (the lowest-numbered one is named).
     Deny(u64),
     /// `dst` is an entity owned by `src`.
@@ -79,9 +93,10 @@ impl Decision {
         matches!(self, Decision::Owner | Decision::Allow(_))
     }
 
-    /// A word for logs: `deny_rule`, `owner`, `allow_rule` or `default_deny`.
+    /// A word for logs: `disabled`, `deny_rule`, `owner`, `allow_rule` or `default_deny`.
     pub fn reason(self) -> &'static str {
         match self {
+            Decision::Disabled => "disabled",
             Decision::Deny(_) => "deny_rule",
             Decision::Owner => "owner",
             Decision::Allow(_) => "allow_rule",
@@ -93,7 +108,7 @@ impl Decision {
     pub fn rule_id(self) -> Option<u64> {
         match self {
             Decision::Deny(id) | Decision::Allow(id) => Some(id),
-            Decision::Owner | Decision::DefaultDeny => None,
+            Decision::Disabled | Decision::Owner | Decision::DefaultDeny => None,
         }
     }
 }

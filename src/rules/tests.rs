@@ -123,57 +123,66 @@ fn metacharacters_are_literal() {
 #[test]
 fn deny_beats_owner_beats_allow() {
     let mut index = RuleIndex::new();
-    let owner = |who: &str| {
-        let who = who.to_owned();
-        move || Ok::<_, ()>(Some(who))
+    let owner = |who: &str| Parties {
+        dst_owner: Some(who.to_owned()),
+        ..Parties::default()
     };
-    let nobody = || Ok::<_, ()>(None);
+    let nobody = &Parties::default();
 
+    assert_eq!(index.decide("u", "d", "c", nobody), Decision::DefaultDeny);
+    assert_eq!(index.decide("u", "d", "c", &owner("u")), Decision::Owner);
     assert_eq!(
-        index.decide("u", "d", "c", nobody),
-        Ok(Decision::DefaultDeny)
-    );
-    assert_eq!(index.decide("u", "d", "c", owner("u")), Ok(Decision::Owner));
-    assert_eq!(
-        index.decide("u", "d", "c", owner("someone else")),
-        Ok(Decision::DefaultDeny)
+        index.decide("u", "d", "c", &owner("someone else")),
+        Decision::DefaultDeny
     );
 
     index.insert(1, &rule("u", "d", "*", Effect::Allow));
-    assert_eq!(index.decide("u", "d", "c", nobody), Ok(Decision::Allow(1)));
-    assert_eq!(index.decide("u", "d", "c", owner("u")), Ok(Decision::Owner));
+    assert_eq!(index.decide("u", "d", "c", nobody), Decision::Allow(1));
+    assert_eq!(index.decide("u", "d", "c", &owner("u")), Decision::Owner);
 
     let deny = rule("*", "d", "c", Effect::Deny);
     index.insert(2, &deny);
-    assert_eq!(index.decide("u", "d", "c", nobody), Ok(Decision::Deny(2)));
-    assert_eq!(
-        index.decide("u", "d", "c", owner("u")),
-        Ok(Decision::Deny(2))
-    );
+    assert_eq!(index.decide("u", "d", "c", nobody), Decision::Deny(2));
+    assert_eq!(index.decide("u", "d", "c", &owner("u")), Decision::Deny(2));
     assert!(!Decision::Deny(2).allowed());
-    assert_eq!(
-        index.decide("u", "d", "other", nobody),
-        Ok(Decision::Allow(1))
-    );
+    assert_eq!(index.decide("u", "d", "other", nobody), Decision::Allow(1));
 
     // Removing the deny rule takes effect at once.
     assert!(index.remove(2, &deny));
-    assert_eq!(index.decide("u", "d", "c", nobody), Ok(Decision::Allow(1)));
+    assert_eq!(index.decide("u", "d", "c", nobody), Decision::Allow(1));
     assert!(!index.remove(2, &deny));
     assert_eq!(index.len(), 1);
 }
 
+/// A disabled `src` or `dst` is refused before any rule and before ownership.
 #[test]
-fn the_owner_is_not_asked_when_a_deny_rule_matched() {
+fn a_disabled_party_is_refused_before_any_rule() {
     let mut index = RuleIndex::new();
-    index.insert(7, &rule("*", "*", "*", Effect::Deny));
-    let asked = std::cell::Cell::new(false);
-    let decision = index.decide("u", "d", "c", || {
-        asked.set(true);
-        Ok::<_, ()>(None)
-    });
-    assert_eq!(decision, Ok(Decision::Deny(7)));
-    assert!(!asked.get());
+    index.insert(1, &rule("u", "d", "*", Effect::Allow));
+    index.insert(2, &rule("*", "*", "Reboot", Effect::Deny));
+    let owned = Parties {
+        dst_owner: Some("u".into()),
+        ..Parties::default()
+    };
+    assert_eq!(index.decide("u", "d", "On", &owned), Decision::Owner);
+    for parties in [
+        Parties {
+            src_disabled: true,
+            ..owned.clone()
+        },
+        Parties {
+            dst_disabled: true,
+            ..owned.clone()
+        },
+    ] {
+        for cmd in ["On", "Reboot"] {
+            let decision = index.decide("u", "d", cmd, &parties);
+            assert_eq!(decision, Decision::Disabled, "{cmd} {parties:?}");
+            assert!(!decision.allowed());
+            assert_eq!(decision.reason(), "disabled");
+            assert_eq!(decision.rule_id(), None);
+        }
+    }
 }
 
 #[test]

@@ -22,8 +22,9 @@ pub mod embedded;
 mod records;
 
 pub use records::{
-    Applied, Binding, Change, Changed, EntityPage, EntityRecord, KeyUsage, LiveToken, PskHash,
-    PutOutcome, Recorded, ReplayPolicy, Reply, RequestKey, StoreError, TokenRecord,
+    Applied, Binding, Change, Changed, EntityKind, EntityPage, EntityRecord, KeyUsage, LiveToken,
+    PskHash, PutOutcome, Recorded, ReplayPolicy, Reply, RequestKey, StoreError, TokenPage,
+    TokenRecord,
 };
 
 /// The authd database. Cheap to clone.
@@ -99,10 +100,15 @@ impl Store {
         }
     }
 
-    /// All live tokens of a user, sorted by host.
-    pub async fn tokens_of(&self, user: &str) -> Result<Vec<(String, TokenRecord)>, StoreError> {
+    /// Up to `limit` live tokens of a user whose host sorts after `after`, in host order.
+    pub async fn tokens_of(
+        &self,
+        user: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<TokenPage, StoreError> {
         match self {
-            Store::Embedded(s) => s.tokens_of(user),
+            Store::Embedded(s) => s.tokens_of(user, after, limit),
         }
     }
 
@@ -120,7 +126,8 @@ impl Store {
         }
     }
 
-    /// AuthorizeCommand's decision for (src, dst, cmd): see [`crate::rules::RuleIndex::decide`].
+    /// AuthorizeCommand's decision for (src, dst, cmd), with what it needs of the entities
+    /// `src` and `dst` read in the same call: see [`crate::rules::RuleIndex::decide`].
     pub async fn authorize(&self, src: &str, dst: &str, cmd: &str) -> Result<Decision, StoreError> {
         match self {
             Store::Embedded(s) => s.authorize(src, dst, cmd),

@@ -51,6 +51,8 @@ pub struct LiveToken {
 /// keyed hash, the certificate a fingerprint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntityRecord {
+    /// Device (the default) or user: only a user signs in with an app token.
+    pub kind: EntityKind,
     /// Who owns it (a user id): owners may command their devices.
     pub owner: Option<String>,
     pub psk: Option<PskHash>,
@@ -59,6 +61,54 @@ pub struct EntityRecord {
     pub disabled: bool,
     /// UNIX seconds when the id was first created; kept when the entity is replaced.
     pub created: u64,
+}
+
+impl EntityRecord {
+    /// Whether putting `self` over `old` (`None`: no entity yet) re-provisions the id, so
+    /// that the app tokens of user `id` must go with it: a new entity; any PSK given, or
+    /// one dropped (a PSK is never compared with the old one: giving one is provisioning
+    /// it); a pinned certificate added, dropped or changed; a change of kind; or the
+    /// entity disabled. Only a put that keeps a certificate-only entity's pin, kind and
+    /// enabled state (e.g. to change its owner) keeps the tokens.
+    pub fn reprovisions(&self, old: Option<&EntityRecord>) -> bool {
+        match old {
+            None => true,
+            Some(old) => {
+                self.psk.is_some()
+                    || old.psk.is_some()
+                    || self.cert_sha256 != old.cert_sha256
+                    || self.kind != old.kind
+                    || self.disabled
+            }
+        }
+    }
+}
+
+/// What an entity is: a device (the default) or a user. App tokens sign in only as users.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntityKind {
+    #[default]
+    Device,
+    User,
+}
+
+impl EntityKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntityKind::Device => "device",
+            EntityKind::User => "user",
+        }
+    }
+}
+
+/// One page of `Store::tokens_of`.
+#[derive(Debug, Default)]
+pub struct TokenPage {
+    /// `(host, record)` in host order.
+    pub tokens: Vec<(String, TokenRecord)>,
+    /// More tokens follow the last one.
+    pub more: bool,
 }
 
 /// `ServerKeys::psk_hash` of an entity's PSK and the key it was made with.
@@ -91,17 +141,21 @@ pub struct EntityPage {
 #[derive(Debug, Clone)]
 pub enum Change {
     /// Make `record` the live token of (user, host); an earlier token of the pair stops
-    /// working.
+    /// working. Refused ([`Changed::TooManyTokens`]) when the pair has no token yet and the
+    /// user already holds `max_per_user`.
     ReplaceToken {
         user: String,
         host: String,
         record: TokenRecord,
+        max_per_user: u64,
     },
     /// Remove the live token of (user, host), if any.
     RevokeToken { user: String, host: String },
     /// Create or replace entity `id`; a replaced entity keeps its `created`. With
-    /// `create_only`, an existing id is left alone. `generated`: the nonce of a PSK the worker
-    /// made, so that the reply can be derived again on redelivery.
+    /// `create_only`, an existing id is left alone. A put that re-provisions the id
+    /// ([`EntityRecord::reprovisions`]) removes every app token of user `id` with it.
+    /// `generated`: the nonce of a PSK the worker made, so that the reply can be derived
+    /// again on redelivery.
     PutEntity {
         id: String,
         record: EntityRecord,
@@ -120,10 +174,26 @@ pub enum Change {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Changed {
     TokenReplaced,
-    TokenRevoked { existed: bool },
-    EntityPut(PutOutcome),
-    EntityDeleted { existed: bool, tokens: usize },
-    RuleAdded { rule_id: u64 },
+    /// `ReplaceToken` for a new host of a user who holds `limit` tokens: nothing was
+    /// written, no reply recorded.
+    TooManyTokens {
+        limit: u64,
+    },
+    TokenRevoked {
+        existed: bool,
+    },
+    /// `tokens`: app tokens of user `id` removed with it.
+    EntityPut {
+        outcome: PutOutcome,
+        tokens: usize,
+    },
+    EntityDeleted {
+        existed: bool,
+        tokens: usize,
+    },
+    RuleAdded {
+        rule_id: u64,
+    },
     RuleDeleted(Option<Rule>),
 }
 
@@ -188,8 +258,20 @@ impl Reply {
     /// reply is recorded (a refused `create_only`).
     pub fn of(change: &Change, changed: &Changed) -> Option<Reply> {
         Some(match (change, changed) {
-            (_, Changed::EntityPut(PutOutcome::Exists)) => return None,
-            (Change::ReplaceToken { user, host, record }, _) => Reply::Token {
+            (
+                _,
+                Changed::EntityPut {
+                    outcome: PutOutcome::Exists,
+                    ..
+                }
+                | Changed::TooManyTokens { .. },
+            ) => return None,
+            (
+                Change::ReplaceToken {
+                    user, host, record, ..
+                },
+                _,
+            ) => Reply::Token {
                 user: user.clone(),
                 host: host.clone(),
                 token_id: record.token_id,

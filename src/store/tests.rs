@@ -33,6 +33,7 @@ async fn replace(s: &Store, user: &str, host: &str, record: TokenRecord, request
         user: user.into(),
         host: host.into(),
         record,
+        max_per_user: 1000,
     };
     s.apply(&request, change).await.unwrap();
 }
@@ -66,8 +67,8 @@ async fn user_and_host_boundaries_are_kept_apart() {
     let s = Store::temporary().unwrap();
     replace(&s, "ab", "c", token(1), req("x", 1, 1)).await;
     assert_eq!(s.token("a", "bc").await.unwrap(), None);
-    assert!(s.tokens_of("a").await.unwrap().is_empty());
-    assert_eq!(s.tokens_of("ab").await.unwrap().len(), 1);
+    assert!(s.tokens_of("a", None, 100).await.unwrap().tokens.is_empty());
+    assert_eq!(s.tokens_of("ab", None, 100).await.unwrap().tokens.len(), 1);
 }
 
 #[tokio::test]
@@ -198,6 +199,7 @@ async fn rules_and_their_counter_survive_a_reopen() {
 
 fn entity(owner: Option<&str>, created: u64) -> EntityRecord {
     EntityRecord {
+        kind: EntityKind::Device,
         owner: owner.map(str::to_owned),
         psk: None,
         cert_sha256: Some([9; 32]),
@@ -214,7 +216,7 @@ async fn put(s: &Store, id: &str, record: EntityRecord, create_only: bool, n: u6
         generated: None,
     };
     match s.apply(&req("ops", n, 1), change).await.unwrap() {
-        Applied::Now(Changed::EntityPut(outcome), _) => outcome,
+        Applied::Now(Changed::EntityPut { outcome, .. }, _) => outcome,
         other => panic!("{other:?}"),
     }
 }
@@ -306,9 +308,14 @@ async fn delete_removes_the_entity_its_index_and_its_tokens_only() {
         )
     );
     assert_eq!(s.entity("d1").await.unwrap(), None);
-    assert!(s.tokens_of("d1").await.unwrap().is_empty());
+    assert!(s
+        .tokens_of("d1", None, 100)
+        .await
+        .unwrap()
+        .tokens
+        .is_empty());
     assert_eq!(owner_of_live(&s, 1).await, None);
-    assert_eq!(s.tokens_of("d10").await.unwrap().len(), 1);
+    assert_eq!(s.tokens_of("d10", None, 100).await.unwrap().tokens.len(), 1);
     let owned = s.list_entities(Some("o"), "", None, 10).await.unwrap();
     assert!(owned.entities.is_empty());
     let again = s.apply(&req("ops", 6, 1), delete()).await.unwrap();
@@ -403,4 +410,335 @@ fn a_newer_schema_is_refused() {
         Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default()),
         Err(StoreError::Schema { .. })
     ));
+}
+
+/// Issues a token of (user, host) under a cap; what the store did.
+async fn issue(s: &Store, user: &str, host: &str, n: u8, max_per_user: u64) -> Applied {
+    let change = Change::ReplaceToken {
+        user: user.into(),
+        host: host.into(),
+        record: token(n),
+        max_per_user,
+    };
+    s.apply(&req("backend", 1000 + u64::from(n), 1), change)
+        .await
+        .unwrap()
+}
+
+async fn hosts_of(s: &Store, user: &str) -> Vec<String> {
+    let page = s.tokens_of(user, None, 1000).await.unwrap();
+    page.tokens.into_iter().map(|(host, _)| host).collect()
+}
+
+/// Puts `record` as `id`; how many of user `id`'s tokens went with it.
+async fn put_tokens(s: &Store, id: &str, record: EntityRecord, create_only: bool, n: u64) -> usize {
+    let change = Change::PutEntity {
+        id: id.into(),
+        record,
+        create_only,
+        generated: None,
+    };
+    match s.apply(&req("ops", n, 1), change).await.unwrap() {
+        Applied::Now(Changed::EntityPut { tokens, .. }, _) => tokens,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn psk_entity(kind: EntityKind, hash: u8) -> EntityRecord {
+    EntityRecord {
+        kind,
+        owner: None,
+        psk: Some(PskHash {
+            key_id: 1,
+            hash: [hash; 32],
+        }),
+        cert_sha256: None,
+        disabled: false,
+        created: 1,
+    }
+}
+
+#[tokio::test]
+async fn a_reprovisioning_put_removes_the_users_tokens_with_it() {
+    let s = Store::temporary().unwrap();
+    // Tokens of a user who is no entity yet: creating the entity provisions the id.
+    issue(&s, "u", "h1", 1, 10).await;
+    issue(&s, "u", "h2", 2, 10).await;
+    assert_eq!(
+        put_tokens(&s, "u", psk_entity(EntityKind::User, 1), false, 1).await,
+        2
+    );
+    assert!(hosts_of(&s, "u").await.is_empty());
+    assert_eq!(owner_of_live(&s, 1).await, None);
+
+    // A put that gives a PSK re-provisions, even the same one.
+    issue(&s, "u", "h1", 3, 10).await;
+    assert_eq!(
+        put_tokens(&s, "u", psk_entity(EntityKind::User, 1), false, 2).await,
+        1
+    );
+    assert_eq!(owner_of_live(&s, 3).await, None);
+
+    // A refused create_only put changes nothing, tokens included.
+    issue(&s, "u", "h1", 4, 10).await;
+    assert_eq!(
+        put(&s, "u", psk_entity(EntityKind::User, 2), true, 3).await,
+        PutOutcome::Exists
+    );
+    assert_eq!(hosts_of(&s, "u").await, ["h1"]);
+
+    // A certificate-only entity: only the owner changing keeps the tokens; a new pin, a
+    // dropped pin (a PSK instead), a change of kind or disabling removes them.
+    let cam = |owner: Option<&str>| EntityRecord {
+        kind: EntityKind::User,
+        ..entity(owner, 1)
+    };
+    put_tokens(&s, "c", cam(None), false, 4).await;
+    issue(&s, "c", "h", 5, 10).await;
+    assert_eq!(put_tokens(&s, "c", cam(Some("o")), false, 5).await, 0);
+    assert_eq!(hosts_of(&s, "c").await, ["h"]);
+    let changes = [
+        EntityRecord {
+            cert_sha256: Some([8; 32]),
+            ..cam(None)
+        },
+        psk_entity(EntityKind::User, 3),
+        EntityRecord {
+            kind: EntityKind::Device,
+            ..cam(None)
+        },
+        EntityRecord {
+            disabled: true,
+            ..cam(None)
+        },
+    ];
+    for (i, record) in changes.into_iter().enumerate() {
+        let n = 6 + i as u64 * 2;
+        put_tokens(&s, "c", cam(None), false, n).await;
+        issue(&s, "c", "h", 6 + i as u8, 10).await;
+        assert_eq!(
+            put_tokens(&s, "c", record.clone(), false, n + 1).await,
+            1,
+            "{record:?}"
+        );
+        assert!(hosts_of(&s, "c").await.is_empty(), "{record:?}");
+    }
+    // Another user's tokens are not touched.
+    issue(&s, "c2", "h", 20, 10).await;
+    put_tokens(&s, "c", psk_entity(EntityKind::User, 4), false, 30).await;
+    assert_eq!(hosts_of(&s, "c2").await, ["h"]);
+}
+
+#[tokio::test]
+async fn the_token_cap_refuses_only_new_hosts_and_counts_every_removal() {
+    let s = Store::temporary().unwrap();
+    assert!(matches!(
+        issue(&s, "u", "h1", 1, 2).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+    assert!(matches!(
+        issue(&s, "u", "h2", 2, 2).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+    let refused = issue(&s, "u", "h3", 3, 2).await;
+    assert_eq!(
+        refused,
+        Applied::Now(Changed::TooManyTokens { limit: 2 }, Reply::Empty)
+    );
+    assert_eq!(hosts_of(&s, "u").await, ["h1", "h2"]);
+    assert_eq!(owner_of_live(&s, 3).await, None);
+    assert_eq!(
+        recorded(&s, "backend", 1003, 1).await,
+        Recorded::Nothing,
+        "a refusal is an error: not recorded"
+    );
+    // Replacing a host's token is always allowed, and counts nothing new.
+    assert!(matches!(
+        issue(&s, "u", "h1", 4, 2).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+    assert!(matches!(
+        issue(&s, "u", "h3", 5, 2).await,
+        Applied::Now(Changed::TooManyTokens { .. }, _)
+    ));
+    // A revoke makes room for one.
+    let revoke = Change::RevokeToken {
+        user: "u".into(),
+        host: "h2".into(),
+    };
+    s.apply(&req("backend", 1, 1), revoke).await.unwrap();
+    assert!(matches!(
+        issue(&s, "u", "h3", 6, 2).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+    assert!(matches!(
+        issue(&s, "u", "h4", 7, 2).await,
+        Applied::Now(Changed::TooManyTokens { .. }, _)
+    ));
+    // A delete empties the count; other users have their own.
+    assert!(matches!(
+        issue(&s, "v", "h1", 8, 2).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+    s.apply(&req("ops", 2, 1), Change::DeleteEntity { id: "u".into() })
+        .await
+        .unwrap();
+    assert!(matches!(
+        issue(&s, "u", "h4", 9, 2).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+    assert!(matches!(
+        issue(&s, "u", "h5", 10, 2).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+    assert!(matches!(
+        issue(&s, "u", "h6", 11, 2).await,
+        Applied::Now(Changed::TooManyTokens { .. }, _)
+    ));
+    assert!(matches!(
+        issue(&s, "v", "h2", 12, 2).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+}
+
+#[tokio::test]
+async fn a_users_tokens_are_read_a_page_at_a_time() {
+    let s = Store::temporary().unwrap();
+    for n in 0..5u8 {
+        issue(&s, "u", &format!("h{n}"), n, 10).await;
+    }
+    issue(&s, "u2", "h0", 9, 10).await;
+    let first = s.tokens_of("u", None, 2).await.unwrap();
+    let hosts = |p: &TokenPage| p.tokens.iter().map(|(h, _)| h.clone()).collect::<Vec<_>>();
+    assert_eq!(hosts(&first), ["h0", "h1"]);
+    assert!(first.more);
+    let second = s.tokens_of("u", Some("h1"), 2).await.unwrap();
+    assert_eq!(hosts(&second), ["h2", "h3"]);
+    let last = s.tokens_of("u", Some("h3"), 2).await.unwrap();
+    assert_eq!(hosts(&last), ["h4"]);
+    assert!(!last.more, "the next user's tokens are not this user's");
+    assert!(!s.tokens_of("u", None, 5).await.unwrap().more);
+}
+
+#[tokio::test]
+async fn a_disabled_src_or_dst_is_refused_in_the_same_call() {
+    let s = Store::temporary().unwrap();
+    let Store::Embedded(raw) = &s;
+    raw.put_entity_raw("lamp", &entity(Some("alice"), 5));
+    raw.put_entity_raw(
+        "alice",
+        &EntityRecord {
+            kind: EntityKind::User,
+            ..entity(None, 5)
+        },
+    );
+    let anything = Rule {
+        src: "*".into(),
+        dst: "*".into(),
+        cmd: "*".into(),
+        effect: Effect::Allow,
+    };
+    s.apply(&req("op", 1, 1), Change::AddRule { rule: anything })
+        .await
+        .unwrap();
+    assert_eq!(
+        s.authorize("alice", "lamp", "x").await.unwrap(),
+        Decision::Owner
+    );
+    assert_eq!(
+        s.authorize("bob", "lamp", "x").await.unwrap(),
+        Decision::Allow(1)
+    );
+    let off = |owner: Option<&str>, kind| EntityRecord {
+        kind,
+        disabled: true,
+        ..entity(owner, 5)
+    };
+    raw.put_entity_raw("lamp", &off(Some("alice"), EntityKind::Device));
+    assert_eq!(
+        s.authorize("alice", "lamp", "x").await.unwrap(),
+        Decision::Disabled
+    );
+    assert_eq!(
+        s.authorize("bob", "lamp", "x").await.unwrap(),
+        Decision::Disabled
+    );
+    raw.put_entity_raw("lamp", &entity(Some("alice"), 5));
+    raw.put_entity_raw("alice", &off(None, EntityKind::User));
+    assert_eq!(
+        s.authorize("alice", "lamp", "x").await.unwrap(),
+        Decision::Disabled
+    );
+    assert_eq!(
+        s.authorize("bob", "lamp", "x").await.unwrap(),
+        Decision::Allow(1)
+    );
+    assert_eq!(
+        s.authorize("lamp", "alice", "x").await.unwrap(),
+        Decision::Disabled
+    );
+}
+
+/// A schema-1 database is what schema 2 writes minus the user flag and the token counts,
+/// stamped 1: one is made that way (with raw sled), then opened by this build.
+#[tokio::test]
+async fn a_schema_1_database_is_upgraded_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default()).unwrap();
+    {
+        let s = open();
+        put_tokens(&s, "dev", psk_entity(EntityKind::Device, 1), false, 1).await;
+        put_tokens(&s, "cam", entity(Some("alice"), 7), false, 2).await;
+        for (n, (user, host)) in [("alice", "a"), ("alice", "b"), ("bob", "a")]
+            .iter()
+            .enumerate()
+        {
+            issue(&s, user, host, n as u8, 10).await;
+        }
+        s.apply(&req("op", 3, 1), add_rule("alice", Effect::Allow))
+            .await
+            .unwrap();
+        s.flush().await.unwrap();
+    }
+    {
+        let db = sled::open(dir.path()).unwrap();
+        db.drop_tree("token_counts").unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("schema_version", &1u64.to_be_bytes())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let s = open();
+    let dev = s.entity("dev").await.unwrap().unwrap();
+    assert_eq!(dev.kind, EntityKind::Device);
+    assert_eq!(dev.psk, psk_entity(EntityKind::Device, 1).psk);
+    let cam = s.entity("cam").await.unwrap().unwrap();
+    assert_eq!(
+        (cam.kind, cam.owner.as_deref(), cam.created),
+        (EntityKind::Device, Some("alice"), 7)
+    );
+    assert_eq!(hosts_of(&s, "alice").await, ["a", "b"]);
+    assert_eq!(owner_of_live(&s, 2).await, Some(("bob".into(), "a".into())));
+    assert_eq!(
+        s.authorize("alice", "d", "c").await.unwrap(),
+        Decision::Allow(1)
+    );
+    assert!(matches!(
+        recorded(&s, "backend", 1000, 1).await,
+        Recorded::Same(_)
+    ));
+    // The counts were rebuilt: alice holds 2 of a cap of 2, bob 1.
+    assert!(matches!(
+        issue(&s, "alice", "c", 10, 2).await,
+        Applied::Now(Changed::TooManyTokens { .. }, _)
+    ));
+    assert!(matches!(
+        issue(&s, "bob", "b", 11, 2).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+    drop(s);
+    let db = sled::open(dir.path()).unwrap();
+    let version = db.open_tree("meta").unwrap().get("schema_version").unwrap();
+    assert_eq!(version.as_deref(), Some(&2u64.to_be_bytes()[..]));
 }

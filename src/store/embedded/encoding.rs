@@ -7,14 +7,18 @@
 //! that existence does not show in timing). Entity layout (integers big-endian):
 //!
 //! ```text
-//! version = 1 (u8) | flags (u8: 1 psk, 2 cert, 4 disabled, 8 owner) | created (u64)
+//! version = 1 (u8) | flags (u8: 1 psk, 2 cert, 4 disabled, 8 owner, 16 user) | created (u64)
 //! [psk key id (u32) | psk hash (32)] [cert sha256 (32)] [owner length (u16) | owner]
 //! ```
+//!
+//! Flag 16 (the entity is a user; without it, a device) came with schema 2. A schema-1
+//! record never has it, so it reads as a device unchanged: the upgrade rewrites no entity.
+//! Any other flag bit is refused as damage.
 
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::KeyId;
-use crate::store::records::{EntityRecord, PskHash, StoreError};
+use crate::store::records::{EntityKind, EntityRecord, PskHash, StoreError};
 
 /// Length-prefixed string: the prefix keeps `("ab","c")` and `("a","bc")` apart.
 pub fn lp(s: &str) -> Vec<u8> {
@@ -76,9 +80,12 @@ const HAS_PSK: u8 = 1;
 const HAS_CERT: u8 = 2;
 const DISABLED: u8 = 4;
 const HAS_OWNER: u8 = 8;
+const USER: u8 = 16;
+const KNOWN_FLAGS: u8 = HAS_PSK | HAS_CERT | DISABLED | HAS_OWNER | USER;
 
-/// A stored entity with a PSK and a pinned certificate, all zeros: decoded for an unknown id,
-/// so that an unknown id costs what a known one does.
+/// A stored device with a PSK and a pinned certificate, all zeros: decoded for an unknown
+/// id, so that an unknown id costs what a known one does (the kind is one flag bit, read the
+/// same way for either kind).
 pub const DUMMY_ENTITY: [u8; 78] = {
     let mut r = [0u8; 78];
     r[0] = VERSION;
@@ -104,6 +111,9 @@ pub fn entity_to_bytes(e: &EntityRecord) -> Vec<u8> {
     if e.disabled {
         flags |= DISABLED;
     }
+    if e.kind == EntityKind::User {
+        flags |= USER;
+    }
     if let Some(owner) = &e.owner {
         flags |= HAS_OWNER;
         // Owners are names (at most 256 bytes): the length fits.
@@ -121,6 +131,9 @@ pub fn entity_from_bytes(bytes: &[u8]) -> Result<EntityRecord, StoreError> {
     let [version, flags] = r.take::<2>().ok_or_else(|| bad("truncated"))?;
     if version != VERSION {
         return Err(bad("unknown record version"));
+    }
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(bad("unknown flags"));
     }
     let created = u64::from_be_bytes(r.take().ok_or_else(|| bad("truncated"))?);
     let psk = if flags & HAS_PSK != 0 {
@@ -151,6 +164,11 @@ pub fn entity_from_bytes(bytes: &[u8]) -> Result<EntityRecord, StoreError> {
         return Err(bad("trailing bytes"));
     }
     Ok(EntityRecord {
+        kind: if flags & USER != 0 {
+            EntityKind::User
+        } else {
+            EntityKind::Device
+        },
         owner,
         psk,
         cert_sha256,
@@ -177,11 +195,38 @@ mod tests {
     fn the_dummy_entity_is_an_entity_with_psk_and_cert() {
         let r = entity_from_bytes(&DUMMY_ENTITY).unwrap();
         assert!(r.psk.is_some() && r.cert_sha256.is_some());
+        assert_eq!(r.kind, EntityKind::Device);
+    }
+
+    /// A record as schema 1 wrote it (no kind flag) reads as a device, and the kind is the
+    /// only difference a user makes on disk.
+    #[test]
+    fn a_schema_1_record_is_a_device() {
+        let mut v1 = vec![1, HAS_PSK | HAS_OWNER];
+        v1.extend_from_slice(&1_700_000_000u64.to_be_bytes());
+        v1.extend_from_slice(&7u32.to_be_bytes());
+        v1.extend_from_slice(&[3; 32]);
+        v1.extend_from_slice(&5u16.to_be_bytes());
+        v1.extend_from_slice(b"alice");
+        let r = entity_from_bytes(&v1).unwrap();
+        assert_eq!(r.kind, EntityKind::Device);
+        assert_eq!(r.owner.as_deref(), Some("alice"));
+        assert_eq!(entity_to_bytes(&r), v1, "written back byte for byte");
+        let user = entity_to_bytes(&EntityRecord {
+            kind: EntityKind::User,
+            ..r
+        });
+        assert_eq!(user[1], v1[1] | USER);
+        assert_eq!(user[2..], v1[2..]);
+        let mut unknown = v1;
+        unknown[1] |= 32;
+        assert!(entity_from_bytes(&unknown).is_err());
     }
 
     #[test]
     fn entity_records_round_trip_and_damage_is_refused() {
         let full = EntityRecord {
+            kind: EntityKind::User,
             owner: Some("alice".into()),
             psk: Some(PskHash {
                 key_id: 7,
@@ -192,6 +237,7 @@ mod tests {
             created: 1_700_000_000,
         };
         let empty = EntityRecord {
+            kind: EntityKind::Device,
             owner: None,
             psk: None,
             cert_sha256: None,

@@ -118,17 +118,33 @@ pub fn list(
 }
 
 /// Creates or replaces entity `id`; a replaced entity keeps its `created`. With
-/// `create_only`, an existing id is left alone.
-pub fn put(tx: &Tx<'_>, id: &str, record: &EntityRecord, create_only: bool) -> TxResult<Changed> {
+/// `create_only`, an existing id is left alone. A put that re-provisions the id
+/// ([`EntityRecord::reprovisions`]) also removes the tokens under `token_keys` (user `id`'s,
+/// listed by [`tokens::keys_of`]).
+pub fn put(
+    tx: &Tx<'_>,
+    id: &str,
+    record: &EntityRecord,
+    create_only: bool,
+    token_keys: &[Vec<u8>],
+) -> TxResult<Changed> {
     let old = match tx.entities.get(id.as_bytes())? {
         Some(v) => Some(entity_from_bytes(&v).map_err(abort)?),
         None => None,
     };
+    if create_only && old.is_some() {
+        return Ok(Changed::EntityPut {
+            outcome: PutOutcome::Exists,
+            tokens: 0,
+        });
+    }
+    let tokens = if record.reprovisions(old.as_ref()) {
+        tokens::remove_all(tx, token_keys)?
+    } else {
+        0
+    };
     let mut new = record.clone();
     if let Some(old) = &old {
-        if create_only {
-            return Ok(Changed::EntityPut(PutOutcome::Exists));
-        }
         new.created = old.created;
         if let Some(owner) = &old.owner {
             tx.entity_owners.remove(pair_key(owner, id))?;
@@ -138,11 +154,14 @@ pub fn put(tx: &Tx<'_>, id: &str, record: &EntityRecord, create_only: bool) -> T
         tx.entity_owners.insert(pair_key(owner, id), &[][..])?;
     }
     tx.entities.insert(id.as_bytes(), entity_to_bytes(&new))?;
-    Ok(Changed::EntityPut(if old.is_some() {
-        PutOutcome::Replaced
-    } else {
-        PutOutcome::Created
-    }))
+    Ok(Changed::EntityPut {
+        outcome: if old.is_some() {
+            PutOutcome::Replaced
+        } else {
+            PutOutcome::Created
+        },
+        tokens,
+    })
 }
 
 /// Removes entity `id` and the tokens under `token_keys` (user `id`'s, listed by
@@ -158,14 +177,8 @@ pub fn delete(tx: &Tx<'_>, id: &str, token_keys: &[Vec<u8>]) -> TxResult<Changed
         }
         None => false,
     };
-    let mut removed = 0;
-    for key in token_keys {
-        if tokens::remove(tx, key)? {
-            removed += 1;
-        }
-    }
     Ok(Changed::EntityDeleted {
         existed,
-        tokens: removed,
+        tokens: tokens::remove_all(tx, token_keys)?,
     })
 }

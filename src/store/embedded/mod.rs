@@ -8,7 +8,7 @@
 //! | file | trees |
 //! |---|---|
 //! | [`entities`] | `entities`, `entity_owners` |
-//! | [`tokens`] | `tokens`, `token_ids` |
+//! | [`tokens`] | `tokens`, `token_ids`, `token_counts` |
 //! | [`rules`] | `rules` (and `meta`'s rule id counter), mirrored by the in-memory rule index |
 //! | [`replays`] | `replays`, `replay_times` |
 //! | [`writer`] | the named trees, transactions, the writer thread |
@@ -21,10 +21,10 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::oneshot;
 
 use crate::crypto::{KeyId, TokenId};
-use crate::rules::{Decision, Rule, RuleIndex};
+use crate::rules::{Decision, Parties, Rule, RuleIndex};
 use crate::store::records::{
     Applied, Change, EntityPage, EntityRecord, KeyUsage, LiveToken, PskHash, Recorded,
-    ReplayPolicy, RequestKey, StoreError, TokenRecord,
+    ReplayPolicy, RequestKey, StoreError, TokenPage, TokenRecord,
 };
 
 mod encoding;
@@ -37,8 +37,16 @@ mod writer;
 use replays::Requester;
 use writer::{Job, Shared, Trees, Writer};
 
-/// Version of the on-disk layout this build reads and writes.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Version of the on-disk layout this build reads and writes. A database of an older
+/// version is upgraded at open ([`upgrade`]); a newer one is refused.
+///
+/// | version | what changed |
+/// |---|---|
+/// | 1 | first versioned layout |
+/// | 2 | entity kind (flag 16 of the entity record; schema-1 records read as devices); `token_counts` |
+pub const SCHEMA_VERSION: u64 = 2;
+
+const SCHEMA_KEY: &str = "schema_version";
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -104,24 +112,7 @@ impl EmbeddedStore {
         replays: ReplayPolicy,
     ) -> Result<EmbeddedStore, StoreError> {
         let trees = Trees::open(&db)?;
-        match trees.meta.get("schema_version")? {
-            None => {
-                trees
-                    .meta
-                    .insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
-                db.flush()?;
-            }
-            Some(v) if v.as_ref() == SCHEMA_VERSION.to_be_bytes() => {}
-            Some(v) => {
-                let found = <[u8; 8]>::try_from(v.as_ref())
-                    .map(|b| u64::from_be_bytes(b).to_string())
-                    .unwrap_or_else(|_| format!("{:?}", v.as_ref()));
-                return Err(StoreError::Schema {
-                    found,
-                    known: SCHEMA_VERSION,
-                });
-            }
-        }
+        upgrade(&db, &trees)?;
         let rule_index = Arc::new(RwLock::new(rules::load_index(&trees)?));
         let replay_count = Arc::new(replays::Count::at_open(&trees));
         let prune_now = Arc::new(tokio::sync::Notify::new());
@@ -174,8 +165,13 @@ impl EmbeddedStore {
         tokens::token(&self.trees, user, host)
     }
 
-    pub fn tokens_of(&self, user: &str) -> Result<Vec<(String, TokenRecord)>, StoreError> {
-        tokens::tokens_of(&self.trees, user)
+    pub fn tokens_of(
+        &self,
+        user: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<TokenPage, StoreError> {
+        tokens::tokens_of(&self.trees, user, after, limit)
     }
 
     pub fn live_token(&self, token_id: &TokenId) -> Result<Option<LiveToken>, StoreError> {
@@ -186,12 +182,22 @@ impl EmbeddedStore {
         rules::list(&self.trees, after, limit)
     }
 
-    /// AuthorizeCommand's decision: see [`RuleIndex::decide`].
+    /// AuthorizeCommand's decision: the entities `src` and `dst` (two reads), then
+    /// [`RuleIndex::decide`].
     pub fn authorize(&self, src: &str, dst: &str, cmd: &str) -> Result<Decision, StoreError> {
+        let src_entity = entities::entity(&self.trees, src)?;
+        let dst_entity = if dst == src {
+            src_entity.clone()
+        } else {
+            entities::entity(&self.trees, dst)?
+        };
+        let parties = Parties {
+            src_disabled: src_entity.is_some_and(|e| e.disabled),
+            dst_disabled: dst_entity.as_ref().is_some_and(|e| e.disabled),
+            dst_owner: dst_entity.and_then(|e| e.owner),
+        };
         let index = self.rule_index.read().unwrap_or_else(|e| e.into_inner());
-        index.decide(src, dst, cmd, || {
-            Ok(entities::entity(&self.trees, dst)?.and_then(|e| e.owner))
-        })
+        Ok(index.decide(src, dst, cmd, &parties))
     }
 
     pub fn recorded(&self, request: &RequestKey<'_>) -> Result<Recorded, StoreError> {
@@ -275,4 +281,59 @@ impl EmbeddedStore {
             .entities
             .insert(id.as_bytes(), encoding::entity_to_bytes(record));
     }
+}
+
+/// Brings the database to [`SCHEMA_VERSION`]: a new one is stamped, an older one upgraded
+/// step by step, a newer one (or an unreadable version) refused. Each step is idempotent and
+/// its version is written only once its work is on disk, so a crash during an upgrade
+/// leaves the old version, and the next open does the step again.
+fn upgrade(db: &sled::Db, trees: &Trees) -> Result<(), StoreError> {
+    let stamp = |version: u64| -> Result<(), StoreError> {
+        db.flush()?;
+        trees.meta.insert(SCHEMA_KEY, &version.to_be_bytes())?;
+        db.flush()?;
+        Ok(())
+    };
+    let mut version = match trees.meta.get(SCHEMA_KEY)? {
+        None => return stamp(SCHEMA_VERSION),
+        Some(v) => match <[u8; 8]>::try_from(v.as_ref()) {
+            Ok(b) => u64::from_be_bytes(b),
+            Err(_) => {
+                return Err(StoreError::Schema {
+                    found: format!("{:?}", v.as_ref()),
+                    known: SCHEMA_VERSION,
+                })
+            }
+        },
+    };
+    if version == 0 || version > SCHEMA_VERSION {
+        return Err(StoreError::Schema {
+            found: version.to_string(),
+            known: SCHEMA_VERSION,
+        });
+    }
+    while version < SCHEMA_VERSION {
+        match version {
+            // 1 → 2: entity records gained a kind flag that schema-1 records lack, which
+            // reads as `device`, so no entity is rewritten; the per-user token counts are
+            // counted from the tokens.
+            1 => {
+                let users = tokens::rebuild_counts(trees)?;
+                tracing::info!(
+                    users_with_tokens = users,
+                    "database upgrade 1 -> 2: token counts rebuilt; every entity is a device"
+                );
+            }
+            other => {
+                return Err(StoreError::Schema {
+                    found: other.to_string(),
+                    known: SCHEMA_VERSION,
+                })
+            }
+        }
+        version += 1;
+        stamp(version)?;
+        tracing::info!(schema_version = version, "database schema upgraded");
+    }
+    Ok(())
 }

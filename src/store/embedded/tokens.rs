@@ -1,11 +1,15 @@
 //! App tokens: `tokens` holds the live token of each (user, host) under `lp(user) ‖ host`;
 //! `token_ids` maps a token id back to that key, so a presented token finds its owner in one
-//! read. Both change together, in one transaction.
+//! read; `token_counts` holds how many live tokens each user has (`user` → u64 BE, absent
+//! for none), so that the per-user cap is checked inside the transaction that issues a
+//! token. All three change together, in one transaction.
 
-use super::encoding::{decode, encode, lp, pair_key, split_pair_key};
+use std::ops::Bound;
+
+use super::encoding::{decode, encode, lp, pair_key, split_pair_key, u64_of};
 use super::writer::{abort, Trees, Tx, TxResult};
 use crate::crypto::TokenId;
-use crate::store::records::{Change, Changed, LiveToken, StoreError, TokenRecord};
+use crate::store::records::{Change, Changed, LiveToken, StoreError, TokenPage, TokenRecord};
 
 /// The live token record of (user, host).
 pub fn token(trees: &Trees, user: &str, host: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -16,18 +20,96 @@ pub fn token(trees: &Trees, user: &str, host: &str) -> Result<Option<TokenRecord
         .transpose()
 }
 
-/// All live tokens of a user, sorted by host.
-pub fn tokens_of(trees: &Trees, user: &str) -> Result<Vec<(String, TokenRecord)>, StoreError> {
+/// Up to `limit` live tokens of `user` whose host sorts after `after`, in host order.
+pub fn tokens_of(
+    trees: &Trees,
+    user: &str,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<TokenPage, StoreError> {
     let prefix = lp(user);
-    let mut out = Vec::new();
-    for item in trees.tokens.scan_prefix(&prefix) {
+    let start = match after {
+        Some(host) => Bound::Excluded(pair_key(user, host)),
+        None => Bound::Included(prefix.clone()),
+    };
+    let mut page = TokenPage::default();
+    for item in trees.tokens.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
         let (k, v) = item?;
+        if !k.starts_with(&prefix) {
+            break;
+        }
+        if page.tokens.len() == limit {
+            page.more = true;
+            break;
+        }
         let host = std::str::from_utf8(&k[prefix.len()..])
             .map_err(|e| StoreError::corrupt("tokens", e))?
             .to_owned();
-        out.push((host, decode("tokens", &v)?));
+        page.tokens.push((host, decode("tokens", &v)?));
     }
-    Ok(out)
+    Ok(page)
+}
+
+/// How many live tokens `user` has.
+#[cfg(test)]
+pub fn count_of(trees: &Trees, user: &str) -> Result<u64, StoreError> {
+    match trees.token_counts.get(user.as_bytes())? {
+        Some(v) => u64_of(&v, "token_counts"),
+        None => Ok(0),
+    }
+}
+
+/// Counts every user's live tokens again from `tokens` (the upgrade to schema 2, which
+/// added the counts). Idempotent: it starts from an empty count tree. One pass in key
+/// order, so a user's tokens are adjacent and memory stays constant. Not a transaction:
+/// the caller marks the upgrade done only after this has reached the disk.
+pub fn rebuild_counts(trees: &Trees) -> Result<u64, StoreError> {
+    trees.token_counts.clear()?;
+    let mut users = 0;
+    let mut current: Option<(Vec<u8>, u64)> = None;
+    for key in trees.tokens.iter().keys() {
+        let key = key?;
+        let user = user_of(&key)?.to_vec();
+        match &mut current {
+            Some((u, n)) if *u == user => *n += 1,
+            _ => {
+                if let Some((u, n)) = current.replace((user, 1)) {
+                    trees.token_counts.insert(u, &n.to_be_bytes())?;
+                    users += 1;
+                }
+            }
+        }
+    }
+    if let Some((u, n)) = current {
+        trees.token_counts.insert(u, &n.to_be_bytes())?;
+        users += 1;
+    }
+    Ok(users)
+}
+
+/// The user part of a token key (`lp(user) ‖ host`).
+fn user_of(key: &[u8]) -> Result<&[u8], StoreError> {
+    let bad = || StoreError::corrupt("tokens", "bad compound key");
+    let (len, rest) = key.split_first_chunk::<2>().ok_or_else(bad)?;
+    rest.get(..u16::from_be_bytes(*len) as usize)
+        .ok_or_else(bad)
+}
+
+/// `user`'s live-token count, inside a transaction.
+fn count(tx: &Tx<'_>, user: &[u8]) -> TxResult<u64> {
+    match tx.token_counts.get(user)? {
+        Some(v) => u64_of(&v, "token_counts").map_err(abort),
+        None => Ok(0),
+    }
+}
+
+fn set_count(tx: &Tx<'_>, user: &[u8], n: u64) -> TxResult<()> {
+    if n == 0 {
+        tx.token_counts.remove(user)?;
+    } else {
+        tx.token_counts.insert(user, &n.to_be_bytes())?;
+    }
+    Ok(())
 }
 
 /// The live token with this id, if any: its user, host and record.
@@ -45,7 +127,8 @@ pub fn live_token(trees: &Trees, token_id: &TokenId) -> Result<Option<LiveToken>
 }
 
 /// The keys of user `user`'s live tokens, including those issued by `earlier` changes of the
-/// same batch (not yet visible outside its transaction).
+/// same batch (not yet visible outside its transaction). At most `max_tokens_per_user` plus
+/// the batch's, unless tokens issued before the cap existed exceed it.
 pub fn keys_of<'a>(
     trees: &Trees,
     user: &str,
@@ -67,13 +150,33 @@ pub fn keys_of<'a>(
     Ok(keys)
 }
 
-/// Makes `record` the live token of (user, host), retiring the id of any earlier one.
-pub fn replace(tx: &Tx<'_>, user: &str, host: &str, record: &TokenRecord) -> TxResult<Changed> {
+/// Makes `record` the live token of (user, host), retiring the id of any earlier one. A
+/// host with no token yet is refused, and nothing written, when the user already has
+/// `max_per_user` tokens; replacing a host's token is always allowed.
+pub fn replace(
+    tx: &Tx<'_>,
+    user: &str,
+    host: &str,
+    record: &TokenRecord,
+    max_per_user: u64,
+) -> TxResult<Changed> {
     let key = pair_key(user, host);
-    if let Some(old) = tx.tokens.insert(key.as_slice(), encode(record))? {
-        let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
-        tx.token_ids.remove(&old.token_id[..])?;
+    match tx.tokens.get(key.as_slice())? {
+        Some(old) => {
+            let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
+            tx.token_ids.remove(&old.token_id[..])?;
+        }
+        None => {
+            let n = count(tx, user.as_bytes())?;
+            if n >= max_per_user {
+                return Ok(Changed::TooManyTokens {
+                    limit: max_per_user,
+                });
+            }
+            set_count(tx, user.as_bytes(), n + 1)?;
+        }
     }
+    tx.tokens.insert(key.as_slice(), encode(record))?;
     tx.token_ids.insert(&record.token_id[..], key.as_slice())?;
     Ok(Changed::TokenReplaced)
 }
@@ -91,8 +194,22 @@ pub fn remove(tx: &Tx<'_>, key: &[u8]) -> TxResult<bool> {
         Some(old) => {
             let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
             tx.token_ids.remove(&old.token_id[..])?;
+            let user = user_of(key).map_err(abort)?;
+            let n = count(tx, user)?;
+            set_count(tx, user, n.saturating_sub(1))?;
             Ok(true)
         }
         None => Ok(false),
     }
+}
+
+/// Removes the tokens under `keys` (user `id`'s, listed by [`keys_of`]); how many there were.
+pub fn remove_all(tx: &Tx<'_>, keys: &[Vec<u8>]) -> TxResult<usize> {
+    let mut removed = 0;
+    for key in keys {
+        if remove(tx, key)? {
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }

@@ -41,6 +41,8 @@ pub struct Trees {
     pub replays: sled::Tree,
     /// `at ‖ lp(src) ‖ id` → ``: replay records by age, for pruning.
     pub replay_times: sled::Tree,
+    /// `user` → live tokens of the user (u64 BE); absent for none. Schema 2.
+    pub token_counts: sled::Tree,
 }
 
 impl Trees {
@@ -54,6 +56,7 @@ impl Trees {
             entity_owners: db.open_tree("entity_owners")?,
             replays: db.open_tree("replays")?,
             replay_times: db.open_tree("replay_times")?,
+            token_counts: db.open_tree("token_counts")?,
         })
     }
 
@@ -73,6 +76,7 @@ impl Trees {
             self.entity_owners.clone(),
             self.replays.clone(),
             self.replay_times.clone(),
+            self.token_counts.clone(),
         ];
         all.as_slice()
             .transaction(|t| {
@@ -85,6 +89,7 @@ impl Trees {
                     entity_owners: &t[5],
                     replays: &t[6],
                     replay_times: &t[7],
+                    token_counts: &t[8],
                 })
             })
             .map_err(|e| match e {
@@ -104,6 +109,7 @@ pub struct Tx<'a> {
     pub entity_owners: &'a TransactionalTree,
     pub replays: &'a TransactionalTree,
     pub replay_times: &'a TransactionalTree,
+    pub token_counts: &'a TransactionalTree,
 }
 
 /// The result type of work inside a transaction.
@@ -267,13 +273,13 @@ impl Batches {
 
     /// Applies `work` in one transaction, then brings the rule index up to date.
     fn commit(&self, work: &[(&Option<Requester>, &Change)]) -> Result<Vec<Applied>, StoreError> {
-        // sled transactions cannot scan: the tokens a change removes are listed first. Only
-        // this thread writes tokens, so the list is exact, given the tokens issued earlier in
-        // the same batch.
+        // sled transactions cannot scan: the tokens a change may remove (a delete's, a
+        // re-provisioning put's) are listed first. Only this thread writes tokens, so the
+        // list is exact, given the tokens issued earlier in the same batch.
         let mut token_keys = Vec::with_capacity(work.len());
         for (i, (_, change)) in work.iter().enumerate() {
             token_keys.push(match change {
-                Change::DeleteEntity { id } => {
+                Change::DeleteEntity { id } | Change::PutEntity { id, .. } => {
                     tokens::keys_of(&self.trees, id, work[..i].iter().map(|(_, c)| *c))?
                 }
                 _ => Vec::new(),
@@ -352,14 +358,19 @@ fn apply(
         }
     }
     let changed = match change {
-        Change::ReplaceToken { user, host, record } => tokens::replace(tx, user, host, record)?,
+        Change::ReplaceToken {
+            user,
+            host,
+            record,
+            max_per_user,
+        } => tokens::replace(tx, user, host, record, *max_per_user)?,
         Change::RevokeToken { user, host } => tokens::revoke(tx, user, host)?,
         Change::PutEntity {
             id,
             record,
             create_only,
             ..
-        } => entities::put(tx, id, record, *create_only)?,
+        } => entities::put(tx, id, record, *create_only, token_keys)?,
         Change::DeleteEntity { id } => entities::delete(tx, id, token_keys)?,
         Change::AddRule { rule } => rules::add(tx, rule)?,
         Change::DeleteRule { rule_id } => rules::delete(tx, *rule_id)?,
@@ -419,6 +430,7 @@ mod tests {
                 key_id: 1,
                 created: 1,
             },
+            max_per_user: 10,
         };
         let (before, _) = job(issue("h0", 0));
         b.run(vec![before]);
@@ -437,9 +449,53 @@ mod tests {
                 Reply::Empty
             )
         );
-        let left = tokens::tokens_of(&b.trees, "u").unwrap();
+        let left = tokens::tokens_of(&b.trees, "u", None, 10).unwrap().tokens;
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].0, "h2", "only the token issued after the delete");
+        assert_eq!(tokens::count_of(&b.trees, "u").unwrap(), 1);
         assert!(tokens::live_token(&b.trees, &[1; 16]).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_reprovisioning_put_removes_tokens_issued_earlier_in_its_own_batch() {
+        let b = batches();
+        let issue = |host: &str, n: u8| Change::ReplaceToken {
+            user: "u".into(),
+            host: host.into(),
+            record: TokenRecord {
+                token_id: [n; 16],
+                key_id: 1,
+                created: 1,
+            },
+            max_per_user: 10,
+        };
+        let put = Change::PutEntity {
+            id: "u".into(),
+            record: crate::store::EntityRecord {
+                kind: crate::store::EntityKind::User,
+                owner: None,
+                psk: None,
+                cert_sha256: Some([1; 32]),
+                disabled: false,
+                created: 1,
+            },
+            create_only: false,
+            generated: None,
+        };
+        let (before, _) = job(issue("h0", 0));
+        b.run(vec![before]);
+        let (same_batch, _) = job(issue("h1", 1));
+        let (put, done) = job(put);
+        let (after, _) = job(issue("h2", 2));
+        b.run(vec![same_batch, put, after]);
+        let done = done.blocking_recv().unwrap().unwrap();
+        assert!(
+            matches!(done, Applied::Now(Changed::EntityPut { tokens: 2, .. }, _)),
+            "{done:?}"
+        );
+        let left = tokens::tokens_of(&b.trees, "u", None, 10).unwrap().tokens;
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].0, "h2", "only the token issued after the put");
+        assert_eq!(tokens::count_of(&b.trees, "u").unwrap(), 1);
     }
 }
