@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::caller::CallerKeys;
 use crate::config::Config;
 use crate::crypto::{sha256, ServerKeys};
-use crate::frame::{self, Address, ErrorCode, Reject, Request, RpcError};
+use crate::frame::{self, Address, DropReason, ErrorCode, Reject, Request, RpcError};
 use crate::lockout::Lockout;
 use crate::methods::{self, Answer, Ctx, Kind, Method};
 use crate::metrics::{Metrics, RequestLabel};
@@ -68,6 +68,8 @@ pub struct Dispatcher {
     lockout: Lockout,
     rate: RateLimiter,
     record_replies: bool,
+    /// Our request topic (resolved): a reply must never land on it or under it.
+    request_topic: String,
 }
 
 impl Dispatcher {
@@ -81,6 +83,7 @@ impl Dispatcher {
         Dispatcher {
             lockout: Lockout::new(config.lockout()),
             rate: RateLimiter::new(config.rate_limit(), callers.names().map(|(n, _)| n)),
+            request_topic: config.request_topic(),
             config,
             callers,
             store,
@@ -105,28 +108,18 @@ impl Dispatcher {
     pub async fn handle(&self, suffix: Option<&str>, payload: &[u8], arrived_ms: u64) -> Outcome {
         let req = match frame::parse(payload, self.config.max_frame_bytes) {
             Ok(req) => req,
-            Err(Reject::Drop(reason)) => {
-                let n = self.metrics.drop_frame(reason);
-                // A flood of garbage must not become a flood of logs.
-                if n <= 10 || n % 1000 == 0 {
-                    tracing::warn!(
-                        reason = reason.label(),
-                        count = n,
-                        bytes = payload.len(),
-                        "frame dropped"
-                    );
-                }
-                return Outcome::default();
+            Err(Reject::Drop(reason)) => return self.drop_frame(reason, payload.len()),
+            Err(Reject::Error(to, _)) if self.reply_loops_back(&to.src) => {
+                return self.drop_frame(DropReason::ReplyLoop, payload.len())
             }
             Err(Reject::Error(to, e)) => return self.error(&to, e, None),
         };
+        // Before anything is executed, `nr` or not: such a frame claims to come from us.
+        if self.reply_loops_back(&req.to.src) {
+            return self.drop_frame(DropReason::ReplyLoop, payload.len());
+        }
         let to = req.to.clone();
-        // For the metrics' method label only: a name that is not in the table is `other`.
-        let method = req
-            .method
-            .as_deref()
-            .or(suffix.filter(|s| !s.is_empty()))
-            .and_then(methods::find);
+        let method = method_of(&req, suffix);
         match self.execute(suffix, &req, arrived_ms).await {
             Ok((result, needs_durability)) => Outcome {
                 reply: self.reply(&to, Body::Result(result.as_ref())),
@@ -135,6 +128,24 @@ impl Dispatcher {
             },
             Err(e) => self.error(&to, e, method),
         }
+    }
+
+    /// Counts and logs a dropped frame; nothing is sent.
+    fn drop_frame(&self, reason: DropReason, bytes: usize) -> Outcome {
+        let n = self.metrics.drop_frame(reason);
+        // A flood of garbage must not become a flood of logs.
+        if n <= 10 || n % 1000 == 0 {
+            tracing::warn!(reason = reason.label(), count = n, bytes, "frame dropped");
+        }
+        Outcome::default()
+    }
+
+    /// Whether answering `src` would publish onto one of our own request subscriptions
+    /// (`{request_topic}` or `{request_topic}/#`), where we would read our reply back as
+    /// a request: `src` is the service id itself, or its reply topic is the request topic
+    /// or under it.
+    fn reply_loops_back(&self, src: &str) -> bool {
+        src == self.config.id || under_topic(&self.config.reply_topic(src), &self.request_topic)
     }
 
     async fn execute(
@@ -312,6 +323,23 @@ impl Dispatcher {
         let payload = frame::encode_error(service, &untagged, &short);
         mqtt::publish_fits(&topic, payload.len(), max).then_some((topic, payload))
     }
+}
+
+/// The request's method in the table, if any, for the metrics' method label only: a name
+/// that is not in the table is `other`.
+fn method_of(req: &Request<'_>, suffix: Option<&str>) -> Option<&'static Method> {
+    req.method
+        .as_deref()
+        .or(suffix.filter(|s| !s.is_empty()))
+        .and_then(methods::find)
+}
+
+/// Whether `topic` is `base` or under it (what a subscription to `base` and `base/#`
+/// receives). Topic names here hold no wildcards: `src` cannot contain `+` or `#`.
+pub fn under_topic(topic: &str, base: &str) -> bool {
+    topic
+        .strip_prefix(base)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// What a reply carries.

@@ -232,7 +232,7 @@ impl Metrics {
             ),
             family(
                 "authd_frames_dropped_total",
-                "Frames dropped unanswered (no usable src or id, not JSON), by reason.",
+                "Frames dropped unanswered, by reason: no usable src or id, not JSON, a response frame, or a src whose reply would land on our own request topics.",
                 MetricType::COUNTER,
                 dropped,
             ),
