@@ -166,9 +166,7 @@ impl Worker {
         };
         let on_reconnect = {
             let metrics = metrics.clone();
-            move || {
-                metrics.reconnects.fetch_add(1, Relaxed);
-            }
+            move |signs| metrics.reconnected(signs)
         };
         let session =
             tokio::spawn(session.run(on_message, intake.clone(), close.clone(), on_reconnect));
