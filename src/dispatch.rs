@@ -46,6 +46,12 @@ pub trait Responder: Send + Sync + 'static {
     fn durable(&self) -> impl Future<Output = Result<(), crate::store::StoreError>> + Send {
         async { Ok(()) }
     }
+
+    /// The outcome for a frame whose [`Responder::respond`] panicked: a 500 to its address,
+    /// if it has one. Default: no reply (the message is still acknowledged).
+    fn panicked(&self, _suffix: Option<&str>, _payload: &[u8]) -> Outcome {
+        Outcome::default()
+    }
 }
 
 impl Responder for Dispatcher {
@@ -56,7 +62,27 @@ impl Responder for Dispatcher {
     async fn durable(&self) -> Result<(), crate::store::StoreError> {
         self.store.durable().await
     }
+
+    fn panicked(&self, suffix: Option<&str>, payload: &[u8]) -> Outcome {
+        let (to, method) = match frame::parse(payload, self.config.max_frame_bytes) {
+            Ok(req) => {
+                let method = method_of(&req, suffix);
+                (req.to, method)
+            }
+            Err(Reject::Error(to, _)) => (to, None),
+            Err(Reject::Drop(_)) => return Outcome::default(),
+        };
+        if self.reply_loops_back(&to.src) {
+            return Outcome::default();
+        }
+        self.error(&to, RpcError::handler_failed(), method)
+    }
 }
+
+/// A request for this method panics its handler (`fault-injection` builds only: tests of
+/// what a panic does to the serving path).
+#[cfg(feature = "fault-injection")]
+pub const FAULT_PANIC_METHOD: &str = "Fault.Panic";
 
 /// Everything needed to answer requests. Cheap to share (`Arc`).
 pub struct Dispatcher {
@@ -174,6 +200,10 @@ impl Dispatcher {
             (None, Some(s)) => s,
             (None, None) => return Err(RpcError::bad_request("method", "missing")),
         };
+        #[cfg(feature = "fault-injection")]
+        if methods::canonical(name) == FAULT_PANIC_METHOD {
+            panic!("fault injection: {FAULT_PANIC_METHOD}");
+        }
         // The key is checked before the method name, so that a caller without a key
         // learns nothing, not even which methods exist.
         let caller = self

@@ -1,5 +1,6 @@
 //! What the worker did: requests by method and outcome with their latency, frames dropped
-//! by reason, QoS 0 overload drops, replays, reconnects, session takeovers and lockouts.
+//! by reason, QoS 0 overload drops, replays, reconnects, session takeovers, handler panics
+//! and lockouts.
 //!
 //! The hot path only touches atomics in arrays fixed at start (one row per method of the
 //! table, plus `other`; one column per outcome): no lock, no allocation, no label lookup.
@@ -102,6 +103,8 @@ pub struct Metrics {
     /// Reconnects after the broker closed the previous connection moments after accepting
     /// it ([`crate::mqtt::Reconnected::closed_early`]).
     pub connections_taken: AtomicU64,
+    /// Requests whose handler panicked (answered 500 and acknowledged).
+    pub panics: AtomicU64,
     /// Locks started by Authenticate's brute-force guard.
     pub lockouts: AtomicU64,
     /// Requests refused with 429: the caller was over its rate limit.
@@ -132,6 +135,7 @@ impl Metrics {
             reconnects: AtomicU64::new(0),
             sessions_lost: AtomicU64::new(0),
             connections_taken: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
             lockouts: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             requests: (0..rows).map(|_| Default::default()).collect(),
@@ -306,6 +310,12 @@ impl Metrics {
                 ],
             ),
             family(
+                "authd_handler_panics_total",
+                "Requests whose handler panicked (a bug): answered 500 when they had an address, and acknowledged.",
+                MetricType::COUNTER,
+                single(&self.panics),
+            ),
+            family(
                 "authd_broker_connected",
                 "1 when connected to the broker and subscribed to the request topics, else 0.",
                 MetricType::GAUGE,
@@ -428,6 +438,7 @@ mod tests {
             "authd_lockouts_total 0",
             "authd_session_takeovers_total{sign=\"session_lost\"} 0",
             "authd_session_takeovers_total{sign=\"closed_early\"} 0",
+            "authd_handler_panics_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
