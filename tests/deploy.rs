@@ -290,8 +290,23 @@ fn the_shipped_broker_config_binds_client_ids_and_bounds_queues() {
             .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned))
     };
     // A client's id is its account: no account can connect as the worker (tests/session.rs
-    // runs the takeover against it).
-    assert_eq!(setting("use_username_as_clientid").as_deref(), Some("true"));
+    // runs the takeover against it). A listener option: every listener needs the line,
+    // after its `listener` line and before the next.
+    let mut blocks = conf.split("\nlistener ");
+    let before = blocks.next().unwrap_or_default();
+    assert!(
+        !before.contains("\nuse_username_as_clientid"),
+        "before any listener it opens a default one"
+    );
+    let listeners: Vec<&str> = blocks.collect();
+    assert!(!listeners.is_empty(), "no listener");
+    for block in listeners {
+        assert!(
+            block.lines().any(|l| l == "use_username_as_clientid true"),
+            "listener {} without use_username_as_clientid true",
+            block.lines().next().unwrap_or_default()
+        );
+    }
     // Queues per client bounded in messages and in bytes (0 would mean unbounded).
     for name in ["max_queued_messages", "max_queued_bytes"] {
         let value: u64 = setting(name)
