@@ -1,13 +1,14 @@
 # authd: multi-stage build. The builder compiles the release binary; the runtime image is
-# debian:bookworm-slim with the binary, CA roots (for mqtts:// without --broker-ca) and a
-# non-root user. State lives in the /data volume.
+# Debian 12 (bookworm) slim with the binary, CA roots (for mqtts:// without --broker-ca)
+# and a non-root user. State lives in the /data volume. Base images are pinned by release
+# (Rust 1.95.0, Debian 12.15): move them on purpose.
 #
 #   docker build -t authd .
 #   docker run --rm authd serve --help
 #
 # The default command expects a broker reachable as `mosquitto` (see docker-compose.yml).
 
-FROM rust:1-bookworm AS build
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -16,7 +17,7 @@ COPY src ./src
 COPY bench ./bench
 RUN cargo build --release --locked --bin authd
 
-FROM debian:bookworm-slim
+FROM debian:12.15-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \

@@ -105,7 +105,7 @@ impl Client {
         };
         let close = CancellationToken::new();
         let session =
-            tokio::spawn(session.run(on_message, CancellationToken::new(), close.clone(), || {}));
+            tokio::spawn(session.run(on_message, CancellationToken::new(), close.clone(), |_| {}));
         let ready =
             tokio::time::timeout(within, broker.wait_for(|b| *b == BrokerState::Ready)).await;
         if !matches!(ready, Ok(Ok(_))) {

@@ -278,6 +278,22 @@ impl Config {
         if !self.reply_topic.contains("{src}") {
             return invalid("reply_topic: must contain {src}".into());
         }
+        if self.reply_topic.contains(['+', '#']) {
+            return invalid(format!(
+                "reply_topic `{}`: must be a topic name without wildcards",
+                self.reply_topic
+            ));
+        }
+        // What comes before the first {src} is in every reply topic: if it is already under
+        // the request topic, every reply would come back to us as a request, forever. (A
+        // template that loops only for some src is caught per frame: `reply_loop` drops.)
+        let fixed = self.reply_topic.split("{src}").next().unwrap_or_default();
+        if fixed.starts_with(&format!("{topic}/")) {
+            return invalid(format!(
+                "reply_topic `{}` puts every reply under the request topic `{topic}`: authd would read its own replies as requests and answer them forever. Choose a reply topic outside `{topic}/…`",
+                self.reply_topic
+            ));
+        }
         if self.max_frame_bytes == 0 || self.max_packet_bytes < self.max_frame_bytes {
             return invalid(
                 "max_frame_bytes must be at least 1 and at most max_packet_bytes".into(),
@@ -398,6 +414,38 @@ mod tests {
             ..Config::default()
         };
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_reply_topic_under_the_request_topic_for_every_src_is_refused() {
+        let with = |id: &str, request: &str, reply: &str| Config {
+            id: id.into(),
+            request_topic: request.into(),
+            reply_topic: reply.into(),
+            ..Config::default()
+        };
+        for c in [
+            with("svc", "{id}/rpc", "svc/rpc/{src}"),
+            with("svc", "{id}/rpc", "svc/rpc/x/{src}/rpc"),
+            with("svc", "in", "in/{src}"),
+        ] {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("reply_topic") && e.contains("forever"),
+                "{c:?}: {e}"
+            );
+        }
+        let e = with("svc", "{id}/rpc", "{src}/#").validate().unwrap_err();
+        assert!(e.to_string().contains("wildcards"), "{e}");
+        // Loops for some src only (caught per frame), or never: accepted.
+        for c in [
+            with("svc", "{id}/rpc", "{src}/rpc"),
+            with("svc", "{id}/rpc", "svc/rpc{src}"),
+            with("svc", "{id}/rpc", "svc/rpcx/{src}"),
+            with("svc", "{id}/rpc", "replies/{src}"),
+        ] {
+            c.validate().unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        }
     }
 
     #[test]

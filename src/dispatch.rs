@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::caller::CallerKeys;
 use crate::config::Config;
 use crate::crypto::{sha256, ServerKeys};
-use crate::frame::{self, Address, ErrorCode, Reject, Request, RpcError};
+use crate::frame::{self, Address, DropReason, ErrorCode, Reject, Request, RpcError};
 use crate::lockout::Lockout;
 use crate::methods::{self, Answer, Ctx, Kind, Method};
 use crate::metrics::{Metrics, RequestLabel};
@@ -46,6 +46,12 @@ pub trait Responder: Send + Sync + 'static {
     fn durable(&self) -> impl Future<Output = Result<(), crate::store::StoreError>> + Send {
         async { Ok(()) }
     }
+
+    /// The outcome for a frame whose [`Responder::respond`] panicked: a 500 to its address,
+    /// if it has one. Default: no reply (the message is still acknowledged).
+    fn panicked(&self, _suffix: Option<&str>, _payload: &[u8]) -> Outcome {
+        Outcome::default()
+    }
 }
 
 impl Responder for Dispatcher {
@@ -56,7 +62,27 @@ impl Responder for Dispatcher {
     async fn durable(&self) -> Result<(), crate::store::StoreError> {
         self.store.durable().await
     }
+
+    fn panicked(&self, suffix: Option<&str>, payload: &[u8]) -> Outcome {
+        let (to, method) = match frame::parse(payload, self.config.max_frame_bytes) {
+            Ok(req) => {
+                let method = method_of(&req, suffix);
+                (req.to, method)
+            }
+            Err(Reject::Error(to, _)) => (to, None),
+            Err(Reject::Drop(_)) => return Outcome::default(),
+        };
+        if self.reply_loops_back(&to.src) {
+            return Outcome::default();
+        }
+        self.error(&to, RpcError::handler_failed(), method)
+    }
 }
+
+/// A request for this method panics its handler (`fault-injection` builds only: tests of
+/// what a panic does to the serving path).
+#[cfg(feature = "fault-injection")]
+pub const FAULT_PANIC_METHOD: &str = "Fault.Panic";
 
 /// Everything needed to answer requests. Cheap to share (`Arc`).
 pub struct Dispatcher {
@@ -68,6 +94,8 @@ pub struct Dispatcher {
     lockout: Lockout,
     rate: RateLimiter,
     record_replies: bool,
+    /// Our request topic (resolved): a reply must never land on it or under it.
+    request_topic: String,
 }
 
 impl Dispatcher {
@@ -81,6 +109,7 @@ impl Dispatcher {
         Dispatcher {
             lockout: Lockout::new(config.lockout()),
             rate: RateLimiter::new(config.rate_limit(), callers.names().map(|(n, _)| n)),
+            request_topic: config.request_topic(),
             config,
             callers,
             store,
@@ -105,28 +134,18 @@ impl Dispatcher {
     pub async fn handle(&self, suffix: Option<&str>, payload: &[u8], arrived_ms: u64) -> Outcome {
         let req = match frame::parse(payload, self.config.max_frame_bytes) {
             Ok(req) => req,
-            Err(Reject::Drop(reason)) => {
-                let n = self.metrics.drop_frame(reason);
-                // A flood of garbage must not become a flood of logs.
-                if n <= 10 || n.is_multiple_of(1000) {
-                    tracing::warn!(
-                        reason = reason.label(),
-                        count = n,
-                        bytes = payload.len(),
-                        "frame dropped"
-                    );
-                }
-                return Outcome::default();
+            Err(Reject::Drop(reason)) => return self.drop_frame(reason, payload.len()),
+            Err(Reject::Error(to, _)) if self.reply_loops_back(&to.src) => {
+                return self.drop_frame(DropReason::ReplyLoop, payload.len())
             }
             Err(Reject::Error(to, e)) => return self.error(&to, e, None),
         };
+        // Before anything is executed, `nr` or not: such a frame claims to come from us.
+        if self.reply_loops_back(&req.to.src) {
+            return self.drop_frame(DropReason::ReplyLoop, payload.len());
+        }
         let to = req.to.clone();
-        // For the metrics' method label only: a name that is not in the table is `other`.
-        let method = req
-            .method
-            .as_deref()
-            .or(suffix.filter(|s| !s.is_empty()))
-            .and_then(methods::find);
+        let method = method_of(&req, suffix);
         match self.execute(suffix, &req, arrived_ms).await {
             Ok((result, needs_durability)) => Outcome {
                 reply: self.reply(&to, Body::Result(result.as_ref())),
@@ -135,6 +154,24 @@ impl Dispatcher {
             },
             Err(e) => self.error(&to, e, method),
         }
+    }
+
+    /// Counts and logs a dropped frame; nothing is sent.
+    fn drop_frame(&self, reason: DropReason, bytes: usize) -> Outcome {
+        let n = self.metrics.drop_frame(reason);
+        // A flood of garbage must not become a flood of logs.
+        if n <= 10 || n.is_multiple_of(1000) {
+            tracing::warn!(reason = reason.label(), count = n, bytes, "frame dropped");
+        }
+        Outcome::default()
+    }
+
+    /// Whether answering `src` would publish onto one of our own request subscriptions
+    /// (`{request_topic}` or `{request_topic}/#`), where we would read our reply back as
+    /// a request: `src` is the service id itself, or its reply topic is the request topic
+    /// or under it.
+    fn reply_loops_back(&self, src: &str) -> bool {
+        src == self.config.id || under_topic(&self.config.reply_topic(src), &self.request_topic)
     }
 
     async fn execute(
@@ -163,6 +200,10 @@ impl Dispatcher {
             (None, Some(s)) => s,
             (None, None) => return Err(RpcError::bad_request("method", "missing")),
         };
+        #[cfg(feature = "fault-injection")]
+        if methods::canonical(name) == FAULT_PANIC_METHOD {
+            panic!("fault injection: {FAULT_PANIC_METHOD}");
+        }
         // The key is checked before the method name, so that a caller without a key
         // learns nothing, not even which methods exist.
         let caller = self
@@ -313,6 +354,23 @@ impl Dispatcher {
         let payload = frame::encode_error(service, &untagged, &short);
         mqtt::publish_fits(&topic, payload.len(), max).then_some((topic, payload))
     }
+}
+
+/// The request's method in the table, if any, for the metrics' method label only: a name
+/// that is not in the table is `other`.
+fn method_of(req: &Request<'_>, suffix: Option<&str>) -> Option<&'static Method> {
+    req.method
+        .as_deref()
+        .or(suffix.filter(|s| !s.is_empty()))
+        .and_then(methods::find)
+}
+
+/// Whether `topic` is `base` or under it (what a subscription to `base` and `base/#`
+/// receives). Topic names here hold no wildcards: `src` cannot contain `+` or `#`.
+pub fn under_topic(topic: &str, base: &str) -> bool {
+    topic
+        .strip_prefix(base)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// What a reply carries.

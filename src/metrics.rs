@@ -1,5 +1,6 @@
 //! What the worker did: requests by method and outcome with their latency, frames dropped
-//! by reason, QoS 0 overload drops, replays, reconnects and lockouts.
+//! by reason, QoS 0 overload drops, replays, reconnects, session takeovers, handler panics
+//! and lockouts.
 //!
 //! The hot path only touches atomics in arrays fixed at start (one row per method of the
 //! table, plus `other`; one column per outcome): no lock, no allocation, no label lookup.
@@ -96,6 +97,14 @@ pub struct Metrics {
     pub replayed: AtomicU64,
     /// Times a lost broker connection was re-established.
     pub reconnects: AtomicU64,
+    /// Reconnects on which the broker no longer had our persistent session
+    /// ([`crate::mqtt::Reconnected::session_lost`]).
+    pub sessions_lost: AtomicU64,
+    /// Reconnects after the broker closed the previous connection moments after accepting
+    /// it ([`crate::mqtt::Reconnected::closed_early`]).
+    pub connections_taken: AtomicU64,
+    /// Requests whose handler panicked (answered 500 and acknowledged).
+    pub panics: AtomicU64,
     /// Locks started by Authenticate's brute-force guard.
     pub lockouts: AtomicU64,
     /// Requests refused with 429: the caller was over its rate limit.
@@ -124,6 +133,9 @@ impl Metrics {
             overloaded: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
+            sessions_lost: AtomicU64::new(0),
+            connections_taken: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
             lockouts: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             requests: (0..rows).map(|_| Default::default()).collect(),
@@ -136,6 +148,22 @@ impl Metrics {
             .method
             .filter(|m| *m < self.methods.len())
             .unwrap_or(self.methods.len())
+    }
+
+    /// Counts a reconnect and its signs of a session takeover.
+    pub fn reconnected(&self, signs: crate::mqtt::Reconnected) {
+        self.reconnects.fetch_add(1, Relaxed);
+        if signs.session_lost {
+            self.sessions_lost.fetch_add(1, Relaxed);
+        }
+        if signs.closed_early {
+            self.connections_taken.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// `authd_session_takeovers_total` over both signs.
+    pub fn session_takeovers(&self) -> u64 {
+        self.sessions_lost.load(Relaxed) + self.connections_taken.load(Relaxed)
     }
 
     /// Counts a dropped frame; returns the new count for that reason.
@@ -232,7 +260,7 @@ impl Metrics {
             ),
             family(
                 "authd_frames_dropped_total",
-                "Frames dropped unanswered (no usable src or id, not JSON), by reason.",
+                "Frames dropped unanswered, by reason: no usable src or id, not JSON, a response frame, or a src whose reply would land on our own request topics.",
                 MetricType::COUNTER,
                 dropped,
             ),
@@ -265,6 +293,27 @@ impl Metrics {
                 "Times a lost broker connection was re-established.",
                 MetricType::COUNTER,
                 single(&self.reconnects),
+            ),
+            family(
+                "authd_session_takeovers_total",
+                "Reconnects that look like another client took our MQTT session: sign=session_lost, the broker no longer had our persistent session; sign=closed_early, the broker closed the previous connection within 10 s of accepting it and accepted the next attempt at once.",
+                MetricType::COUNTER,
+                vec![
+                    counter(
+                        &[("sign", "session_lost")],
+                        self.sessions_lost.load(Relaxed),
+                    ),
+                    counter(
+                        &[("sign", "closed_early")],
+                        self.connections_taken.load(Relaxed),
+                    ),
+                ],
+            ),
+            family(
+                "authd_handler_panics_total",
+                "Requests whose handler panicked (a bug): answered 500 when they had an address, and acknowledged.",
+                MetricType::COUNTER,
+                single(&self.panics),
             ),
             family(
                 "authd_broker_connected",
@@ -387,6 +436,9 @@ mod tests {
             "authd_frames_dropped_total{reason=\"not_json\"} 0",
             "authd_broker_connected 1",
             "authd_lockouts_total 0",
+            "authd_session_takeovers_total{sign=\"session_lost\"} 0",
+            "authd_session_takeovers_total{sign=\"closed_early\"} 0",
+            "authd_handler_panics_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -3,9 +3,11 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -120,6 +122,11 @@ impl Worker {
         store: Option<Store>,
         background: Vec<JoinHandle<()>>,
     ) -> anyhow::Result<Worker> {
+        #[cfg(feature = "fault-injection")]
+        tracing::warn!(
+            method = crate::dispatch::FAULT_PANIC_METHOD,
+            "built with the `fault-injection` feature (tests only): a request for this method panics its handler. Never run this build in production"
+        );
         let request_topic: Arc<str> = config.request_topic().into();
         let (session, publisher, broker_state) = Session::new(SessionOptions {
             broker,
@@ -166,9 +173,7 @@ impl Worker {
         };
         let on_reconnect = {
             let metrics = metrics.clone();
-            move || {
-                metrics.reconnects.fetch_add(1, Relaxed);
-            }
+            move |signs| metrics.reconnected(signs)
         };
         let session =
             tokio::spawn(session.run(on_message, intake.clone(), close.clone(), on_reconnect));
@@ -300,24 +305,51 @@ impl<R: Responder> Serving<R> {
     /// Answers one message: respond, wait for durability if the reply depends on it, publish
     /// the reply, then ack. The ack comes last, so a crash anywhere before it means
     /// redelivery. `_permit` holds the message's in-flight slot until the end.
+    ///
+    /// A panic while responding is caught here: the request is answered 500 (when it has an
+    /// address) and acknowledged like any other. Left to unwind the task, it would take the
+    /// message's [`crate::mqtt::Ack`] with it, and every later ack waits behind that one
+    /// (they leave in arrival order): the broker would stop delivering once its in-flight
+    /// window filled, and redeliver everything after the next reconnect.
     async fn answer(self: Arc<Self>, msg: Message, _permit: Option<OwnedSemaphorePermit>) {
         let suffix = msg
             .topic
             .strip_prefix(&*self.request_topic)
             .and_then(|rest| rest.strip_prefix('/'));
-        let outcome = self
-            .responder
-            .respond(suffix, &msg.payload, msg.arrived_ms)
-            .await;
-        if outcome.needs_durability {
-            if let Err(e) = self.responder.durable().await {
+        let handled = catch_panic(async {
+            let outcome = self
+                .responder
+                .respond(suffix, &msg.payload, msg.arrived_ms)
+                .await;
+            if outcome.needs_durability {
+                self.responder.durable().await?;
+            }
+            Ok::<_, crate::store::StoreError>(outcome)
+        })
+        .await;
+        let outcome = match handled {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => {
                 // Neither reply nor ack: the broker redelivers after restart, and the request
                 // is answered from what is really on disk.
                 tracing::error!(error = %e, "cannot make changes durable; stopping");
                 self.failed.cancel();
                 return;
             }
-        }
+            Err(()) => {
+                let n = self.metrics.panics.fetch_add(1, Relaxed) + 1;
+                tracing::error!(
+                    count = n,
+                    bytes = msg.payload.len(),
+                    "a request handler panicked (a bug; the panic message is above): answering 500 and acknowledging"
+                );
+                // Finding the address parses the frame again, which may be what panicked.
+                std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    self.responder.panicked(suffix, &msg.payload)
+                }))
+                .unwrap_or_default()
+            }
+        };
         if let Some((topic, payload)) = outcome.reply {
             if self.publisher.publish(topic, payload).await.is_err() {
                 return;
@@ -330,6 +362,19 @@ impl<R: Responder> Serving<R> {
             self.publisher.complete(ack).await;
         }
     }
+}
+
+/// Runs `future`; a panic inside it ends it with `Err` instead of unwinding further.
+async fn catch_panic<F: Future>(future: F) -> Result<F::Output, ()> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(move |cx| {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Err(())),
+        }
+    })
+    .await
 }
 
 /// Opens the data directory of `config`: the database and the server key (both created

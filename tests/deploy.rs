@@ -1,7 +1,9 @@
 //! The deployment files: `docker-compose.yml` checked by the compose tool itself (when it
 //! is installed; there is no Docker engine on the test machines, `config` needs none) and
-//! kept in step with the shipped broker config and the Dockerfile.
+//! kept in step with the shipped broker config and the Dockerfile; its hardening (read-only
+//! root, no capabilities, no new privileges, pinned images) checked by reading the YAML.
 
+use std::collections::BTreeMap;
 use std::process::Command;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -51,7 +53,7 @@ fn the_compose_tool_accepts_the_stack() {
     // worker's broker account, data in a volume.
     for expected in [
         "mosquitto:",
-        "image: eclipse-mosquitto:2",
+        "image: eclipse-mosquitto:2.0.22@sha256:",
         &format!("{ROOT}/mosquitto:/mosquitto/config:ro"),
         "mosquitto-data:/mosquitto/data",
         "AUTHD_BROKER_USERNAME: authd",
@@ -88,7 +90,7 @@ fn the_stack_is_labelled_dev_only_and_matches_the_shipped_files() {
 
     let dockerfile = read("Dockerfile");
     for expected in [
-        "FROM debian:bookworm-slim",
+        "FROM debian:12.15-slim",
         "USER authd",
         "VOLUME /data",
         r#"CMD ["serve", "--broker", "mqtt://mosquitto:1883", "--data", "/data"]"#,
@@ -99,4 +101,220 @@ fn the_stack_is_labelled_dev_only_and_matches_the_shipped_files() {
         );
     }
     assert!(read("README.md").contains("## Compose stack (dev-only)"));
+}
+
+/// A service's keys, each with its value as a list of items: an inline scalar is one item,
+/// a flow sequence (`[a, b]`) or a block sequence (`- a` lines) one item per element,
+/// nested maps their lines. Quotes are removed.
+type Service = BTreeMap<String, Vec<String>>;
+
+/// The `services:` of a compose file, read with the subset of YAML the file uses (block
+/// maps indented by two spaces, flow and block sequences, full-line comments). Panics on
+/// anything else, so that a file this reader misreads fails loudly instead of passing.
+fn compose_services(yaml: &str) -> BTreeMap<String, Service> {
+    let unquote = |v: &str| v.trim().trim_matches('"').trim_matches('\'').to_owned();
+    let items = |v: &str| -> Vec<String> {
+        let v = v.trim();
+        match v.strip_prefix('[').and_then(|v| v.strip_suffix(']')) {
+            Some(inner) => inner
+                .split(',')
+                .map(unquote)
+                .filter(|i| !i.is_empty())
+                .collect(),
+            None if v.is_empty() => Vec::new(),
+            None => vec![unquote(v)],
+        }
+    };
+    let mut services = BTreeMap::new();
+    let mut in_services = false;
+    let mut service: Option<String> = None;
+    let mut key: Option<String> = None;
+    for line in yaml.lines() {
+        let text = line.trim();
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - line.trim_start().len();
+        match indent {
+            0 => {
+                in_services = text == "services:";
+                service = None;
+            }
+            _ if !in_services => {}
+            2 => {
+                let name = text
+                    .strip_suffix(':')
+                    .unwrap_or_else(|| panic!("service? {line}"));
+                services.insert(name.to_owned(), Service::new());
+                service = Some(name.to_owned());
+                key = None;
+            }
+            4 => {
+                let (k, v) = text
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("key? {line}"));
+                let name = service.as_ref().expect("a service");
+                services
+                    .get_mut(name)
+                    .unwrap()
+                    .insert(k.to_owned(), items(v));
+                key = Some(k.to_owned());
+            }
+            _ => {
+                let (name, k) = (
+                    service.as_ref().expect("a service"),
+                    key.as_ref().expect("a key"),
+                );
+                let item = text
+                    .strip_prefix("- ")
+                    .map_or_else(|| text.to_owned(), unquote);
+                services
+                    .get_mut(name)
+                    .unwrap()
+                    .get_mut(k)
+                    .unwrap()
+                    .push(item);
+            }
+        }
+    }
+    services
+}
+
+/// `name:tag` or `name:tag@sha256:…` → (tag, digest). The tag must name a release (a
+/// version with at least major.minor, never `latest` or a bare major).
+fn pinned(image: &str) -> (bool, Option<&str>) {
+    let (reference, digest) = match image.split_once('@') {
+        Some((r, d)) => (r, Some(d)),
+        None => (image, None),
+    };
+    let tag = reference.rsplit_once(':').map_or("", |(_, t)| t);
+    let version = tag.split('-').next().unwrap_or("");
+    let parts: Vec<&str> = version.split('.').collect();
+    let release = parts.len() >= 2
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    (release, digest)
+}
+
+#[test]
+fn the_stack_is_hardened_and_its_images_pinned() {
+    let services = compose_services(&read("docker-compose.yml"));
+    assert_eq!(
+        services.keys().collect::<Vec<_>>(),
+        ["authd", "mosquitto"],
+        "services read from docker-compose.yml"
+    );
+    for (name, service) in &services {
+        let get = |key: &str| service.get(key).cloned().unwrap_or_default();
+        assert_eq!(get("read_only"), ["true"], "{name}: read_only");
+        assert_eq!(get("cap_drop"), ["ALL"], "{name}: cap_drop");
+        assert!(
+            get("cap_add").is_empty(),
+            "{name}: cap_add {:?}",
+            get("cap_add")
+        );
+        assert!(
+            get("security_opt")
+                .iter()
+                .any(|o| o == "no-new-privileges:true"),
+            "{name}: security_opt {:?}",
+            get("security_opt")
+        );
+        assert!(get("privileged").is_empty(), "{name}: privileged");
+        // With a read-only root, whatever is written goes to a volume.
+        assert!(!get("volumes").is_empty(), "{name}: no volume to write to");
+    }
+
+    // The broker: a released image, by digest, as the image's unprivileged user.
+    let mosquitto = &services["mosquitto"];
+    let image = &mosquitto["image"][0];
+    let (release, digest) = pinned(image);
+    assert!(release, "mosquitto image not pinned to a release: {image}");
+    let digest = digest.unwrap_or_else(|| panic!("mosquitto image without a digest: {image}"));
+    let hex = digest.strip_prefix("sha256:").unwrap_or_default();
+    assert!(
+        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{digest}"
+    );
+    assert_eq!(
+        mosquitto["user"],
+        ["1883:1883"],
+        "mosquitto runs as its own user"
+    );
+
+    // authd: built here, from base images pinned to releases, as a non-root user.
+    let authd = &services["authd"];
+    assert_eq!(authd["build"], ["."]);
+    let dockerfile = read("Dockerfile");
+    let bases: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .map(|l| l.split_whitespace().next().unwrap_or_default())
+        .collect();
+    assert_eq!(bases.len(), 2, "{bases:?}");
+    for base in bases {
+        assert!(
+            pinned(base).0,
+            "Dockerfile base image not pinned to a release: {base}"
+        );
+    }
+    assert!(dockerfile.contains("\nUSER authd\n"));
+}
+
+#[test]
+fn the_compose_reader_reads_what_the_checks_rely_on() {
+    let services = compose_services(
+        "x-a: 1\nservices:\n  s:\n    image: \"a:1.2.3\"\n    cap_drop: [ALL, NET_RAW]\n    security_opt:\n      - no-new-privileges:true\n    read_only: true\nvolumes:\n  v:\n",
+    );
+    let s = &services["s"];
+    assert_eq!(s["image"], ["a:1.2.3"]);
+    assert_eq!(s["cap_drop"], ["ALL", "NET_RAW"]);
+    assert_eq!(s["security_opt"], ["no-new-privileges:true"]);
+    assert_eq!(s["read_only"], ["true"]);
+    assert_eq!(services.len(), 1);
+    assert_eq!(pinned("eclipse-mosquitto:2"), (false, None));
+    assert_eq!(pinned("eclipse-mosquitto:latest"), (false, None));
+    assert_eq!(pinned("rust:1-bookworm"), (false, None));
+    assert_eq!(pinned("rust:1.95.0-bookworm"), (true, None));
+    assert_eq!(pinned("debian:12.15-slim"), (true, None));
+    assert_eq!(pinned("m:2.0.22@sha256:ab"), (true, Some("sha256:ab")));
+}
+
+#[test]
+fn the_shipped_broker_config_binds_client_ids_and_bounds_queues() {
+    let conf = read("mosquitto/mosquitto.conf");
+    let setting = |name: &str| -> Option<String> {
+        conf.lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned))
+    };
+    // A client's id is its account: no account can connect as the worker (tests/session.rs
+    // runs the takeover against it). A listener option: every listener needs the line,
+    // after its `listener` line and before the next.
+    let mut blocks = conf.split("\nlistener ");
+    let before = blocks.next().unwrap_or_default();
+    assert!(
+        !before.contains("\nuse_username_as_clientid"),
+        "before any listener it opens a default one"
+    );
+    let listeners: Vec<&str> = blocks.collect();
+    assert!(!listeners.is_empty(), "no listener");
+    for block in listeners {
+        assert!(
+            block.lines().any(|l| l == "use_username_as_clientid true"),
+            "listener {} without use_username_as_clientid true",
+            block.lines().next().unwrap_or_default()
+        );
+    }
+    // Queues per client bounded in messages and in bytes (0 would mean unbounded).
+    for name in ["max_queued_messages", "max_queued_bytes"] {
+        let value: u64 = setting(name)
+            .unwrap_or_else(|| panic!("mosquitto.conf sets no {name}"))
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(value > 0, "{name} 0 is unbounded");
+    }
+    let bytes: u64 = setting("max_queued_bytes").unwrap().parse().unwrap();
+    assert!(bytes <= 256 * 1024 * 1024, "max_queued_bytes {bytes}");
 }

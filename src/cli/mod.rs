@@ -269,6 +269,8 @@ struct Connection {
     #[arg(long, global = true, env = "AUTHD_DATA")]
     data: Option<PathBuf>,
     /// Our address (replies come on `{src}/rpc`); it is the user of the token methods.
+    /// Default: the broker account (--broker-username), whose reply topic the shipped
+    /// broker ACL lets it read; without an account, a fresh random one.
     #[arg(long, global = true)]
     src: Option<String>,
     #[arg(long, global = true, env = "AUTHD_BROKER_USERNAME")]
@@ -315,12 +317,14 @@ impl Connection {
         options.request_topic = format!("{}/rpc", self.service_id);
         options.service_id = self.service_id;
         options.key = key;
+        // The shipped broker lets an account read only `<account>/rpc`, and makes its
+        // account name its client id.
+        if let Some(src) = self.src.or_else(|| self.broker_username.clone()) {
+            options.src = src;
+        }
         options.credentials = self
             .broker_username
             .map(|u| (u, self.broker_password.unwrap_or_default()));
-        if let Some(src) = self.src {
-            options.src = src;
-        }
         let timeout = Duration::from_secs_f64(self.timeout.max(0.0));
         let client = Client::connect(options, timeout)
             .await

@@ -115,6 +115,15 @@ impl RpcError {
     pub fn internal() -> Self {
         Self::new(ErrorCode::Internal, "internal error; nothing was changed")
     }
+    /// 500 for a request whose handler failed unexpectedly (a panic): unlike
+    /// [`RpcError::internal`] it cannot promise that nothing changed. A write retried with
+    /// the same `src`, `id`, method and arguments gets its recorded reply if it did run.
+    pub fn handler_failed() -> Self {
+        Self::new(
+            ErrorCode::Internal,
+            "internal error while handling the request; a write may or may not have taken effect: retry it with the same id",
+        )
+    }
     pub fn deadline_passed() -> Self {
         Self::new(
             ErrorCode::DeadlinePassed,

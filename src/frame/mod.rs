@@ -67,14 +67,25 @@ pub enum DropReason {
     BadId,
     /// `src` or `id` given twice: we cannot tell whom to answer.
     AmbiguousAddress,
+    /// Has a `result` or `error` field: a response, not a request. Answering one could make
+    /// two services answer each other's answers forever.
+    ResponseFrame,
+    /// Its reply topic would be one of our own request topics (a `src` equal to the service
+    /// id, or one whose reply topic falls under the request topic): answering it would
+    /// feed our own reply back to us as a request, forever. Decided by the dispatcher, which
+    /// knows the topics.
+    ReplyLoop,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] = [
+    /// In discriminant order (the metrics index counters by it).
+    pub const ALL: [DropReason; 6] = [
         DropReason::NotJson,
         DropReason::BadSrc,
         DropReason::BadId,
         DropReason::AmbiguousAddress,
+        DropReason::ResponseFrame,
+        DropReason::ReplyLoop,
     ];
 
     pub fn label(self) -> &'static str {
@@ -83,6 +94,8 @@ impl DropReason {
             DropReason::BadSrc => "bad_src",
             DropReason::BadId => "bad_id",
             DropReason::AmbiguousAddress => "ambiguous_address",
+            DropReason::ResponseFrame => "response_frame",
+            DropReason::ReplyLoop => "reply_loop",
         }
     }
 }
@@ -119,6 +132,9 @@ pub fn valid_name(s: &str) -> bool {
 pub fn parse(payload: &[u8], max_bytes: usize) -> Result<Request<'_>, Reject<'_>> {
     let raw: RawFrame<'_> =
         serde_json::from_slice(payload).map_err(|_| Reject::Drop(DropReason::NotJson))?;
+    if raw.response {
+        return Err(Reject::Drop(DropReason::ResponseFrame));
+    }
     if matches!(raw.duplicate, Some(Field::Src | Field::Id)) {
         return Err(Reject::Drop(DropReason::AmbiguousAddress));
     }
@@ -232,6 +248,8 @@ struct RawFrame<'a> {
     deadline: Option<&'a RawValue>,
     timeout: Option<&'a RawValue>,
     nr: Option<&'a RawValue>,
+    /// `result` or `error` was present: the frame is a response.
+    response: bool,
     /// The first known field that appeared twice (the first value is kept).
     duplicate: Option<Field>,
 }
@@ -250,6 +268,9 @@ enum Field {
     Deadline,
     Timeout,
     Nr,
+    /// Response fields: their presence makes the frame a response.
+    Result,
+    Error,
     #[serde(other)]
     Unknown,
 }
@@ -268,6 +289,8 @@ impl Field {
             Field::Deadline => "deadline",
             Field::Timeout => "timeout",
             Field::Nr => "nr",
+            Field::Result => "result",
+            Field::Error => "error",
             Field::Unknown => "unknown",
         }
     }
@@ -296,6 +319,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawFrame<'a> {
                         Field::Deadline => &mut frame.deadline,
                         Field::Timeout => &mut frame.timeout,
                         Field::Nr => &mut frame.nr,
+                        Field::Result | Field::Error => {
+                            frame.response = true;
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
                         Field::Unknown => {
                             map.next_value::<IgnoredAny>()?;
                             continue;

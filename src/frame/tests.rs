@@ -135,3 +135,20 @@ fn args_errors_name_the_field() {
     let e = parse_args::<A>(None).unwrap_err();
     assert_eq!(e.message, "args: missing field `host`");
 }
+
+#[test]
+fn response_frames_are_dropped_whatever_else_they_carry() {
+    for f in [
+        r#"{"id":1,"src":"svc","dst":"a","result":true}"#,
+        r#"{"id":1,"src":"svc","result":null}"#,
+        r#"{"id":1,"src":"svc","error":{"code":500,"message":"x"}}"#,
+        r#"{"id":1,"src":"a","key":"k","method":"Auth.ListToken","error":null}"#,
+        // Before the address checks: a response is never answered, address or not.
+        r#"{"result":1}"#,
+        r#"{"src":"a","src":"b","id":1,"error":1}"#,
+    ] {
+        assert_eq!(dropped(f), DropReason::ResponseFrame, "{f}");
+    }
+    // A field merely named like one inside args is not a response.
+    ok(r#"{"id":1,"src":"a","args":{"result":1,"error":2}}"#);
+}

@@ -1,10 +1,15 @@
 //! The broker session. The only module that sees rumqttc.
 //!
 //! One task owns the connection ([`Session::run`]): it drives rumqttc's event loop, hands
-//! each incoming message to a callback that must not block, subscribes when the broker has
-//! no session for us, and reconnects with capped exponential backoff and jitter. Everything
-//! else talks to the connection through a [`Publisher`]: publish a reply, then complete the
-//! message's [`Ack`].
+//! each incoming message to a callback that must not block, subscribes after every CONNACK,
+//! and reconnects with capped exponential backoff and jitter. Everything else talks to the
+//! connection through a [`Publisher`]: publish a reply, then complete the message's [`Ack`].
+//!
+//! Subscribing again on every connection, even when the broker kept our session, is what
+//! keeps a session that someone else took over (another client connecting with our client
+//! id can unsubscribe it) from leaving us connected but deaf. The session is
+//! [`BrokerState::Ready`] only once a SUBACK grants every topic at QoS 1 or more. Signs of a
+//! takeover are reported to the `on_reconnect` callback ([`Reconnected`]).
 //!
 //! Acks are manual (docs/protocol.md#delivery-and-durability). A message is acknowledged only when its handler says so, and
 //! acks leave in the order the messages arrived, as MQTT 3.1.1 requires. After a reconnect,
@@ -77,9 +82,39 @@ pub struct Message {
 /// Connection state, for readiness and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerState {
+    /// Not connected, or connected but not (yet) subscribed as asked.
     Down,
-    /// Connected and every subscription granted.
+    /// Connected, and the SUBACK of this connection granted every subscription at QoS 1
+    /// or more.
     Ready,
+}
+
+/// A connection the broker closed sooner than this after accepting it counts as taken
+/// over ([`Reconnected::closed_early`]).
+pub const TAKEOVER_WINDOW: Duration = Duration::from_secs(10);
+
+/// What a lost connection coming back looked like: the signs that another client is
+/// connecting with our client id. mosquitto, when a client connects with an id already in
+/// use, closes the older connection (MQTT 3.1.1 gives no reason) and hands the newcomer
+/// the session; with clean session on, it discards the session instead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reconnected {
+    /// The broker no longer had our persistent session (`session_present` 0 on a
+    /// reconnect): the requests queued in it are gone. Another client took our id with
+    /// clean session on, or the broker lost its state (no persistence, a crash between
+    /// autosaves). Only for persistent sessions.
+    pub session_lost: bool,
+    /// The broker closed the previous connection less than [`TAKEOVER_WINDOW`] after
+    /// accepting it, and accepted the very next attempt: it was up all along and dropped
+    /// us, as it does when another client connects with our id.
+    pub closed_early: bool,
+}
+
+impl Reconnected {
+    /// Either sign of a takeover.
+    pub fn looks_taken_over(&self) -> bool {
+        self.session_lost || self.closed_early
+    }
 }
 
 /// Exponential backoff with full jitter between `min` and `max`.
@@ -169,17 +204,25 @@ impl Session {
     /// `close` fires while the broker is unreachable. `on_message` runs on this task: it
     /// must hand work elsewhere and return at once. Once `intake` fires, new messages are
     /// no longer delivered (nor acked: the broker keeps them for our next start).
-    /// `on_reconnect` is called each time a lost connection is re-established.
+    /// `on_reconnect` is called each time a lost connection is re-established, with the
+    /// signs of a takeover (logged here at error level).
     pub async fn run(
         mut self,
         mut on_message: impl FnMut(Message),
         intake: CancellationToken,
         close: CancellationToken,
-        mut on_reconnect: impl FnMut(),
+        mut on_reconnect: impl FnMut(Reconnected),
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut connected = false;
         let mut ever_connected = false;
+        // When the broker accepted the current connection.
+        let mut connected_at: Option<Instant> = None;
+        // The last connection was closed by the broker within TAKEOVER_WINDOW, and how
+        // long it had lived.
+        let mut lost_early: Option<Duration> = None;
+        // Connection attempts that failed since the last connection was lost.
+        let mut failed_attempts = 0u32;
         loop {
             let event = tokio::select! {
                 event = self.eventloop.poll() => event,
@@ -189,34 +232,40 @@ impl Session {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     connected = true;
+                    connected_at = Some(Instant::now());
                     backoff.reset();
                     // A limit raised to read one refused packet lasts this connection only.
                     self.eventloop.mqtt_options.set_max_packet_size(
                         self.options.max_packet_bytes,
                         self.options.max_packet_bytes,
                     );
-                    if ever_connected {
-                        on_reconnect();
-                    }
                     tracing::info!(session_present = ack.session_present, broker = %self.options.broker.host, port = self.options.broker.port, tls = self.options.tls.is_some(), "connected to broker");
-                    // Subscribe when the broker lost our session, and once per start in case
-                    // the topics changed since the session was made.
-                    if !ack.session_present || !ever_connected {
-                        self.subscribe();
-                    } else {
-                        let _ = self.state.send(BrokerState::Ready);
+                    if ever_connected {
+                        let signs = Reconnected {
+                            session_lost: self.options.persistent && !ack.session_present,
+                            closed_early: lost_early.is_some() && failed_attempts == 0,
+                        };
+                        self.report_takeover(&signs, lost_early);
+                        on_reconnect(signs);
                     }
+                    lost_early = None;
+                    failed_attempts = 0;
+                    // Every time, session present or not: a session we got back may not be
+                    // the one we left (someone connecting with our id can unsubscribe it),
+                    // and the topics may have changed since it was made. Ready comes with
+                    // the SUBACK.
+                    self.subscribe();
                     ever_connected = true;
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                    {
-                        tracing::error!(topics = ?self.options.subscriptions, "the broker refused a subscription (check its ACL)");
-                    } else {
+                    if self.grants_all(&ack.return_codes) {
                         let _ = self.state.send(BrokerState::Ready);
+                    } else {
+                        tracing::error!(
+                            topics = ?self.options.subscriptions,
+                            granted = ?ack.return_codes,
+                            "the broker refused a subscription or granted less than QoS 1 (check its ACL and max_qos): not ready, requests would be lost"
+                        );
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -242,6 +291,14 @@ impl Session {
                     let _ = self.state.send(BrokerState::Down);
                     if close.is_cancelled() {
                         return;
+                    }
+                    match connected_at.take() {
+                        Some(at) => {
+                            let lived = at.elapsed();
+                            lost_early =
+                                (closed_by_broker(&e) && lived < TAKEOVER_WINDOW).then_some(lived);
+                        }
+                        None => failed_attempts += 1,
                     }
                     connected = false;
                     {
@@ -279,6 +336,35 @@ impl Session {
         }
     }
 
+    /// Whether a SUBACK grants every topic we asked for at QoS 1 or more. A refusal or a
+    /// grant at QoS 0 (mosquitto's `max_qos`) would lose requests: not ready.
+    fn grants_all(&self, codes: &[SubscribeReasonCode]) -> bool {
+        codes.len() == self.options.subscriptions.len()
+            && codes.iter().all(|c| {
+                matches!(
+                    c,
+                    SubscribeReasonCode::Success(QoS::AtLeastOnce | QoS::ExactlyOnce)
+                )
+            })
+    }
+
+    fn report_takeover(&self, signs: &Reconnected, lived: Option<Duration>) {
+        let client_id = self.options.client_id.as_str();
+        if signs.session_lost {
+            tracing::error!(
+                client_id,
+                "the broker no longer had our session: requests queued for us while we were away are lost. Another client connected with our client id and clean session, or the broker lost its state (persistence off?); subscribing again"
+            );
+        }
+        if signs.closed_early {
+            tracing::error!(
+                client_id,
+                lived_ms = lived.map_or(0, |d| d.as_millis() as u64),
+                "the broker closed our connection moments after accepting it and took us back at once: another client is probably connecting with our client id. Bind client ids to accounts (mosquitto: use_username_as_clientid true); subscribing again"
+            );
+        }
+    }
+
     fn subscribe(&self) {
         let topics = self
             .options
@@ -289,6 +375,23 @@ impl Session {
         if let Err(e) = self.client.try_subscribe_many(topics) {
             tracing::error!(error = %e, "could not queue the subscription");
         }
+    }
+}
+
+/// Whether the broker ended the connection (closed or reset it), rather than our side
+/// giving up on it (a keep-alive or network timeout, a packet we refused).
+fn closed_by_broker(e: &ConnectionError) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let io_closed = |e: &std::io::Error| {
+        matches!(
+            e.kind(),
+            ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe
+        )
+    };
+    match e {
+        ConnectionError::MqttState(StateError::ConnectionAborted) => true,
+        ConnectionError::MqttState(StateError::Io(e)) | ConnectionError::Io(e) => io_closed(e),
+        _ => false,
     }
 }
 

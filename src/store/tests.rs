@@ -399,7 +399,7 @@ async fn still_recorded(s: &Store) -> Vec<bool> {
 fn a_newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_raw(dir.path());
         db.open_tree("meta")
             .unwrap()
             .insert("schema_version", &99u64.to_be_bytes())
@@ -701,7 +701,7 @@ async fn a_schema_1_database_is_upgraded_at_open() {
         s.flush().await.unwrap();
     }
     {
-        let db = sled::open(dir.path()).unwrap();
+        let db = open_raw(dir.path());
         db.drop_tree("token_counts").unwrap();
         db.open_tree("meta")
             .unwrap()
@@ -738,7 +738,23 @@ async fn a_schema_1_database_is_upgraded_at_open() {
         Applied::Now(Changed::TokenReplaced, _)
     ));
     drop(s);
-    let db = sled::open(dir.path()).unwrap();
+    let db = open_raw(dir.path());
     let version = db.open_tree("meta").unwrap().get("schema_version").unwrap();
     assert_eq!(version.as_deref(), Some(&2u64.to_be_bytes()[..]));
+}
+
+/// The database in `dir` opened with raw sled, once the store that had it has let go of its
+/// file lock (sled releases it a little after the last handle drops).
+fn open_raw(dir: &std::path::Path) -> sled::Db {
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match sled::open(dir) {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < give_up => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("opening {}: {e}", dir.display()),
+        }
+    }
 }

@@ -321,7 +321,7 @@ impl Spy {
             },
             tokio_util::sync::CancellationToken::new(),
             close.clone(),
-            || {},
+            |_| {},
         ));
         tokio::time::timeout(TIMEOUT, state.wait_for(|s| *s == BrokerState::Ready))
             .await
