@@ -7,9 +7,10 @@
 //! concurrent changes share that disk write and then one flush: group commit. If the batch
 //! fails, each change is run again alone, so one bad change fails only its own request.
 //!
-//! A change returns only once it is on disk (unless the store was opened for bulk import,
-//! which flushes once at the end). A [`Job::Barrier`] returns once everything committed before
-//! it is on disk: a reader that saw a record whose batch may still be flushing waits on one.
+//! A change returns only once it is on stable storage ([`Disk::sync`]: sled's flush, then an
+//! `fdatasync` of its log), unless the store was opened for bulk import, which syncs once at
+//! the end. A [`Job::Barrier`] returns once everything committed before it is on stable
+//! storage: a reader that saw a record whose batch may still be syncing waits on one.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -17,6 +18,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Transactional;
 use tokio::sync::oneshot;
 
+use super::disk::Disk;
 use super::replays::{self, Requester};
 use super::{entities, rules, tokens};
 use crate::rules::RuleIndex;
@@ -154,7 +156,7 @@ pub struct Shared {
 impl Writer {
     /// Starts the thread.
     pub fn start(
-        db: sled::Db,
+        disk: Arc<Disk>,
         trees: Trees,
         shared: Shared,
         flushes: bool,
@@ -164,7 +166,7 @@ impl Writer {
             .name("authd-writer".into())
             .spawn(move || {
                 let batches = Batches {
-                    db,
+                    disk,
                     trees,
                     shared,
                     flushes,
@@ -208,7 +210,7 @@ impl Drop for Writer {
 
 /// What the writer thread owns.
 struct Batches {
-    db: sled::Db,
+    disk: Arc<Disk>,
     trees: Trees,
     shared: Shared,
     flushes: bool,
@@ -256,9 +258,9 @@ impl Batches {
             }
         }
         if !barriers.is_empty() {
-            // Every batch with changes was flushed before its jobs were answered; only a store
-            // that does not flush on commit has anything left to flush here.
-            let ok = self.flushes || self.db.flush().is_ok();
+            // Every batch with changes was synced before its jobs were answered; only a store
+            // that does not sync on commit has anything left to sync here.
+            let ok = self.flushes || self.disk.sync().is_ok();
             for done in barriers {
                 let _ = done.send(ok);
             }
@@ -318,8 +320,9 @@ impl Batches {
         Ok(results)
     }
 
-    /// Flushes (fsyncs) the database if this store flushes on commit, or stops the process.
-    /// After a failed fsync the state on disk is unknown; answering from memory that may
+    /// Puts the batch on stable storage ([`Disk::sync`]: one sled flush and one `fdatasync`
+    /// for the whole batch) if this store syncs on commit, or stops the process. After a
+    /// failed fsync the state on disk is unknown; answering from memory that may
     /// disagree with it would break the promise that an answered change is durable. Like
     /// PostgreSQL, authd stops at once instead: the broker redelivers every unacknowledged
     /// request to the restarted worker, which answers from what is really on disk.
@@ -327,8 +330,8 @@ impl Batches {
         if !self.flushes {
             return;
         }
-        if let Err(e) = self.db.flush() {
-            tracing::error!(error = %e, "database flush failed; stopping at once");
+        if let Err(e) = self.disk.sync() {
+            tracing::error!(error = %e, "database sync failed; stopping at once");
             std::process::exit(74);
         }
     }
@@ -384,7 +387,7 @@ mod tests {
         let db = sled::Config::new().temporary(true).open().unwrap();
         Batches {
             trees: Trees::open(&db).unwrap(),
-            db,
+            disk: Arc::new(Disk::temporary(db)),
             shared: Shared {
                 index: Arc::default(),
                 replays: ReplayPolicy::default(),
