@@ -151,3 +151,39 @@ fn failed(what: String, e: std::io::Error) -> StoreError {
         format!("{what}: {e}"),
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Disk {
+        let db = sled::Config::new().path(dir).open().unwrap();
+        Disk::open(db, dir).unwrap()
+    }
+
+    fn synced_blobs(disk: &Disk) -> usize {
+        let files = disk.files.as_ref().unwrap();
+        files.lock().unwrap().blobs.len()
+    }
+
+    #[test]
+    fn a_value_too_big_for_the_log_goes_to_a_blob_file_and_is_synced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("db");
+        let disk = open(&dir);
+        disk.sync().unwrap();
+        assert_eq!(synced_blobs(&disk), 0);
+        disk.db.insert("small", vec![1; 100]).unwrap();
+        disk.sync().unwrap();
+        assert_eq!(synced_blobs(&disk), 0, "small records stay in the log");
+        // Over a quarter of sled's 512 KiB segment: a file of its own under blobs/.
+        disk.db.insert("big", vec![7; 300 * 1024]).unwrap();
+        disk.sync().unwrap();
+        let on_disk = std::fs::read_dir(dir.join("blobs")).unwrap().count();
+        assert!(on_disk >= 1, "sled wrote a blob file");
+        assert_eq!(synced_blobs(&disk), on_disk, "every blob file synced");
+        drop(disk);
+        let disk = open(&dir);
+        assert_eq!(disk.db.get("big").unwrap().unwrap().len(), 300 * 1024);
+    }
+}
