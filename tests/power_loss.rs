@@ -318,10 +318,11 @@ async fn a_new_data_directory_and_its_keys_survive_a_power_cut() {
     disk.power_on();
 
     let after = std::fs::read_to_string(&key_file).ok();
-    assert_eq!(
-        after.as_deref().map(str::trim),
-        Some(key.as_str()),
-        "admin.key after the power cut"
+    // (No key in the message: compared, not shown.)
+    assert!(
+        after.as_deref().map(str::trim) == Some(key.as_str()),
+        "admin.key after the power cut: {}",
+        if after.is_some() { "changed" } else { "gone" }
     );
     let authd = Authd::spawn(&broker, &data, &log, None);
     wait_answering(&admin).await;
