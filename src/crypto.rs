@@ -304,15 +304,12 @@ pub fn rotate_key_file(path: &Path) -> Result<KeyId, KeyFileError> {
         return Err(io(e));
     }
     // The rename itself is durable only once the directory is.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io)?;
-    }
+    crate::durable::sync_parent(path).map_err(io)?;
     Ok(id)
 }
 
-/// Writes a new file readable by its owner only. Fails if the file exists.
+/// Writes a new file readable by its owner only, and returns once it survives a power cut
+/// (the file and its directory synced). Fails if the file exists.
 pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -323,7 +320,8 @@ pub fn write_secret_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     }
     let mut file = options.open(path)?;
     file.write_all(contents)?;
-    file.sync_all()
+    file.sync_all()?;
+    crate::durable::sync_parent(path)
 }
 
 #[cfg(test)]

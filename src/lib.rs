@@ -17,6 +17,7 @@
 //! | [`rules`] | access rules: `*` patterns, the AuthorizeCommand decision order, the rule index |
 //! | [`store`] | the state behind operations in product words; `store::embedded` keeps it in sled (one writer thread, group commit) |
 //! | [`crypto`] | server keys, keyed hashes, token derivation, constant-time comparison |
+//! | [`durable`] | fsync of the files and directories authd creates (the database syncs its own) |
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
 //! | [`caller`] | caller API keys and scopes |
 //! | [`ratelimit`] | per-caller token buckets (429) |
@@ -34,6 +35,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod dispatch;
+pub mod durable;
 pub mod frame;
 pub mod http;
 pub mod import;

@@ -400,12 +400,6 @@ pub fn open_data(config: &Config, flush_on_commit: bool) -> anyhow::Result<(Stor
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder.create(dir)
+    // Synced into its parent: the keys and database in it must survive a power cut.
+    crate::durable::create_dir_all(dir, 0o700)
 }

@@ -2,8 +2,9 @@
 //!
 //! Reads go straight to sled's trees from the calling task (they are in-memory lookups once
 //! the page is cached). Every change goes to one writer thread ([`writer`]), which commits
-//! concurrent changes in one transaction with their replay records and flushes once for all
-//! of them (group commit); a change's call returns once it is on disk.
+//! concurrent changes in one transaction with their replay records and syncs once for all
+//! of them (group commit); a change's call returns once it is on stable storage ([`disk`]:
+//! sled's own flush is not enough for a power cut).
 //!
 //! | file | trees |
 //! |---|---|
@@ -12,6 +13,7 @@
 //! | [`rules`] | `rules` (and `meta`'s rule id counter), mirrored by the in-memory rule index |
 //! | [`replays`] | `replays`, `replay_times` |
 //! | [`writer`] | the named trees, transactions, the writer thread |
+//! | [`disk`] | sled's files and the syncs that make a committed change durable |
 //! | [`encoding`] | key and record layouts |
 
 use std::collections::BTreeMap;
@@ -27,6 +29,7 @@ use crate::store::records::{
     ReplayPolicy, RequestKey, StoreError, TokenPage, TokenRecord,
 };
 
+mod disk;
 mod encoding;
 mod entities;
 mod replays;
@@ -34,6 +37,7 @@ mod rules;
 mod tokens;
 mod writer;
 
+use disk::Disk;
 use replays::Requester;
 use writer::{Job, Shared, Trees, Writer};
 
@@ -57,7 +61,7 @@ impl From<sled::Error> for StoreError {
 /// The embedded sled store. Cheap to clone.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    db: sled::Db,
+    disk: Arc<Disk>,
     trees: Trees,
     /// The rules of the `rules` tree, indexed. A std lock, not a Tokio one: it is never held
     /// across an await, and readers (every AuthorizeCommand) do not block each other. Only
@@ -72,8 +76,8 @@ pub struct EmbeddedStore {
 
 impl EmbeddedStore {
     /// Opens (or creates) the database in `dir`. `cache_bytes` bounds sled's page cache.
-    /// With `flush_on_commit`, every change is on disk when the call that made it returns;
-    /// without (bulk import), only after [`EmbeddedStore::flush`].
+    /// With `flush_on_commit`, every change is on stable storage when the call that made it
+    /// returns; without (bulk import), only after [`EmbeddedStore::flush`].
     pub fn open(
         dir: &Path,
         cache_bytes: u64,
@@ -97,22 +101,25 @@ impl EmbeddedStore {
                 other => break other?,
             }
         };
-        Self::from_db(db, flush_on_commit, replays)
+        let disk = Disk::open(db.clone(), dir)?;
+        Self::from_db(db, disk, flush_on_commit, replays)
     }
 
     /// A throw-away database in a temporary directory (fuzzing, unit tests).
     pub fn temporary() -> Result<EmbeddedStore, StoreError> {
         let db = sled::Config::new().temporary(true).open()?;
-        Self::from_db(db, false, ReplayPolicy::default())
+        let disk = Disk::temporary(db.clone());
+        Self::from_db(db, disk, false, ReplayPolicy::default())
     }
 
     fn from_db(
         db: sled::Db,
+        disk: Disk,
         flush_on_commit: bool,
         replays: ReplayPolicy,
     ) -> Result<EmbeddedStore, StoreError> {
         let trees = Trees::open(&db)?;
-        upgrade(&db, &trees)?;
+        upgrade(&disk, &trees)?;
         let rule_index = Arc::new(RwLock::new(rules::load_index(&trees)?));
         let replay_count = Arc::new(replays::Count::at_open(&trees));
         let prune_now = Arc::new(tokio::sync::Notify::new());
@@ -122,9 +129,10 @@ impl EmbeddedStore {
             replay_count: replay_count.clone(),
             prune_now: prune_now.clone(),
         };
-        let writer = Writer::start(db.clone(), trees.clone(), shared, flush_on_commit)?;
+        let disk = Arc::new(disk);
+        let writer = Writer::start(disk.clone(), trees.clone(), shared, flush_on_commit)?;
         Ok(EmbeddedStore {
-            db,
+            disk,
             trees,
             rule_index,
             replays,
@@ -267,10 +275,9 @@ impl EmbeddedStore {
         self.writer.flushes
     }
 
-    /// Writes everything to disk. Blocks: call it off the runtime's worker threads.
+    /// Puts everything on stable storage. Blocks: call it off the runtime's worker threads.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.disk.sync()
     }
 
     /// Changes an entity behind the writer's back (tests of the owner lookup).
@@ -287,11 +294,11 @@ impl EmbeddedStore {
 /// step by step, a newer one (or an unreadable version) refused. Each step is idempotent and
 /// its version is written only once its work is on disk, so a crash during an upgrade
 /// leaves the old version, and the next open does the step again.
-fn upgrade(db: &sled::Db, trees: &Trees) -> Result<(), StoreError> {
+fn upgrade(disk: &Disk, trees: &Trees) -> Result<(), StoreError> {
     let stamp = |version: u64| -> Result<(), StoreError> {
-        db.flush()?;
+        disk.sync()?;
         trees.meta.insert(SCHEMA_KEY, &version.to_be_bytes())?;
-        db.flush()?;
+        disk.sync()?;
         Ok(())
     };
     let mut version = match trees.meta.get(SCHEMA_KEY)? {

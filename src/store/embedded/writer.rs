@@ -7,9 +7,16 @@
 //! concurrent changes share that disk write and then one flush: group commit. If the batch
 //! fails, each change is run again alone, so one bad change fails only its own request.
 //!
-//! A change returns only once it is on disk (unless the store was opened for bulk import,
-//! which flushes once at the end). A [`Job::Barrier`] returns once everything committed before
-//! it is on disk: a reader that saw a record whose batch may still be flushing waits on one.
+//! A change returns only once it is on stable storage ([`Disk::sync`]: sled's flush, then an
+//! `fdatasync` of its log), unless the store was opened for bulk import, which syncs once at
+//! the end. A [`Job::Barrier`] returns once everything committed before it is on stable
+//! storage: a reader that saw a record whose batch may still be syncing waits on one.
+//!
+//! The sync is a wait for the disk, not work: a second thread, the syncer, does it while
+//! the writer commits the next batch. The writer hands each committed batch's answers to
+//! the syncer, which takes every batch handed over so far, syncs once and answers them all;
+//! batches handed over meanwhile wait for its next sync. A batch is handed over only after
+//! it is committed, so the sync that answers it started after its commit.
 
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -17,6 +24,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::Transactional;
 use tokio::sync::oneshot;
 
+use super::disk::Disk;
 use super::replays::{self, Requester};
 use super::{entities, rules, tokens};
 use crate::rules::RuleIndex;
@@ -160,20 +168,22 @@ pub struct Shared {
 impl Writer {
     /// Starts the thread.
     pub fn start(
-        db: sled::Db,
+        disk: Arc<Disk>,
         trees: Trees,
         shared: Shared,
         flushes: bool,
     ) -> Result<Writer, StoreError> {
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (to_syncer, syncer) =
+            Syncer::start(disk, flushes).map_err(|e| StoreError::corrupt("syncer thread", e))?;
         let thread = std::thread::Builder::new()
             .name("authd-writer".into())
             .spawn(move || {
                 let batches = Batches {
-                    db,
                     trees,
                     shared,
                     flushes,
+                    syncer: to_syncer,
                 };
                 while let Ok(first) = queue.recv() {
                     let mut batch = vec![first];
@@ -185,6 +195,9 @@ impl Writer {
                     }
                     batches.run(batch);
                 }
+                // The syncer answers what it was handed, then stops.
+                drop(batches);
+                let _ = syncer.join();
             })
             .map_err(|e| StoreError::corrupt("writer thread", e))?;
         Ok(Writer {
@@ -214,10 +227,81 @@ impl Drop for Writer {
 
 /// What the writer thread owns.
 struct Batches {
-    db: sled::Db,
     trees: Trees,
     shared: Shared,
     flushes: bool,
+    /// Answers that wait for a sync.
+    syncer: std::sync::mpsc::Sender<Synced>,
+}
+
+/// An answer that leaves only after a sync.
+enum Synced {
+    Applied(oneshot::Sender<Result<Applied, StoreError>>, Applied),
+    Barrier(oneshot::Sender<bool>),
+}
+
+/// The syncer thread: syncs the database once for every answer handed to it so far, then
+/// sends them.
+struct Syncer {
+    disk: Arc<Disk>,
+    flushes: bool,
+    answers: std::sync::mpsc::Receiver<Synced>,
+}
+
+impl Syncer {
+    fn start(
+        disk: Arc<Disk>,
+        flushes: bool,
+    ) -> std::io::Result<(std::sync::mpsc::Sender<Synced>, std::thread::JoinHandle<()>)> {
+        let (to_syncer, answers) = std::sync::mpsc::channel();
+        let syncer = Syncer {
+            disk,
+            flushes,
+            answers,
+        };
+        let thread = std::thread::Builder::new()
+            .name("authd-syncer".into())
+            .spawn(move || syncer.run())?;
+        Ok((to_syncer, thread))
+    }
+
+    fn run(self) {
+        while let Ok(first) = self.answers.recv() {
+            let mut waiting = vec![first];
+            waiting.extend(self.answers.try_iter());
+            let ok = self.sync();
+            for answer in waiting {
+                match answer {
+                    Synced::Applied(done, applied) => {
+                        let _ = done.send(Ok(applied));
+                    }
+                    Synced::Barrier(done) => {
+                        let _ = done.send(ok);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Syncs the database. If this store syncs on commit and the sync fails, stops the
+    /// process: after a failed fsync the state on disk is unknown; answering from memory
+    /// that may disagree with it would break the promise that an answered change is
+    /// durable. Like PostgreSQL, authd stops at once instead: the broker redelivers every
+    /// unacknowledged request to the restarted worker, which answers from what is really
+    /// on disk. (A store opened for bulk import answers the barrier `false`.)
+    fn sync(&self) -> bool {
+        match self.disk.sync() {
+            Ok(()) => true,
+            Err(e) if self.flushes => {
+                tracing::error!(error = %e, "database sync failed; stopping at once");
+                std::process::exit(74);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "database sync failed");
+                false
+            }
+        }
+    }
 }
 
 impl Batches {
@@ -238,9 +322,8 @@ impl Batches {
             let work: Vec<_> = changes.iter().map(|(r, c, _)| (r, c)).collect();
             match self.commit(&work) {
                 Ok(results) => {
-                    self.durable();
                     for ((_, _, done), result) in changes.into_iter().zip(results) {
-                        let _ = done.send(Ok(result));
+                        self.answer(done, result);
                     }
                 }
                 Err(_) if changes.len() > 1 => {
@@ -248,10 +331,12 @@ impl Batches {
                         let result = self
                             .commit(&[(&request, &change)])
                             .and_then(|mut r| r.pop().ok_or(StoreError::Writer));
-                        if result.is_ok() {
-                            self.durable();
+                        match result {
+                            Ok(applied) => self.answer(done, applied),
+                            Err(e) => {
+                                let _ = done.send(Err(e));
+                            }
                         }
-                        let _ = done.send(result);
                     }
                 }
                 Err(e) => {
@@ -261,14 +346,26 @@ impl Batches {
                 }
             }
         }
-        if !barriers.is_empty() {
-            // Every batch with changes was flushed before its jobs were answered; only a store
-            // that does not flush on commit has anything left to flush here.
-            let ok = self.flushes || self.db.flush().is_ok();
-            for done in barriers {
-                let _ = done.send(ok);
-            }
+        // Answered by the syncer after a sync that starts after everything committed so far.
+        for done in barriers {
+            self.hand_over(Synced::Barrier(done));
         }
+    }
+
+    /// Answers a committed change: after the next sync if this store syncs on commit,
+    /// otherwise at once.
+    fn answer(&self, done: oneshot::Sender<Result<Applied, StoreError>>, applied: Applied) {
+        if self.flushes {
+            self.hand_over(Synced::Applied(done, applied));
+        } else {
+            let _ = done.send(Ok(applied));
+        }
+    }
+
+    fn hand_over(&self, answer: Synced) {
+        // The syncer stops only after this thread: a failed send drops the answer, and its
+        // caller sees the writer gone.
+        let _ = self.syncer.send(answer);
     }
 
     /// Applies `work` in one transaction, then brings the rule index up to date.
@@ -322,21 +419,6 @@ impl Batches {
             }
         }
         Ok(results)
-    }
-
-    /// Flushes (fsyncs) the database if this store flushes on commit, or stops the process.
-    /// After a failed fsync the state on disk is unknown; answering from memory that may
-    /// disagree with it would break the promise that an answered change is durable. Like
-    /// PostgreSQL, authd stops at once instead: the broker redelivers every unacknowledged
-    /// request to the restarted worker, which answers from what is really on disk.
-    fn durable(&self) {
-        if !self.flushes {
-            return;
-        }
-        if let Err(e) = self.db.flush() {
-            tracing::error!(error = %e, "database flush failed; stopping at once");
-            std::process::exit(74);
-        }
     }
 }
 
@@ -395,7 +477,9 @@ mod tests {
         let db = sled::Config::new().temporary(true).open().unwrap();
         Batches {
             trees: Trees::open(&db).unwrap(),
-            db,
+            syncer: Syncer::start(Arc::new(Disk::temporary(db)), false)
+                .unwrap()
+                .0,
             shared: Shared {
                 index: Arc::default(),
                 replays: ReplayPolicy::default(),
