@@ -468,6 +468,27 @@ mod tests {
     }
 
     #[test]
+    fn take_secrets_leaves_no_secret_behind() {
+        let mut c = Config {
+            broker_username: Some("authd".into()),
+            broker_password: Some("broker-pw-SECRET".into()),
+            callers: crate::caller::parse_caller_keys("ops:admin:caller-SECRET-0123456789")
+                .unwrap(),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        let secrets = c.take_secrets();
+        let left = serde_json::to_string(&c).unwrap();
+        assert!(!left.contains("SECRET"), "{left}");
+        assert_eq!(c.broker_username.as_deref(), Some("authd"));
+        assert_eq!(secrets.callers.len(), 1);
+        assert_eq!(
+            secrets.broker_password.map(|p| p.into_inner()).as_deref(),
+            Some("broker-pw-SECRET")
+        );
+    }
+
+    #[test]
     fn lockout_settings_are_checked_unless_the_guard_is_off() {
         let c = Config {
             lockout_base_ms: 0,

@@ -1,9 +1,10 @@
 //! The data directory (`db/`, `server.key`, `admin.key`) and who may read it.
 //!
 //! - The directory is created with mode 0700. An existing one that group or others may
-//!   enter is refused, with the `chmod 700` that fixes it: authd does not change the mode of
-//!   a directory it did not make (`--data` pointed at a home or a shared directory must not
-//!   get it locked).
+//!   enter is made 0700 if it is empty and ours (made for authd: `mkdir`, a fresh volume or
+//!   temporary directory) and refused otherwise, with the `chmod 700` that fixes it: authd
+//!   does not change the mode of a directory that already holds something (`--data` pointed
+//!   at a home or a shared directory must not get it locked).
 //! - A process that opens a data directory sets its umask to 077 for the rest of its life,
 //!   so every file sled creates, at open and later (snapshots, blobs), is 0600 and every
 //!   directory 0700.
@@ -28,8 +29,8 @@ pub fn restrict_umask() {
 }
 
 /// Makes `dir` ready to hold secrets: restricts the umask ([`restrict_umask`]), creates the
-/// directory (mode 0700, parents too) if it is missing, and refuses an existing one that
-/// group or others may read, write or enter.
+/// directory (mode 0700, parents too) if it is missing, makes an empty one of ours 0700, and
+/// refuses one with something in it that group or others may read, write or enter.
 pub fn prepare(dir: &Path) -> io::Result<()> {
     restrict_umask();
     let mut builder = std::fs::DirBuilder::new();
@@ -44,9 +45,14 @@ pub fn prepare(dir: &Path) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("data directory {}: {e}", dir.display())))?;
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(dir)?;
+        let mode = meta.permissions().mode() & 0o777;
+        // SAFETY: geteuid(2) cannot fail and touches no memory.
+        let ours = meta.uid() == unsafe { libc::geteuid() };
+        if mode & 0o077 != 0 && ours && std::fs::read_dir(dir)?.next().is_none() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        } else if mode & 0o077 != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!(
@@ -126,11 +132,16 @@ mod tests {
     }
 
     #[test]
-    fn prepare_creates_0700_and_refuses_an_open_directory() {
+    fn prepare_creates_0700_and_refuses_an_open_directory_with_something_in_it() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("a/b");
         prepare(&dir).unwrap();
         assert_eq!(mode(&dir), 0o700);
+        // Empty and ours: made for authd, so made private.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        std::fs::write(dir.join("something"), "x").unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
         let e = prepare(&dir).unwrap_err().to_string();
         assert!(
@@ -138,6 +149,44 @@ mod tests {
             "{e}"
         );
         assert_eq!(mode(&dir), 0o750, "the mode is the operator's to change");
+    }
+
+    /// sled makes files at open and later (snapshots, blobs): the umask, not [`tighten`],
+    /// is what keeps those owner-only.
+    #[test]
+    fn after_prepare_sled_and_everything_else_create_owner_only_files() {
+        // SAFETY: as in `restrict_umask`.
+        unsafe {
+            libc::umask(0o022);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("data");
+        prepare(&root).unwrap();
+        let db = root.join("db");
+        let store = sled::open(&db).unwrap();
+        store.insert(b"k", vec![1u8; 100_000]).unwrap();
+        store.flush().unwrap();
+        std::fs::write(root.join("later"), "x").unwrap();
+        std::fs::create_dir(root.join("later-dir")).unwrap();
+        let mut pending = vec![root.clone()];
+        let mut seen = 0;
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                assert_eq!(
+                    mode(&path) & 0o077,
+                    0,
+                    "{} is {:o}",
+                    path.display(),
+                    mode(&path)
+                );
+                seen += 1;
+                if path.is_dir() {
+                    pending.push(path);
+                }
+            }
+        }
+        assert!(seen > 4, "sled made its files");
     }
 
     #[test]

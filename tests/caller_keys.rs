@@ -6,7 +6,8 @@
 //! and a scope (rotation) still start.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// `authd` with none of the test runner's `AUTHD_*` or `RUST_LOG`.
 fn authd() -> Command {
@@ -28,7 +29,8 @@ enum Source<'a> {
 }
 
 /// `authd serve` (a real start, not `--print-config`) with these keys, against a broker
-/// that is not there; returns its output and whether it made its data directory.
+/// that is not there; returns its output and whether it made its data directory. A worker
+/// that accepted the keys would run on: it is killed after 5 s.
 fn serve(source: Source<'_>) -> (Output, bool) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -51,7 +53,18 @@ fn serve(source: Source<'_>) -> (Output, bool) {
             command.arg("--caller-keys").arg(text);
         }
     }
-    let out = command.output().expect("authd runs");
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("authd runs");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while child.try_wait().expect("wait").is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("authd's output");
     (out, data.exists())
 }
 

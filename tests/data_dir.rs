@@ -276,6 +276,8 @@ fn a_data_directory_others_can_read_is_refused_and_left_as_it_is() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
+    // Something of the operator's in it: not a directory made for authd alone.
+    std::fs::write(data.join("notes.txt"), "x").unwrap();
     chmod(&data, 0o755);
     let fix = format!("chmod 700 {}", data.display());
     assert_exit_2(
@@ -292,10 +294,22 @@ fn a_data_directory_others_can_read_is_refused_and_left_as_it_is() {
         .unwrap();
     assert_exit_2("import", &out, &["has mode 0755", &fix], "");
     assert_eq!(mode(&data), 0o755, "authd does not change it");
-    assert!(entries(&data).is_empty(), "nothing made in it");
+    assert_eq!(entries(&data).len(), 1, "nothing made in it");
     // Fixed as the message says, it starts.
     chmod(&data, 0o700);
     init(&data);
+}
+
+#[test]
+fn an_empty_data_directory_made_for_authd_is_made_owner_only() {
+    // `mkdir` with a usual umask, a fresh volume: empty, ours, 0755.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    chmod(&data, 0o755);
+    init(&data);
+    assert_eq!(mode(&data), 0o700);
+    assert!(entries(&data).iter().all(|(_, m)| m & 0o077 == 0));
 }
 
 #[test]
