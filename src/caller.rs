@@ -241,10 +241,8 @@ pub fn load_or_create_admin_key(data_dir: &Path) -> std::io::Result<(CallerKeyCo
     let (key, created): (Secret, bool) = match crate::data_dir::read_private(&path) {
         Ok(text) => (text.trim().into(), false),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Secret::new(format!(
-                "authd_admin_{}",
-                URL_SAFE_NO_PAD.encode(random_bytes::<32>())
-            ));
+            let body = zeroize::Zeroizing::new(URL_SAFE_NO_PAD.encode(random_bytes::<32>()));
+            let key = Secret::new(format!("authd_admin_{}", body.as_str()));
             let line = zeroize::Zeroizing::new(format!("{}\n", key.expose()));
             write_secret_file(&path, line.as_bytes()).map_err(failed)?;
             (key, true)
