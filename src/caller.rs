@@ -1,10 +1,13 @@
 //! Caller API keys (docs/protocol.md#caller-keys-and-scopes, the worker's half of "only the backend may call it").
 //!
 //! Every frame carries a key in `key`. Keys have a name and a scope; several may be live at
-//! once so they can be rotated. We keep only SHA-256 digests of the keys and compare a
-//! presented key's digest with every configured one in constant time, without stopping at
-//! the first match. Key values never reach a log line: `Debug` shows names only.
+//! once so they can be rotated. We keep only SHA-256 digests of the keys (the configured
+//! values are wiped once digested, [`Secret`]) and compare a presented key's digest with
+//! every configured one in constant time, without stopping at the first match. Key values
+//! never reach a log line: `Debug` shows names only. Keys that would weaken the gate (empty,
+//! short, one secret under two names) are refused at start ([`check_caller_keys`]).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -15,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use crate::crypto::{random_bytes, sha256, write_secret_file};
+use crate::secret::Secret;
 
 /// What a key may call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -57,7 +61,8 @@ impl FromStr for Scope {
 pub struct CallerKeyConfig {
     pub name: String,
     pub scope: Scope,
-    pub key: String,
+    /// Wiped when dropped; the worker keeps only its digest ([`CallerKeys`]).
+    pub key: Secret,
 }
 
 impl fmt::Debug for CallerKeyConfig {
@@ -71,7 +76,8 @@ impl fmt::Debug for CallerKeyConfig {
 }
 
 /// Parses `name:scope:secret` items separated by commas (`AUTHD_CALLER_KEYS`). Errors
-/// name the item by position and name, never by its secret.
+/// name the item by position and name, never by its secret. An empty secret parses (as
+/// `name:scope:`) so that [`check_caller_keys`] refuses it by name.
 pub fn parse_caller_keys(text: &str) -> Result<Vec<CallerKeyConfig>, String> {
     let mut out = Vec::new();
     for (n, item) in text.split(',').map(str::trim).enumerate() {
@@ -80,9 +86,7 @@ pub fn parse_caller_keys(text: &str) -> Result<Vec<CallerKeyConfig>, String> {
         }
         let mut parts = item.splitn(3, ':');
         let (name, scope, key) = match (parts.next(), parts.next(), parts.next()) {
-            (Some(name), Some(scope), Some(key)) if !name.is_empty() && !key.is_empty() => {
-                (name, scope, key)
-            }
+            (Some(name), Some(scope), Some(key)) if !name.is_empty() => (name, scope, key),
             _ => {
                 return Err(format!(
                     "caller key item {} is not `name:scope:secret`",
@@ -96,10 +100,64 @@ pub fn parse_caller_keys(text: &str) -> Result<Vec<CallerKeyConfig>, String> {
         out.push(CallerKeyConfig {
             name: name.to_owned(),
             scope,
-            key: key.to_owned(),
+            key: key.into(),
         });
     }
     Ok(out)
+}
+
+/// Shortest caller key accepted, in bytes.
+pub const MIN_CALLER_KEY_BYTES: usize = 16;
+
+/// Refuses caller keys that would weaken the gate: a key without a name (or with a control
+/// character in it), an empty key or one shorter than [`MIN_CALLER_KEY_BYTES`], the same
+/// secret under two names (a caller would be taken for whichever comes last) or twice under
+/// one, and one name with two scopes. Keys sharing a name and scope with different secrets
+/// are allowed: that is how a key is rotated. Messages name a key by its name (or its
+/// position when the name is the problem), never by its secret, nor say how long it is.
+pub fn check_caller_keys(keys: &[CallerKeyConfig]) -> Result<(), String> {
+    let mut secrets: HashMap<[u8; 32], &str> = HashMap::new();
+    let mut scopes: HashMap<&str, Scope> = HashMap::new();
+    for (n, key) in keys.iter().enumerate() {
+        let name = key.name.as_str();
+        if name.is_empty() {
+            return Err(format!("caller key {} has an empty name", n + 1));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(format!(
+                "caller key {}: its name has a control character",
+                n + 1
+            ));
+        }
+        if key.key.is_empty() {
+            return Err(format!("caller key `{name}` is empty"));
+        }
+        if key.key.len() < MIN_CALLER_KEY_BYTES {
+            return Err(format!(
+                "caller key `{name}` is shorter than {MIN_CALLER_KEY_BYTES} bytes; use a long random secret (e.g. `openssl rand -base64 32`)"
+            ));
+        }
+        if let Some(first) = secrets.insert(sha256(key.key.expose().as_bytes()), name) {
+            return Err(if first == name {
+                format!("caller key `{name}` is configured twice with the same secret")
+            } else {
+                format!(
+                    "caller keys `{first}` and `{name}` have the same secret; give each its own"
+                )
+            });
+        }
+        match scopes.insert(name, key.scope) {
+            Some(other) if other != key.scope => {
+                return Err(format!(
+                    "caller key name `{name}` is given with scopes `{}` and `{}`; keys sharing a name (rotation) must share its scope",
+                    other.as_str(),
+                    key.scope.as_str()
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The live caller keys, ready for constant-time lookup.
@@ -128,7 +186,7 @@ impl CallerKeys {
         CallerKeys {
             keys: configs
                 .iter()
-                .map(|c| (c.name.clone(), c.scope, sha256(c.key.as_bytes())))
+                .map(|c| (c.name.clone(), c.scope, sha256(c.key.expose().as_bytes())))
                 .collect(),
         }
     }
@@ -172,35 +230,33 @@ pub fn admin_key_path(data_dir: &Path) -> PathBuf {
 }
 
 /// Loads the quick-start admin key, generating it (mode 0600) if there is none yet.
-/// Returns the key and whether it was just created.
+/// Returns the key and whether it was just created. A key file that group or others may read
+/// is refused ([`crate::data_dir::read_private`]), and so is a key [`check_caller_keys`]
+/// would refuse.
 pub fn load_or_create_admin_key(data_dir: &Path) -> std::io::Result<(CallerKeyConfig, bool)> {
     let path = admin_key_path(data_dir);
-    let (key, created) = match std::fs::read_to_string(&path) {
-        Ok(text) => (text.trim().to_owned(), false),
+    let failed = |e: std::io::Error| {
+        std::io::Error::new(e.kind(), format!("admin key file {}: {e}", path.display()))
+    };
+    let (key, created): (Secret, bool) = match crate::data_dir::read_private(&path) {
+        Ok(text) => (text.trim().into(), false),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = format!(
-                "authd_admin_{}",
-                URL_SAFE_NO_PAD.encode(random_bytes::<32>())
-            );
-            write_secret_file(&path, format!("{key}\n").as_bytes())?;
+            let body = zeroize::Zeroizing::new(URL_SAFE_NO_PAD.encode(random_bytes::<32>()));
+            let key = Secret::new(format!("authd_admin_{}", body.as_str()));
+            let line = zeroize::Zeroizing::new(format!("{}\n", key.expose()));
+            write_secret_file(&path, line.as_bytes()).map_err(failed)?;
             (key, true)
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(failed(e)),
     };
-    if key.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{} is empty", path.display()),
-        ));
-    }
-    Ok((
-        CallerKeyConfig {
-            name: GENERATED_ADMIN_NAME.into(),
-            scope: Scope::Admin,
-            key,
-        },
-        created,
-    ))
+    let key = CallerKeyConfig {
+        name: GENERATED_ADMIN_NAME.into(),
+        scope: Scope::Admin,
+        key,
+    };
+    check_caller_keys(std::slice::from_ref(&key))
+        .map_err(|e| failed(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    Ok((key, created))
 }
 
 #[cfg(test)]
@@ -212,13 +268,53 @@ mod tests {
         let keys = parse_caller_keys("backend:service:s3cr:et, ops:admin:xyz").unwrap();
         assert_eq!(keys.len(), 2);
         assert_eq!(
-            (keys[0].name.as_str(), keys[0].scope, keys[0].key.as_str()),
+            (keys[0].name.as_str(), keys[0].scope, keys[0].key.expose()),
             ("backend", Scope::Service, "s3cr:et")
         );
         let err = parse_caller_keys("a:root:topsecret").unwrap_err();
         assert!(err.contains("root") && !err.contains("topsecret"), "{err}");
         assert!(parse_caller_keys("justsecret").is_err());
         assert!(!format!("{keys:?}").contains("xyz"));
+    }
+
+    #[test]
+    fn weak_duplicate_and_ambiguous_keys_are_refused_by_name() {
+        let check = |text: &str| check_caller_keys(&parse_caller_keys(text).unwrap());
+        let long = "0123456789abcdef";
+        check(&format!("a:service:{long}, b:admin:{long}x")).unwrap();
+        // Rotation: one name, one scope, two secrets.
+        check(&format!("a:service:{long}, a:service:{long}x")).unwrap();
+        for (text, says) in [
+            ("a:admin:".to_owned(), "caller key `a` is empty"),
+            (
+                "a:admin:0123456789abcde".to_owned(),
+                "caller key `a` is shorter than 16 bytes",
+            ),
+            (
+                format!("a:service:{long}, b:admin:{long}"),
+                "caller keys `a` and `b` have the same secret",
+            ),
+            (
+                format!("a:service:{long}, a:service:{long}"),
+                "caller key `a` is configured twice with the same secret",
+            ),
+            (
+                format!("a:service:{long}, a:admin:{long}x"),
+                "caller key name `a` is given with scopes `service` and `admin`",
+            ),
+        ] {
+            let e = check(&text).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+            assert!(!e.contains("0123456789abcde"), "{e}");
+        }
+        let unnamed = CallerKeyConfig {
+            name: String::new(),
+            scope: Scope::Admin,
+            key: long.into(),
+        };
+        assert!(check_caller_keys(&[unnamed])
+            .unwrap_err()
+            .contains("caller key 1"));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use serde_json::Value;
 use crate::caller::CallerKeyConfig;
 use crate::lockout::LockoutPolicy;
 use crate::ratelimit::RatePolicy;
+use crate::secret::Secret;
 
 mod broker;
 mod layers;
@@ -51,7 +52,8 @@ pub struct Config {
     pub broker: String,
     /// Broker account (optional).
     pub broker_username: Option<String>,
-    pub broker_password: Option<String>,
+    /// Taken out ([`Config::take_secrets`]) before the configuration is shared.
+    pub broker_password: Option<Secret>,
     /// PEM file of the CA(s) that sign the broker's certificate (`mqtts://` only). Unset:
     /// the system's trusted roots.
     pub broker_ca: Option<PathBuf>,
@@ -116,7 +118,8 @@ pub struct Config {
     /// Which log lines to write, in `RUST_LOG` syntax (`RUST_LOG` itself wins), e.g.
     /// `info` or `warn,authd::audit=info`.
     pub log_filter: String,
-    /// Caller keys (`[[caller]]` tables). Empty: a generated admin key is used.
+    /// Caller keys (`[[caller]]` tables). Empty: a generated admin key is used. Taken out
+    /// ([`Config::take_secrets`]) before the configuration is shared.
     #[serde(rename = "caller")]
     pub callers: Vec<CallerKeyConfig>,
     /// Per-caller rate limit: sustained requests per second per caller key name (429 beyond
@@ -181,6 +184,16 @@ pub fn default_data_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("authd-data"))
 }
 
+/// The secrets of a configuration, taken out of it ([`Config::take_secrets`]) so that the
+/// configuration the worker shares for its whole life holds none. Each is wiped when dropped.
+#[derive(Debug, Default)]
+pub struct Secrets {
+    /// The caller keys; the worker keeps their digests and drops these.
+    pub callers: Vec<CallerKeyConfig>,
+    /// The broker password; the worker moves it into the MQTT client's options.
+    pub broker_password: Option<Secret>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: {source}")]
@@ -205,10 +218,13 @@ pub enum ConfigError {
 impl Config {
     /// Reads a TOML file over the defaults.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        // The file may hold secrets: our copy of its text is wiped once parsed.
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+            ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            }
+        })?);
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.display().to_string(),
             // toml's message quotes the offending line, which may hold a secret: keep the
@@ -220,6 +236,16 @@ impl Config {
                 .unwrap_or("invalid TOML")
                 .to_owned(),
         })
+    }
+
+    /// Takes the secrets out (caller keys, broker password), leaving none in `self`: the
+    /// worker does this before it shares the configuration. Call [`Config::validate`] first,
+    /// which checks the caller keys.
+    pub fn take_secrets(&mut self) -> Secrets {
+        Secrets {
+            callers: std::mem::take(&mut self.callers),
+            broker_password: self.broker_password.take(),
+        }
     }
 
     /// The resolved request topic.
@@ -319,6 +345,7 @@ impl Config {
                 );
             }
         }
+        crate::caller::check_caller_keys(&self.callers).map_err(ConfigError::Invalid)?;
         if !self.rate_limit_per_sec.is_finite() || self.rate_limit_per_sec < 0.0 {
             return invalid(
                 "rate_limit_per_sec must be a number of at least 0 (0 turns the limit off)".into(),
@@ -452,7 +479,7 @@ mod tests {
     fn describe_redacts_and_lists_unset_keys() {
         let c = Config {
             broker_password: Some("hunter2".into()),
-            callers: crate::caller::parse_caller_keys("ops:admin:s3cret").unwrap(),
+            callers: crate::caller::parse_caller_keys("ops:admin:s3cret-0123456789").unwrap(),
             ..Config::default()
         };
         let text = c.describe().unwrap();
@@ -493,6 +520,27 @@ mod tests {
         );
         std::fs::write(&path, "idd = \"svc\"\n").unwrap();
         assert!(Config::from_file(&path).is_err());
+    }
+
+    #[test]
+    fn take_secrets_leaves_no_secret_behind() {
+        let mut c = Config {
+            broker_username: Some("authd".into()),
+            broker_password: Some("broker-pw-SECRET".into()),
+            callers: crate::caller::parse_caller_keys("ops:admin:caller-SECRET-0123456789")
+                .unwrap(),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+        let secrets = c.take_secrets();
+        let left = serde_json::to_string(&c).unwrap();
+        assert!(!left.contains("SECRET"), "{left}");
+        assert_eq!(c.broker_username.as_deref(), Some("authd"));
+        assert_eq!(secrets.callers.len(), 1);
+        assert_eq!(
+            secrets.broker_password.map(|p| p.into_inner()).as_deref(),
+            Some("broker-pw-SECRET")
+        );
     }
 
     #[test]

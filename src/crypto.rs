@@ -87,12 +87,13 @@ impl ServerKeys {
     }
 
     /// Loads the key file, creating it with one fresh key (mode 0600) when it does not exist.
+    /// A key file that group or others may read is refused ([`crate::data_dir::read_private`]).
     pub fn load_or_create(path: &Path) -> Result<ServerKeys, KeyFileError> {
         let io = |source| KeyFileError::Io {
             path: path.display().to_string(),
             source,
         };
-        match std::fs::read_to_string(path) {
+        match crate::data_dir::read_private(path) {
             Ok(text) => Self::parse(&text, path),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key: [u8; 32] = random_bytes();
@@ -106,9 +107,10 @@ impl ServerKeys {
         }
     }
 
-    /// Loads an existing key file (no key is created).
+    /// Loads an existing key file (no key is created). A key file that group or others may
+    /// read is refused, as in [`ServerKeys::load_or_create`].
     pub fn load(path: &Path) -> Result<ServerKeys, KeyFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeyFileError::Io {
+        let text = crate::data_dir::read_private(path).map_err(|source| KeyFileError::Io {
             path: path.display().to_string(),
             source,
         })?;

@@ -38,10 +38,14 @@ pub async fn import(config: &Config, input: impl BufRead) -> anyhow::Result<Impo
     let callers = CallerKeys::new(&[CallerKeyConfig {
         name: "import".into(),
         scope: Scope::Admin,
-        key: key.clone(),
+        key: key.as_str().into(),
     }]);
+    // The dispatcher's copy of the configuration holds no secret (the file's caller keys
+    // are not the import's).
+    let mut shared = config.clone();
+    drop(shared.take_secrets());
     let dispatcher = Dispatcher::new(
-        Arc::new(config.clone()),
+        Arc::new(shared),
         callers,
         store.clone(),
         keys,

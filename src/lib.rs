@@ -20,6 +20,8 @@
 //! | [`durable`] | fsync of the files and directories authd creates (the database syncs its own) |
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
 //! | [`caller`] | caller API keys and scopes |
+//! | [`secret`] | configuration secrets in memory: wiped when dropped, taken out before the config is shared |
+//! | [`data_dir`] | the data directory's permissions: 0700, umask 077, owner-only key files |
 //! | [`ratelimit`] | per-caller token buckets (429) |
 //! | [`client`] | the RPC client used by `authd call`, the tests and `authd-bench` (the load generator, crate `bench/`) |
 //! | [`logging`] | the log filter: `RUST_LOG=trace` is authd's trace, other crates stay at info |
@@ -34,6 +36,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod data_dir;
 pub mod dispatch;
 pub mod durable;
 pub mod frame;
@@ -46,6 +49,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod ratelimit;
 pub mod rules;
+pub mod secret;
 pub mod server;
 pub mod store;
 

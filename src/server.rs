@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::Poll;
@@ -17,21 +16,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::caller::{self, CallerKeys};
 use crate::config::{BrokerAddress, Config};
-use crate::crypto::ServerKeys;
+use crate::crypto::{KeyFileError, ServerKeys};
 use crate::dispatch::{Dispatcher, Responder};
 use crate::metrics::Metrics;
 use crate::mqtt::{BrokerState, Message, Publisher, Session, SessionOptions, Tls};
+use crate::secret::Secret;
 use crate::store::{self, Store};
 
 /// Runs the worker until `shutdown` completes, then stops it cleanly.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let worker = Worker::start(config).await?;
-    let failed = worker.failed.clone();
-    tokio::select! {
-        _ = shutdown => tracing::info!("shutting down"),
-        _ = failed.cancelled() => {}
-    }
-    worker.stop().await
+    Worker::start(config).await?.serve_until(shutdown).await
 }
 
 /// A running worker.
@@ -54,11 +48,18 @@ pub struct Worker {
 
 impl Worker {
     /// Opens the store and keys in `config.data` and starts serving.
-    pub async fn start(config: Config) -> anyhow::Result<Worker> {
+    ///
+    /// The secrets are taken out of `config` first ([`Config::take_secrets`]): the caller
+    /// keys are kept as digests and wiped, the broker password moves into the MQTT client's
+    /// options. The configuration shared for the worker's life ([`Worker::config`]) holds
+    /// none.
+    pub async fn start(mut config: Config) -> anyhow::Result<Worker> {
+        config.validate()?;
+        let secrets = config.take_secrets();
         // Before the store: a bad TLS file or a taken port must not leave it open.
         let endpoints = Endpoints::prepare(&config)?;
         let (store, keys) = open_data(&config, true)?;
-        let callers = if config.callers.is_empty() {
+        let callers = if secrets.callers.is_empty() {
             let (key, created) = caller::load_or_create_admin_key(&config.data)?;
             let path = caller::admin_key_path(&config.data);
             if created {
@@ -68,7 +69,7 @@ impl Worker {
             }
             CallerKeys::new(&[key])
         } else {
-            CallerKeys::new(&config.callers)
+            CallerKeys::new(&secrets.callers)
         };
         tracing::info!(keys = ?callers, "caller keys loaded");
 
@@ -87,6 +88,7 @@ impl Worker {
         ))];
         Self::run(
             config,
+            secrets.broker_password,
             endpoints,
             dispatcher,
             metrics,
@@ -99,13 +101,15 @@ impl Worker {
     /// per request, ordered acks and shutdown as authd. The benchmark's null worker (the
     /// ceiling) is this with a responder that answers `true`.
     pub fn start_with_responder<R: Responder>(
-        config: Config,
+        mut config: Config,
         responder: Arc<R>,
     ) -> anyhow::Result<Worker> {
         config.validate()?;
+        let secrets = config.take_secrets();
         let endpoints = Endpoints::prepare(&config)?;
         Self::run(
             Arc::new(config),
+            secrets.broker_password,
             endpoints,
             responder,
             Arc::new(Metrics::default()),
@@ -116,6 +120,7 @@ impl Worker {
 
     fn run<R: Responder>(
         config: Arc<Config>,
+        broker_password: Option<Secret>,
         Endpoints { broker, tls, http }: Endpoints,
         responder: Arc<R>,
         metrics: Arc<Metrics>,
@@ -131,10 +136,14 @@ impl Worker {
         let (session, publisher, broker_state) = Session::new(SessionOptions {
             broker,
             client_id: config.client_id.clone(),
-            credentials: config
-                .broker_username
-                .clone()
-                .map(|u| (u, config.broker_password.clone().unwrap_or_default())),
+            // The password moves (uncopied) into the MQTT client's options, which keep it for
+            // every reconnect; without a username it is dropped, and so wiped.
+            credentials: config.broker_username.clone().map(|u| {
+                (
+                    u,
+                    broker_password.map(Secret::into_inner).unwrap_or_default(),
+                )
+            }),
             persistent: true,
             manual_acks: true,
             subscriptions: vec![request_topic.to_string(), format!("{request_topic}/#")],
@@ -208,6 +217,22 @@ impl Worker {
             background,
             metrics_addr,
         })
+    }
+
+    /// Serves until `shutdown` completes (or the worker cannot go on), then stops cleanly.
+    pub async fn serve_until(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let failed = self.failed.clone();
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutting down"),
+            _ = failed.cancelled() => {}
+        }
+        self.stop().await
+    }
+
+    /// The configuration the worker runs with and shares among its tasks, without its
+    /// secrets (they were taken out at start).
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The address `/metrics` and `/ready` are served on (`metrics` in the config), with
@@ -377,15 +402,35 @@ async fn catch_panic<F: Future>(future: F) -> Result<F::Output, ()> {
     .await
 }
 
-/// Opens the data directory of `config`: the database and the server key (both created
-/// on first use). Only one process at a time can hold the database.
+/// Opens the data directory of `config`: the database and the server key, both created
+/// on first use, and only together: a database without its key file is refused (its PSK
+/// hashes and tokens need that key), never given a new key. The directory and the key files
+/// must be owner-only, and so is everything sled creates ([`crate::data_dir`]). Only one
+/// process at a time can hold the database.
 /// With `flush_on_commit` false (bulk import) changes are durable only after [`Store::flush`].
 pub fn open_data(config: &Config, flush_on_commit: bool) -> anyhow::Result<(Store, ServerKeys)> {
     config.validate()?;
-    create_private_dir(&config.data)?;
-    let keys = ServerKeys::load_or_create(&ServerKeys::file_in(&config.data))?;
+    crate::data_dir::prepare(&config.data)?;
+    let db = config.data.join("db");
+    let key_file = ServerKeys::file_in(&config.data);
+    let keys = if db.try_exists()? {
+        ServerKeys::load(&key_file).map_err(|e| match e {
+            KeyFileError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                anyhow::anyhow!(
+                    "server key file {} is missing, but the database {} exists: its PSK hashes and tokens need the key they were made with, so no new one is made. Restore server.key from your backup; to start over with an empty store instead, move {} away",
+                    key_file.display(),
+                    db.display(),
+                    db.display()
+                )
+            }
+            // The message already names the cause: not a chain that repeats it.
+            e => anyhow::anyhow!("{e}"),
+        })?
+    } else {
+        ServerKeys::load_or_create(&key_file).map_err(|e| anyhow::anyhow!("{e}"))?
+    };
     let store = Store::open_embedded(
-        &config.data.join("db"),
+        &db,
         config.cache_mib * 1024 * 1024,
         flush_on_commit,
         config.replay_policy(),
@@ -396,10 +441,11 @@ pub fn open_data(config: &Config, flush_on_commit: bool) -> anyhow::Result<(Stor
             config.data.display()
         )
     })?;
+    // Files an older authd made readable by group or others (its umask's 0644).
+    let tightened = crate::data_dir::tighten(&db)
+        .map_err(|e| anyhow::anyhow!("making {} owner-only: {e}", db.display()))?;
+    if tightened > 0 {
+        tracing::warn!(path = %db.display(), entries = tightened, "the database had files group or others could read; made them owner-only");
+    }
     Ok((store, keys))
-}
-
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    // Synced into its parent: the keys and database in it must survive a power cut.
-    crate::durable::create_dir_all(dir, 0o700)
 }

@@ -43,7 +43,7 @@ async fn gated_setup() -> Setup {
     let data = tempfile::tempdir().unwrap();
     let mut config = worker_config(&broker, data.path());
     config.broker_username = Some("authd".into());
-    config.broker_password = Some(password("authd"));
+    config.broker_password = Some(password("authd").into());
     let worker = authd::Worker::start(config).await.expect("worker starts");
     tokio::time::timeout(TIMEOUT, worker.ready())
         .await

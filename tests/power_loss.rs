@@ -73,7 +73,10 @@ impl Drop for Authd {
     }
 }
 
-const CALLERS: &str = "ops:admin:test-admin-key,backend:service:test-service-key";
+/// The caller keys of the worker under test (the harness's own).
+fn callers() -> String {
+    format!("ops:admin:{ADMIN_KEY},backend:service:{SERVICE_KEY}")
+}
 
 async fn connect(broker: &Broker, key: &str, src: Option<&str>) -> Client {
     let mut options = ClientOptions::new(broker.address());
@@ -124,10 +127,10 @@ async fn every_acknowledged_change_survives_a_power_cut() {
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("authd.log");
     let broker = Broker::start();
-    let admin = connect(&broker, "test-admin-key", None).await;
-    let alice = connect(&broker, "test-service-key", Some("alice")).await;
+    let admin = connect(&broker, ADMIN_KEY, None).await;
+    let alice = connect(&broker, SERVICE_KEY, Some("alice")).await;
 
-    let authd = Authd::spawn(&broker, &data, &log, Some(CALLERS));
+    let authd = Authd::spawn(&broker, &data, &log, Some(&callers()));
     wait_answering(&admin).await;
 
     // Before: tokens to revoke, entities and rules to delete. Then everything is made
@@ -208,7 +211,7 @@ async fn every_acknowledged_change_survives_a_power_cut() {
     authd.kill();
     disk.power_on();
 
-    let authd = Authd::spawn(&broker, &data, &log, Some(CALLERS));
+    let authd = Authd::spawn(&broker, &data, &log, Some(&callers()));
     wait_answering(&admin).await;
 
     let mut issued_gone = 0;

@@ -403,3 +403,82 @@ fn config_errors_do_not_quote_secrets() {
     assert!(stderr.contains("root"), "says what is wrong: {stderr}");
     assert_no_secret("a config error", &stderr, &fixed_secrets());
 }
+
+/// A broker that checks passwords: account `authd` with `BROKER_PW`, in `dir`.
+fn password_broker(dir: &Path) -> Broker {
+    let passwd = dir.join("passwd");
+    let status = Command::new("mosquitto_passwd")
+        .args(["-c", "-b"])
+        .arg(&passwd)
+        .args(["authd", BROKER_PW])
+        .status()
+        .expect("mosquitto_passwd (package mosquitto)");
+    assert!(status.success());
+    Broker::start_config(&format!(
+        "listener {{port}} 127.0.0.1\nallow_anonymous false\npassword_file {}\nuser root\npersistence true\npersistence_location {{dir}}/\nlog_dest stderr\nlog_type error\n",
+        passwd.display()
+    ))
+}
+
+/// A client of the `authd` account (the password broker knows no other).
+async fn account_client(broker: &Broker, key: &str) -> Client {
+    let mut options = authd::client::ClientOptions::new(broker.address());
+    options.credentials = Some(("authd".into(), BROKER_PW.into()));
+    options.key = Some(key.into());
+    options.src = "ops".into();
+    Client::connect(options, TIMEOUT)
+        .await
+        .expect("client connects")
+}
+
+/// SECURITY.md "Secrets in memory": the configuration the worker shares with its tasks for
+/// its whole life holds neither caller keys nor the broker password; the keys work as
+/// digests, and the password is still there for a reconnect (in the MQTT client's options).
+#[tokio::test]
+async fn the_configuration_the_worker_shares_holds_no_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = password_broker(dir.path());
+    let data = dir.path().join("data");
+    let mut config = worker_config(&broker, &data);
+    config.callers =
+        authd::caller::parse_caller_keys(&format!("ops:admin:{ADMIN},backend:service:{SERVICE}"))
+            .unwrap();
+    config.broker_username = Some("authd".into());
+    config.broker_password = Some(BROKER_PW.into());
+    let worker = authd::Worker::start(config).await.expect("worker starts");
+    tokio::time::timeout(TIMEOUT, worker.ready())
+        .await
+        .expect("worker connected with its password");
+
+    // Serialized, a secret would appear as itself (only `redacted()` replaces it).
+    let shared = serde_json::to_string(worker.config()).unwrap();
+    assert_no_secret("the shared configuration", &shared, &fixed_secrets());
+    assert!(worker.config().callers.is_empty());
+    assert!(worker.config().broker_password.is_none());
+    assert_eq!(worker.config().broker_username.as_deref(), Some("authd"));
+
+    let admin = account_client(&broker, ADMIN).await;
+    call(&admin, "/v1/Entity.List", json!({}))
+        .await
+        .expect("the admin key works from its digest");
+    let wrong = account_client(&broker, WRONG_KEY).await;
+    assert_eq!(call(&wrong, "/v1/Entity.List", json!({})).await, Err(401));
+
+    // The broker restarts: the worker logs in again with the one copy it kept.
+    broker.restart();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let admin = account_client(&broker, ADMIN).await;
+        let r = admin
+            .call("/v1/Entity.List", json!({}), Duration::from_millis(500))
+            .await;
+        if matches!(&r, Ok(r) if r.error.is_none()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not log in again: {r:?}"
+        );
+    }
+    worker.stop().await.expect("clean stop");
+}

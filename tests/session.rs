@@ -161,7 +161,7 @@ async fn a_device_connecting_with_the_workers_client_id_takes_nothing_under_the_
     // The default client id, which the review's device used.
     config.client_id = "authd".into();
     config.broker_username = Some("authd".into());
-    config.broker_password = Some(password("authd"));
+    config.broker_password = Some(password("authd").into());
     let worker = authd::Worker::start(config).await.expect("worker starts");
     tokio::time::timeout(TIMEOUT, worker.ready())
         .await
@@ -283,7 +283,7 @@ async fn authd_call_with_an_account_and_no_src_is_answered_under_the_shipped_con
     let data = tempfile::tempdir().unwrap();
     let mut config = worker_config(&broker, data.path());
     config.broker_username = Some("authd".into());
-    config.broker_password = Some(password("authd"));
+    config.broker_password = Some(password("authd").into());
     let worker = authd::Worker::start(config).await.expect("worker starts");
     tokio::time::timeout(TIMEOUT, worker.ready())
         .await

@@ -90,7 +90,11 @@ struct KeyStatus {
 /// Every key id of the key file or the database, with what uses it. Opens the database, so
 /// the worker must be stopped.
 async fn list(config: &Config) -> anyhow::Result<Vec<KeyStatus>> {
-    let keys = ServerKeys::load(&ServerKeys::file_in(&config.data))?;
+    // Restricted umask: sled makes a database here if there is none.
+    crate::data_dir::restrict_umask();
+    // The message already names the cause: not a chain that repeats it.
+    let keys =
+        ServerKeys::load(&ServerKeys::file_in(&config.data)).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open_embedded(
         &config.data.join("db"),
         config.cache_mib * 1024 * 1024,

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::{init_logging, runtime, shutdown_signal, Failure};
 use crate::config::{Config, LogFormat};
+use crate::secret::Secret;
 
 /// The worker's flags. Each one but `--config` and `--print-config` is a configuration key,
 /// its field named as the key, so this struct is the top layer of [`Config::load`] as it
@@ -41,7 +42,7 @@ pub struct ServeArgs {
     broker_username: Option<String>,
     /// Prefer AUTHD_BROKER_PASSWORD: a flag is visible in the process list.
     #[arg(long)]
-    broker_password: Option<String>,
+    broker_password: Option<Secret>,
     /// PEM CA certificate(s) that sign the broker's certificate [default: system roots].
     #[arg(long, value_name = "FILE")]
     broker_ca: Option<PathBuf>,
@@ -55,7 +56,7 @@ pub struct ServeArgs {
     /// `[[caller]]` tables).
     #[arg(long = "caller-keys")]
     #[serde(rename = "caller")]
-    caller_keys: Option<String>,
+    caller_keys: Option<Secret>,
     /// Serve Prometheus /metrics and /ready on this address, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<String>,
@@ -68,22 +69,33 @@ pub struct ServeArgs {
     print_config: bool,
 }
 
-/// Exit 2 for a bad configuration; once the worker runs, its failure is logged (exit 1).
+/// Exit 2 for a bad configuration or a worker that cannot start (an unsafe or missing key
+/// file, a data directory others can read, a database in use…); once the worker runs, its
+/// failure is logged (exit 1).
 pub(super) fn run(mut args: ServeArgs, log_format: Option<LogFormat>) -> Result<(), Failure> {
     args.log_format = log_format;
-    let config = Config::load(
+    let loaded = Config::load(
         args.config.as_deref(),
         |name| std::env::var(name).ok(),
         &args,
-    )
-    .map_err(Failure::unable)?;
+    );
+    // The flags' secrets are in the configuration now (or refused): wipe them here.
+    let print_config = args.print_config;
+    drop(args);
+    let config = loaded.map_err(Failure::unable)?;
     config.validate().map_err(Failure::unable)?;
-    if args.print_config {
+    if print_config {
         print!("{}", config.describe().map_err(Failure::unable)?);
         return Ok(());
     }
     init_logging(config.log_format, &config.log_filter);
-    runtime()?
-        .block_on(crate::serve(config, shutdown_signal()))
-        .map_err(Failure::Stopped)
+    runtime()?.block_on(async {
+        let worker = crate::Worker::start(config)
+            .await
+            .map_err(Failure::unable)?;
+        worker
+            .serve_until(shutdown_signal())
+            .await
+            .map_err(Failure::Stopped)
+    })
 }

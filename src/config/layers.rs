@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::{Config, ConfigError};
 use crate::caller::parse_caller_keys;
+use crate::secret::wipe_json;
 
 /// A source of settings above the file, consulted key by key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +75,9 @@ impl Config {
     /// alike.
     pub fn apply_flags(&mut self, flags: &impl Serialize) -> Result<(), ConfigError> {
         let invalid = |e: serde_json::Error| ConfigError::Invalid(format!("flags: {e}"));
-        let table = match serde_json::to_value(flags).map_err(invalid)? {
+        // The flags may carry secrets (--caller-keys, --broker-password): wiped when done.
+        let table = Wiped(serde_json::to_value(flags).map_err(invalid)?);
+        let table = match &table.0 {
             Value::Object(table) => table,
             Value::Null => return Ok(()),
             _ => return Err(ConfigError::Invalid("flags: not a table of keys".into())),
@@ -89,32 +92,39 @@ impl Config {
     /// Overlays the value `lookup` gives for each key (`None`: not set in this layer). A
     /// value's type is the key's: whole numbers, numbers and `true`/`false` are parsed, the
     /// `caller` key is `name:scope:secret,…`, anything else is a string.
+    ///
+    /// The configuration goes through a JSON table, which holds copies of its secrets: every
+    /// string of it that is not moved into the new configuration is wiped.
     fn apply_layer(
         &mut self,
         layer: Layer,
         lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<(), ConfigError> {
-        let Value::Object(mut map) =
-            serde_json::to_value(&*self).map_err(|e| ConfigError::Invalid(e.to_string()))?
-        else {
+        let mut table =
+            Wiped(serde_json::to_value(&*self).map_err(|e| ConfigError::Invalid(e.to_string()))?);
+        let Value::Object(map) = &mut table.0 else {
             return Err(ConfigError::Invalid("configuration is not a table".into()));
         };
         let mut changed = false;
         for (key, slot) in map.iter_mut() {
-            let Some(text) = lookup(key) else {
+            let Some(text) = lookup(key).map(zeroize::Zeroizing::new) else {
                 continue;
             };
-            *slot = parse_setting(key, slot, &text).map_err(|message| ConfigError::Setting {
-                layer,
-                name: layer.name_of(key),
-                message,
-            })?;
+            let value =
+                parse_setting(key, slot, &text).map_err(|message| ConfigError::Setting {
+                    layer,
+                    name: layer.name_of(key),
+                    message,
+                })?;
+            wipe_json(&mut std::mem::replace(slot, value));
             changed = true;
         }
         if changed {
+            // Deserializing the owned table moves its strings into the configuration.
+            let table = std::mem::take(&mut table.0);
             // Only enums and out-of-range numbers can still fail here (e.g.
             // AUTHD_LOG_FORMAT=xml); the error names the variable or flag.
-            *self = serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
+            *self = serde_path_to_error::deserialize(table).map_err(|e| {
                 let path = e.path().to_string();
                 let key = path.split(['.', '[']).next().unwrap_or_default();
                 ConfigError::Setting {
@@ -125,6 +135,15 @@ impl Config {
             })?;
         }
         Ok(())
+    }
+}
+
+/// A JSON table that may hold secrets: its strings are wiped when it is dropped.
+struct Wiped(Value);
+
+impl Drop for Wiped {
+    fn drop(&mut self) {
+        wipe_json(&mut self.0);
     }
 }
 
@@ -198,7 +217,10 @@ mod tests {
             ("broker_password", "pw"),
             ("broker_username", "worker"),
             ("cache_mib", "16"),
-            ("caller", "ops:admin:s3cret,backend:service:k2"),
+            (
+                "caller",
+                "ops:admin:s3cret-0123456789,backend:service:k2-0123456789abcd",
+            ),
             ("client_id", "authd-2"),
             ("data", "/var/lib/authd-2"),
             ("drain_secs", "3"),
@@ -315,7 +337,7 @@ mod tests {
             max_in_flight: Some(9),
             rate_limit_per_sec: Some(0.5),
             log_format: Some(LogFormat::Json),
-            caller_keys: Some("ops:admin:k1".into()),
+            caller_keys: Some("ops:admin:k1-0123456789abcd".into()),
             metrics: None,
         };
         let c = Config::load(None, env, &flags).unwrap();

@@ -41,6 +41,7 @@ pub use tls::{Tls, TlsError};
 pub struct SessionOptions {
     pub broker: BrokerAddress,
     pub client_id: String,
+    /// Account name and password; moved into the MQTT client's options by [`Session::new`].
     pub credentials: Option<(String, String)>,
     /// Keep the session (and queued messages) across disconnects.
     pub persistent: bool,
@@ -156,7 +157,7 @@ pub struct Session {
 
 impl Session {
     /// Prepares a session; nothing connects until [`Session::run`].
-    pub fn new(options: SessionOptions) -> (Session, Publisher, watch::Receiver<BrokerState>) {
+    pub fn new(mut options: SessionOptions) -> (Session, Publisher, watch::Receiver<BrokerState>) {
         let mut mqtt = MqttOptions::new(
             options.client_id.clone(),
             options.broker.host.clone(),
@@ -167,8 +168,10 @@ impl Session {
             .set_keep_alive(options.keep_alive)
             .set_max_packet_size(options.max_packet_bytes, options.max_packet_bytes)
             .set_inflight(256);
-        if let Some((user, pass)) = &options.credentials {
-            mqtt.set_credentials(user.clone(), pass.clone());
+        // Moved, not copied: the MQTT client's options keep the one copy of the password
+        // (it is sent at every reconnect); the session keeps none.
+        if let Some((user, pass)) = options.credentials.take() {
+            mqtt.set_credentials(user, pass);
         }
         if let Some(tls) = &options.tls {
             mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(

@@ -16,7 +16,7 @@ use serde_json::Value;
 pub mod certs;
 
 pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-pub const ADMIN_KEY: &str = "test-admin-key";
+pub const ADMIN_KEY: &str = "test-admin-key-0123";
 pub const SERVICE_KEY: &str = "test-service-key";
 pub const SERVICE_ID: &str = "//api.mongoose-iot.com";
 pub const TIMEOUT: Duration = Duration::from_secs(5);
