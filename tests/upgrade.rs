@@ -85,6 +85,9 @@ async fn resend(broker: &Broker, id: u64) -> Value {
         .unwrap();
     let src = frame["src"].as_str().unwrap();
     let c = client(broker, None, Some(src)).await;
+    // The fixture was made when the harness's admin key was shorter than today's minimum of
+    // 16 bytes: the same caller (`ops`, the name a record binds) now presents the new key.
+    let text = text.replace("\"test-admin-key\"", &format!("\"{ADMIN_KEY}\""));
     let response = raw(&c, &text, id).await;
     c.close().await;
     serde_json::to_value(response).unwrap()
