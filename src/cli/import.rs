@@ -74,10 +74,10 @@ fn show(progress: &Progress) -> impl FnMut(&ImportReport) + '_ {
     move |report| {
         let lines = report.applied + report.refused;
         if lines % 256 == 1 {
-            progress.set_message(format!(
-                "{} applied, {} refused",
-                report.applied, report.refused
-            ));
+            progress.set_message(match report.refused {
+                0 => format!("{} applied", report.applied),
+                refused => format!("{} applied, {refused} refused", report.applied),
+            });
         }
     }
 }

@@ -106,20 +106,23 @@ fn style(known_total: bool, unit: Unit) -> ProgressStyle {
         .progress_chars("=> ")
 }
 
+/// One line that fits an 80-column terminal with a short message: the bar takes the room
+/// the text leaves (`wide_bar`).
 fn template(known_total: bool, unit: Unit) -> String {
-    const START: &str = "{spinner} {elapsed:>4}";
-    const BAR: &str = "[{bar:30}]";
-    match (known_total, unit) {
-        (true, Unit::Bytes) => {
-            format!(
-                "{START} {BAR} {{bytes}}/{{total_bytes}} ({{bytes_per_sec}}, {{eta}} left) {{msg}}"
-            )
-        }
-        (false, Unit::Bytes) => format!("{START} {{bytes}} ({{bytes_per_sec}}) {{msg}}"),
-        (true, Unit::Items(name)) => format!(
-            "{START} {BAR} {{human_pos}}/{{human_len}} {name} ({{per_sec}}, {{eta}} left) {{msg}}"
-        ),
-        (false, Unit::Items(name)) => format!("{START} {{human_pos}} {name} ({{per_sec}}) {{msg}}"),
+    const START: &str = "{spinner} {elapsed:>3}";
+    const BAR: &str = "[{wide_bar}]";
+    let (done, rate) = match unit {
+        Unit::Bytes => ("{bytes}".to_owned(), "{bytes_per_sec}"),
+        Unit::Items(name) => (format!("{{human_pos}} {name}"), "{per_sec}"),
+    };
+    let total = match unit {
+        Unit::Bytes => "{total_bytes}",
+        Unit::Items(_) => "{human_len}",
+    };
+    if known_total {
+        format!("{START} {BAR} {done}/{total}, {rate}, {{eta}} left  {{msg}}")
+    } else {
+        format!("{START} {done}, {rate}  {{msg}}")
     }
 }
 
