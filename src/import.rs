@@ -31,6 +31,16 @@ const MAX_REPORTED_ERRORS: usize = 20;
 
 /// Applies every line of `input` to the data directory of `config`.
 pub async fn import(config: &Config, input: impl BufRead) -> anyhow::Result<ImportReport> {
+    import_observed(config, input, |_| {}).await
+}
+
+/// As [`import`], calling `observe` with the report so far after each line that was not
+/// blank (the command line's progress display).
+pub async fn import_observed(
+    config: &Config,
+    input: impl BufRead,
+    mut observe: impl FnMut(&ImportReport),
+) -> anyhow::Result<ImportReport> {
     // One flush at the end, not one per line.
     let (store, keys) = crate::server::open_data(config, false)?;
     // A key that lives only as long as this call: import lines carry none.
@@ -80,6 +90,7 @@ pub async fn import(config: &Config, input: impl BufRead) -> anyhow::Result<Impo
                     &mut report,
                     format!("not {{\"method\": …, \"args\": {{…}}}}: {e}"),
                 );
+                observe(&report);
                 continue;
             }
         };
@@ -96,15 +107,15 @@ pub async fn import(config: &Config, input: impl BufRead) -> anyhow::Result<Impo
             frame.push(b'}');
         }
         let outcome = dispatcher.handle(None, &frame, crate::unix_ms()).await;
-        let Some((_, reply)) = outcome.reply else {
-            refused(&mut report, "no answer".into());
-            continue;
-        };
-        match serde_json::from_slice::<Response>(&reply) {
-            Ok(Response { error: None, .. }) => report.applied += 1,
-            Ok(Response { error: Some(e), .. }) => refused(&mut report, e.to_string()),
-            Err(e) => refused(&mut report, e.to_string()),
+        match outcome.reply {
+            None => refused(&mut report, "no answer".into()),
+            Some((_, reply)) => match serde_json::from_slice::<Response>(&reply) {
+                Ok(Response { error: None, .. }) => report.applied += 1,
+                Ok(Response { error: Some(e), .. }) => refused(&mut report, e.to_string()),
+                Err(e) => refused(&mut report, e.to_string()),
+            },
         }
+        observe(&report);
     }
     store.flush().await?;
     Ok(report)

@@ -26,7 +26,7 @@
 //! | [`client`] | the RPC client used by `authd call`, the tests and `authd-bench` (the load generator, crate `bench/`) |
 //! | [`logging`] | the log filter: `RUST_LOG=trace` is authd's trace, other crates stay at info |
 //! | [`import`] | `authd import`: bulk provisioning of a stopped worker's data directory |
-//! | [`metrics`] | counters and latency of requests, dropped frames, reconnects, lockouts |
+//! | [`metrics`] | counters and latency of requests, dropped frames, reconnects, sign-ins, lockouts |
 //! | [`http`] | the operator's endpoint (hyper): `/metrics` (Prometheus), `/ready`, `/live` |
 //! | [`cli`] | the `authd` command line: one file per subcommand, errors → exit status in one place |
 

@@ -1,6 +1,6 @@
 //! What the worker did: requests by method and outcome with their latency, frames dropped
-//! by reason, QoS 0 overload drops, replays, reconnects, session takeovers, handler panics
-//! and lockouts.
+//! by reason, QoS 0 overload drops, replays, reconnects, session takeovers, handler panics,
+//! sign-in results and lockouts.
 //!
 //! The hot path only touches atomics in arrays fixed at start (one row per method of the
 //! table, plus `other`; one column per outcome): no lock, no allocation, no label lookup.
@@ -31,6 +31,29 @@ fn outcome_label(i: usize) -> &'static str {
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
+
+/// How an `Auth.Authenticate` ended: the `result` label of `authd_sign_ins_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignIn {
+    /// Answered `true`.
+    Ok,
+    /// Answered `false` after checking the credentials (wrong, unknown, disabled, expired…).
+    Refused,
+    /// Answered `false` unchecked: the brute-force guard holds the id locked.
+    Locked,
+}
+
+impl SignIn {
+    pub const ALL: [SignIn; 3] = [SignIn::Ok, SignIn::Refused, SignIn::Locked];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            SignIn::Ok => "ok",
+            SignIn::Refused => "refused",
+            SignIn::Locked => "locked",
+        }
+    }
+}
 
 /// The `method` label of a request that named no method of the table.
 pub const OTHER_METHOD: &str = "other";
@@ -107,6 +130,8 @@ pub struct Metrics {
     pub panics: AtomicU64,
     /// Locks started by Authenticate's brute-force guard.
     pub lockouts: AtomicU64,
+    /// Authenticate answers by [`SignIn`] result.
+    sign_ins: [AtomicU64; SignIn::ALL.len()],
     /// Requests refused with 429: the caller was over its rate limit.
     pub rate_limited: AtomicU64,
     /// `[method][outcome]`, the last row `other`.
@@ -137,6 +162,7 @@ impl Metrics {
             connections_taken: AtomicU64::new(0),
             panics: AtomicU64::new(0),
             lockouts: AtomicU64::new(0),
+            sign_ins: Default::default(),
             rate_limited: AtomicU64::new(0),
             requests: (0..rows).map(|_| Default::default()).collect(),
             latency: (0..rows).map(|_| Latency::default()).collect(),
@@ -164,6 +190,15 @@ impl Metrics {
     /// `authd_session_takeovers_total` over both signs.
     pub fn session_takeovers(&self) -> u64 {
         self.sessions_lost.load(Relaxed) + self.connections_taken.load(Relaxed)
+    }
+
+    /// Counts one `Auth.Authenticate` answer.
+    pub fn signed_in(&self, result: SignIn) {
+        self.sign_ins[result as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn sign_ins(&self, result: SignIn) -> u64 {
+        self.sign_ins[result as usize].load(Relaxed)
     }
 
     /// Counts a dropped frame; returns the new count for that reason.
@@ -281,6 +316,15 @@ impl Metrics {
                 "Locks started by Authenticate's brute-force guard.",
                 MetricType::COUNTER,
                 single(&self.lockouts),
+            ),
+            family(
+                "authd_sign_ins_total",
+                "Auth.Authenticate answers by result: ok (true), refused (false after checking the credentials), locked (false unchecked: the brute-force guard holds the id).",
+                MetricType::COUNTER,
+                SignIn::ALL
+                    .iter()
+                    .map(|r| counter(&[("result", r.label())], self.sign_ins(*r)))
+                    .collect(),
             ),
             family(
                 "authd_rate_limited_total",
@@ -420,6 +464,9 @@ mod tests {
         m.answered(RequestLabel::error(None, 401), Duration::from_micros(50));
         m.answered(RequestLabel::error(auth, 599), Duration::from_secs(10));
         m.drop_frame(DropReason::BadSrc);
+        m.signed_in(SignIn::Refused);
+        m.signed_in(SignIn::Refused);
+        m.signed_in(SignIn::Locked);
         assert_eq!((m.answered_ok(), m.answered_error()), (2, 2));
         assert_eq!(m.requests("Auth.Authenticate", "ok"), 2);
         assert_eq!(m.requests("other", "401"), 1);
@@ -436,6 +483,9 @@ mod tests {
             "authd_frames_dropped_total{reason=\"not_json\"} 0",
             "authd_broker_connected 1",
             "authd_lockouts_total 0",
+            "authd_sign_ins_total{result=\"ok\"} 0",
+            "authd_sign_ins_total{result=\"refused\"} 2",
+            "authd_sign_ins_total{result=\"locked\"} 1",
             "authd_session_takeovers_total{sign=\"session_lost\"} 0",
             "authd_session_takeovers_total{sign=\"closed_early\"} 0",
             "authd_handler_panics_total 0",

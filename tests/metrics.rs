@@ -152,6 +152,10 @@ async fn counters_latency_and_readiness_are_served() {
             (r#"authd_frames_dropped_total{reason="bad_src"}"#, 0.0),
             ("authd_replays_total", 1.0),
             ("authd_lockouts_total", 1.0),
+            // Two wrong PSKs checked, the third refused unchecked (locked).
+            (r#"authd_sign_ins_total{result="ok"}"#, 0.0),
+            (r#"authd_sign_ins_total{result="refused"}"#, 2.0),
+            (r#"authd_sign_ins_total{result="locked"}"#, 1.0),
             ("authd_overload_dropped_total", 0.0),
             ("authd_broker_connected", 1.0),
             ("authd_broker_reconnects_total", 0.0),

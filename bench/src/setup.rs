@@ -87,17 +87,22 @@ pub fn import_scale(
     let file = work.join("scale.jsonl");
     write_scale_file(&file, entities, rules)?;
     let started = Instant::now();
+    // stderr is ours: on a terminal, authd import draws its progress there (and lists any
+    // refused line); its summary line (stdout) gives way to ours below.
     let out = Command::new(authd)
         .arg("import")
         .arg("--data")
         .arg(data)
         .arg(&file)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
         .output()
         .context("running authd import")?;
     if !out.status.success() {
         bail!(
-            "authd import failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "authd import failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim()
         );
     }
     println!(

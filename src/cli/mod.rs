@@ -1,5 +1,6 @@
 //! The `authd` command line: one file per subcommand, each parsing its arguments (clap
-//! derive) and calling the library. [`run`] runs one and is the only place that reports a
+//! derive) and calling the library (`docs.rs`: completions and the man page, made from
+//! [`Cli`]; `progress.rs`: progress of long commands on a terminal). [`run`] runs one and is the only place that reports a
 //! failure and turns it into the exit status:
 //!
 //! | status | meaning |
@@ -27,8 +28,10 @@ use crate::mqtt::Tls;
 mod bench;
 mod call;
 mod ctl;
+mod docs;
 mod import;
 mod key;
+pub mod progress;
 mod serve;
 
 /// The `authd` command line (`Cli::parse()`, then [`run`]). Also what shell completions
@@ -67,6 +70,12 @@ enum Command {
     /// Load generator: authd beside the null-worker ceiling, on the same broker, in one run
     /// (runs `authd-bench`, built beside authd; `authd bench --help` shows its options).
     Bench(bench::BenchArgs),
+    /// Shell completion script on stdout (bash, zsh, fish, elvish, powershell):
+    /// `authd completions bash > /usr/share/bash-completion/completions/authd`.
+    Completions(docs::CompletionsArgs),
+    /// The manual page (roff) on stdout, every subcommand and flag in one page:
+    /// `authd man | man -l -`.
+    Man(docs::ManArgs),
 }
 
 impl Command {
@@ -79,6 +88,8 @@ impl Command {
             Command::Import(_) => "import",
             Command::Key(command) => command.name(),
             Command::Bench(_) => "bench",
+            Command::Completions(_) => "completions",
+            Command::Man(_) => "man",
         }
     }
 }
@@ -92,6 +103,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve::run(args, log_format),
         // Becomes `authd-bench`: nothing to set up.
         Command::Bench(args) => bench::run(args),
+        // Made from the command line's definition: nothing to set up.
+        Command::Completions(args) => docs::completions(args),
+        Command::Man(args) => docs::man(args),
         Command::Call(args) => one_shot(log_format, call::run(args)),
         Command::Ctl(args) => one_shot(log_format, ctl::run(args)),
         Command::Import(args) => one_shot(log_format, import::run(args)),

@@ -35,6 +35,7 @@ use crate::cert::Certificate;
 use crate::crypto::{ct_eq, parse_token, ParsedToken};
 use crate::frame::{parse_args, RpcError};
 use crate::lockout::Refused;
+use crate::metrics::SignIn;
 use crate::store::{EntityKind, EntityRecord, PskHash, StoreError};
 
 #[derive(Deserialize)]
@@ -136,6 +137,11 @@ pub async fn authenticate(
         }
     };
     let ok = reason == Reason::Ok;
+    ctx.metrics.signed_in(match reason {
+        Reason::Ok => SignIn::Ok,
+        Reason::Locked => SignIn::Locked,
+        _ => SignIn::Refused,
+    });
     crate::audit!(
         ctx,
         subject = &*id,
@@ -473,6 +479,12 @@ mod tests {
         assert!(f.0.lockout.is_locked("dev", Instant::now()));
         assert_eq!(f.0.metrics.lockouts.load(Relaxed), 1);
         assert_eq!(f.call("dev", PSK).await, Some(Value::Bool(false)));
+        // Every answer is counted by result: the last one was refused unchecked.
+        let m = &f.0.metrics;
+        assert_eq!(
+            [SignIn::Ok, SignIn::Refused, SignIn::Locked].map(|r| m.sign_ins(r)),
+            [1, 3, 1]
+        );
     }
 
     /// Attempts still being checked count against the threshold: with as many in progress
