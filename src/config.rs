@@ -64,8 +64,23 @@ pub struct Config {
     /// MQTT client id. Fixed, so the broker keeps our session (and queued requests) while we
     /// are away. Two workers must not share one.
     pub client_id: String,
-    /// Directory of the sled database, the server key and the generated admin key.
+    /// Directory of the server key and the generated admin key, and of the sled database
+    /// when `store` is unset.
     pub data: PathBuf,
+    /// Where the state lives: unset, the embedded sled database in `data` (one worker);
+    /// `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`, a PostgreSQL database that several
+    /// workers share. A password in it is a secret: taken out with the others
+    /// ([`Config::take_secrets`]) and redacted when printed.
+    pub store: Option<Secret>,
+    /// Connections each worker keeps to the PostgreSQL store.
+    pub store_pool: usize,
+    /// How long one PostgreSQL statement may run, and how long a request waits for the
+    /// database (retrying dropped connections and serialization failures), milliseconds.
+    pub store_timeout_ms: u64,
+    /// Shared subscription group: several workers with the same group (each with its own
+    /// `client_id`) subscribe `$share/{group}/{request topic}` and the broker hands each
+    /// request to one of them. Unset: a plain subscription.
+    pub share_group: Option<String>,
     /// Service id: `src` of our responses, and the expected `dst` of requests.
     pub id: String,
     /// Request topic; `{id}` is replaced by the service id. We subscribe to it and to
@@ -149,6 +164,10 @@ impl Default for Config {
             broker_key: None,
             client_id: "authd".into(),
             data: default_data_dir(),
+            store: None,
+            store_pool: 16,
+            store_timeout_ms: 5000,
+            share_group: None,
             id: DEFAULT_SERVICE_ID.into(),
             request_topic: "{id}/rpc".into(),
             reply_topic: "{src}/rpc".into(),
@@ -192,6 +211,9 @@ pub struct Secrets {
     pub callers: Vec<CallerKeyConfig>,
     /// The broker password; the worker moves it into the MQTT client's options.
     pub broker_password: Option<Secret>,
+    /// The store's URL (it may hold the database password); the worker opens the store
+    /// with it and drops it.
+    pub store: Option<Secret>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +267,7 @@ impl Config {
         Secrets {
             callers: std::mem::take(&mut self.callers),
             broker_password: self.broker_password.take(),
+            store: self.store.take(),
         }
     }
 
@@ -375,6 +398,22 @@ impl Config {
                 ))
             })?;
         }
+        if let Some(store) = &self.store {
+            crate::store::postgres::check_url(store.expose()).map_err(ConfigError::Invalid)?;
+        }
+        if self.store_pool == 0 || self.store_timeout_ms == 0 {
+            return invalid("store_pool and store_timeout_ms must be at least 1".into());
+        }
+        if let Some(group) = &self.share_group {
+            if group.is_empty()
+                || group.contains(['/', '+', '#'])
+                || group.chars().any(char::is_control)
+            {
+                return invalid(format!(
+                    "share_group `{group}`: must be a non-empty name without / + # or control characters"
+                ));
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log_filter)
             .map_err(|e| ConfigError::Invalid(format!("log_filter `{}`: {e}", self.log_filter)))?;
         Ok(())
@@ -413,7 +452,39 @@ impl Config {
         for caller in &mut c.callers {
             caller.key = REDACTED.into();
         }
+        if let Some(store) = &c.store {
+            c.store = Some(redact_url_password(store.expose()).into());
+        }
         c
+    }
+
+    /// The subscriptions that bring requests: the request topic and everything under it
+    /// (the method as the last level), each under `$share/{group}/` with a share group.
+    pub fn subscriptions(&self) -> Vec<String> {
+        let topic = self.request_topic();
+        let share = match &self.share_group {
+            Some(group) => format!("$share/{group}/"),
+            None => String::new(),
+        };
+        vec![format!("{share}{topic}"), format!("{share}{topic}/#")]
+    }
+}
+
+/// `url` with the password of its user part, if any, replaced by `<redacted>`.
+pub fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{scheme}://{name}:{REDACTED}@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
     }
 }
 
@@ -473,6 +544,53 @@ mod tests {
         ] {
             c.validate().unwrap_or_else(|e| panic!("{c:?}: {e}"));
         }
+    }
+
+    #[test]
+    fn a_store_password_is_redacted() {
+        for (url, shown) in [
+            (
+                "postgres://authd:pw@db:5432/authd",
+                "postgres://authd:<redacted>@db:5432/authd",
+            ),
+            (
+                "postgres://a:p@ss@db/x?sslmode=disable",
+                "postgres://a:<redacted>@db/x?sslmode=disable",
+            ),
+            ("postgres://authd@db/authd", "postgres://authd@db/authd"),
+            ("postgres://db/authd", "postgres://db/authd"),
+        ] {
+            assert_eq!(redact_url_password(url), shown);
+        }
+        let c = Config {
+            store: Some("postgres://authd:hunter2@db/authd".into()),
+            ..Config::default()
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!c.describe().unwrap().contains("hunter2"));
+    }
+
+    #[test]
+    fn share_group_prefixes_both_subscriptions() {
+        let mut c = Config::default();
+        assert_eq!(
+            c.subscriptions(),
+            ["//api.mongoose-iot.com/rpc", "//api.mongoose-iot.com/rpc/#"]
+        );
+        c.share_group = Some("authd".into());
+        assert_eq!(
+            c.subscriptions(),
+            [
+                "$share/authd///api.mongoose-iot.com/rpc",
+                "$share/authd///api.mongoose-iot.com/rpc/#"
+            ]
+        );
+        c.share_group = Some("a/b".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("share_group"));
     }
 
     #[test]

@@ -146,7 +146,7 @@ impl Worker {
             }),
             persistent: true,
             manual_acks: true,
-            subscriptions: vec![request_topic.to_string(), format!("{request_topic}/#")],
+            subscriptions: config.subscriptions(),
             keep_alive: Duration::from_secs(config.keep_alive_secs),
             max_packet_bytes: config.max_packet_bytes,
             tls,

@@ -31,6 +31,15 @@ pub struct ServeArgs {
     /// Data directory (database, server key, generated admin key).
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Where the state lives: postgres://USER@HOST[:PORT]/DB (several workers share it)
+    /// [default: the embedded database in --data]. Prefer AUTHD_STORE when the URL holds
+    /// a password.
+    #[arg(long, value_name = "URL")]
+    store: Option<Secret>,
+    /// Shared subscription group: workers of one group split the requests between them
+    /// (`$share/NAME/…`); give each its own --client-id.
+    #[arg(long, value_name = "NAME")]
+    share_group: Option<String>,
     /// Service id: the request topic is `{id}/rpc`.
     #[arg(long)]
     id: Option<String>,

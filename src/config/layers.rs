@@ -244,6 +244,10 @@ mod tests {
             ("replay_window_secs", "60"),
             ("reply_topic", "{src}/rpc2"),
             ("request_topic", "{id}/rpc2"),
+            ("share_group", "authd"),
+            ("store", "postgres://authd:pw@db:5432/authd"),
+            ("store_pool", "4"),
+            ("store_timeout_ms", "2500"),
         ];
         let keys: Vec<&str> = values.iter().map(|(k, _)| *k).collect();
         assert_eq!(keys, documented, "a test value for each documented key");

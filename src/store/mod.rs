@@ -19,6 +19,7 @@ use crate::crypto::{KeyId, TokenId};
 use crate::rules::{Decision, Rule};
 
 pub mod embedded;
+pub mod postgres;
 mod records;
 
 pub use records::{
