@@ -185,7 +185,9 @@ fn main() {
                 .expect("add rule");
         }
         // The embedded store decides synchronously: measured without a runtime in the way.
-        let Store::Embedded(embedded) = &store;
+        let Store::Embedded(embedded) = &store else {
+            unreachable!("a temporary store is embedded")
+        };
         for (name, qs) in sets {
             let (median, p99, allowed) = measure(rounds, qs, |s, d, c| {
                 embedded.authorize(s, d, c).is_ok_and(|x| x.allowed())

@@ -27,6 +27,9 @@ pub struct Outcome {
     pub needs_durability: bool,
     /// How to count the request once answered; `None` for a dropped frame.
     pub label: Option<RequestLabel>,
+    /// No answer yet: the store is unavailable. The request is neither answered nor
+    /// acknowledged, and is tried again (or redelivered after a restart).
+    pub hold: bool,
 }
 
 /// Turns one request frame into an [`Outcome`]. Implemented by [`Dispatcher`] (authd) and
@@ -151,6 +154,7 @@ impl Dispatcher {
                 reply: self.reply(&to, Body::Result(result.as_ref())),
                 needs_durability,
                 label: Some(RequestLabel::ok(method.and_then(methods::position))),
+                hold: false,
             },
             Err(e) => self.error(&to, e, method),
         }
@@ -297,6 +301,12 @@ impl Dispatcher {
     }
 
     fn error(&self, to: &Address<'_>, e: RpcError, method: Option<&Method>) -> Outcome {
+        if e.is_unavailable() {
+            return Outcome {
+                hold: true,
+                ..Outcome::default()
+            };
+        }
         // Not the message: it can quote what the caller sent (a serde error quotes the value
         // of a mistyped argument, a 404 the method name), and that may be a secret.
         tracing::debug!(rpc_id = to.id, src = %to.src, code = e.code, field = field_of(&e.message), "error reply");
@@ -307,6 +317,7 @@ impl Dispatcher {
                 method.and_then(methods::position),
                 e.code,
             )),
+            hold: false,
         }
     }
 

@@ -49,12 +49,23 @@ pub struct Endpoint {
     pub broker: watch::Receiver<BrokerState>,
     /// Fired when the worker stops taking requests: from then on it is not ready.
     pub stopping: CancellationToken,
+    /// The worker's store (none for the benchmark's null worker).
+    pub store: Option<crate::store::Store>,
 }
 
 impl Endpoint {
-    /// Connected, subscribed and not shutting down.
+    /// Connected and subscribed.
+    fn broker_ready(&self) -> bool {
+        *self.broker.borrow() == BrokerState::Ready
+    }
+
+    fn store_up(&self) -> bool {
+        self.store.as_ref().is_none_or(|s| s.available())
+    }
+
+    /// Connected, subscribed, the store reachable, and not shutting down.
     pub fn ready(&self) -> bool {
-        *self.broker.borrow() == BrokerState::Ready && !self.stopping.is_cancelled()
+        self.broker_ready() && self.store_up() && !self.stopping.is_cancelled()
     }
 }
 
@@ -157,7 +168,17 @@ fn answer(endpoint: &Endpoint, req: &Request<Incoming>) -> Response<Full<Bytes>>
         return r;
     }
     match req.uri().path() {
-        "/metrics" => match endpoint.metrics.render(endpoint.ready()) {
+        "/metrics" => match endpoint.metrics.render(
+            endpoint.broker_ready() && !endpoint.stopping.is_cancelled(),
+            endpoint
+                .store
+                .as_ref()
+                .map(|s| crate::metrics::StoreGauges {
+                    up: s.available(),
+                    shared: matches!(s, crate::store::Store::Postgres(_)),
+                    round_trips: s.round_trips(),
+                }),
+        ) {
             Ok(text) => respond(StatusCode::OK, PROMETHEUS, text),
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode metrics");
@@ -172,6 +193,8 @@ fn answer(endpoint: &Endpoint, req: &Request<Incoming>) -> Response<Full<Bytes>>
         "/ready" => {
             let why = if endpoint.stopping.is_cancelled() {
                 "not ready: shutting down\n"
+            } else if !endpoint.store_up() {
+                "not ready: the database is unavailable (requests are held until it is back)\n"
             } else {
                 "not ready: not connected to the broker or not subscribed\n"
             };

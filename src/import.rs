@@ -42,7 +42,7 @@ pub async fn import_observed(
     mut observe: impl FnMut(&ImportReport),
 ) -> anyhow::Result<ImportReport> {
     // One flush at the end, not one per line.
-    let (store, keys) = crate::server::open_data(config, false)?;
+    let (store, keys) = crate::server::open_data(config, config.store.as_ref(), false).await?;
     // A key that lives only as long as this call: import lines carry none.
     let key = format!("import-{}", uuid::Uuid::new_v4().simple());
     let callers = CallerKeys::new(&[CallerKeyConfig {

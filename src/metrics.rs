@@ -109,6 +109,15 @@ impl Latency {
     }
 }
 
+/// What the store reports at scrape time.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreGauges {
+    pub up: bool,
+    /// A database shared by several workers (PostgreSQL), which counts its round trips.
+    pub shared: bool,
+    pub round_trips: u64,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     /// The `method` label of each row; the last row is `other`.
@@ -134,6 +143,8 @@ pub struct Metrics {
     sign_ins: [AtomicU64; SignIn::ALL.len()],
     /// Requests refused with 429: the caller was over its rate limit.
     pub rate_limited: AtomicU64,
+    /// Times a request was held unanswered because the store was unavailable.
+    pub held: AtomicU64,
     /// `[method][outcome]`, the last row `other`.
     requests: Box<[[AtomicU64; OUTCOMES]]>,
     /// Per method, the last row `other`.
@@ -164,6 +175,7 @@ impl Metrics {
             lockouts: AtomicU64::new(0),
             sign_ins: Default::default(),
             rate_limited: AtomicU64::new(0),
+            held: AtomicU64::new(0),
             requests: (0..rows).map(|_| Default::default()).collect(),
             latency: (0..rows).map(|_| Latency::default()).collect(),
         }
@@ -252,7 +264,11 @@ impl Metrics {
 
     /// The Prometheus text exposition (format 0.0.4) of every metric. `broker_ready`: the
     /// worker is connected and subscribed.
-    pub fn render(&self, broker_ready: bool) -> Result<String, prometheus::Error> {
+    pub fn render(
+        &self,
+        broker_ready: bool,
+        store: Option<StoreGauges>,
+    ) -> Result<String, prometheus::Error> {
         let method_name = |i: usize| self.methods.get(i).copied().unwrap_or(OTHER_METHOD);
         let mut requests = Vec::new();
         for (i, row) in self.requests.iter().enumerate() {
@@ -358,6 +374,29 @@ impl Metrics {
                 "Requests whose handler panicked (a bug): answered 500 when they had an address, and acknowledged.",
                 MetricType::COUNTER,
                 single(&self.panics),
+            ),
+            family(
+                "authd_requests_held_total",
+                "Times a request was held unanswered and unacknowledged because the database was unavailable (it is tried again; nothing is answered wrongly).",
+                MetricType::COUNTER,
+                single(&self.held),
+            ),
+            family(
+                "authd_store_up",
+                "1 when the store answered its last call (always 1 for the embedded store), else 0.",
+                MetricType::GAUGE,
+                store
+                    .map(|s| vec![gauge(if s.up { 1.0 } else { 0.0 })])
+                    .unwrap_or_default(),
+            ),
+            family(
+                "authd_store_round_trips_total",
+                "Statements sent to the PostgreSQL store (round trips).",
+                MetricType::COUNTER,
+                store
+                    .filter(|s| s.shared)
+                    .map(|s| vec![counter(&[], s.round_trips)])
+                    .unwrap_or_default(),
             ),
             family(
                 "authd_broker_connected",
@@ -470,7 +509,7 @@ mod tests {
         assert_eq!((m.answered_ok(), m.answered_error()), (2, 2));
         assert_eq!(m.requests("Auth.Authenticate", "ok"), 2);
         assert_eq!(m.requests("other", "401"), 1);
-        let text = m.render(true).unwrap();
+        let text = m.render(true, None).unwrap();
         for line in [
             "authd_requests_total{method=\"Auth.Authenticate\",outcome=\"ok\"} 2",
             "authd_requests_total{method=\"Auth.Authenticate\",outcome=\"error\"} 1",
@@ -497,7 +536,7 @@ mod tests {
         }
         assert!(!text.contains("Auth.GetToken"), "no empty series: {text}");
         assert!(m
-            .render(false)
+            .render(false, None)
             .unwrap()
             .contains("authd_broker_connected 0"));
     }

@@ -58,7 +58,7 @@ impl Worker {
         let secrets = config.take_secrets();
         // Before the store: a bad TLS file or a taken port must not leave it open.
         let endpoints = Endpoints::prepare(&config)?;
-        let (store, keys) = open_data(&config, true)?;
+        let (store, keys) = open_data(&config, secrets.store.as_ref(), true).await?;
         let callers = if secrets.callers.is_empty() {
             let (key, created) = caller::load_or_create_admin_key(&config.data)?;
             let path = caller::admin_key_path(&config.data);
@@ -163,6 +163,7 @@ impl Worker {
             metrics: metrics.clone(),
             request_topic,
             failed: failed.clone(),
+            stopping: intake.clone(),
         });
         let on_message = {
             let (tracker, metrics) = (tracker.clone(), metrics.clone());
@@ -195,6 +196,7 @@ impl Worker {
                 metrics: metrics.clone(),
                 broker: broker_state.clone(),
                 stopping: intake.clone(),
+                store: store.clone(),
             };
             // Ends with the worker: `stop` aborts the background tasks.
             background.push(tokio::spawn(crate::http::serve(
@@ -324,6 +326,8 @@ struct Serving<R> {
     request_topic: Arc<str>,
     /// Fired when the worker cannot go on safely (the store cannot be made durable).
     failed: CancellationToken,
+    /// Fired when the worker stops taking requests: held requests give up (unacknowledged).
+    stopping: CancellationToken,
 }
 
 impl<R: Responder> Serving<R> {
@@ -342,18 +346,35 @@ impl<R: Responder> Serving<R> {
             .strip_prefix(&*self.request_topic)
             .and_then(|rest| rest.strip_prefix('/'));
         let handled = catch_panic(async {
-            let outcome = self
+            let mut outcome = self
                 .responder
                 .respond(suffix, &msg.payload, msg.arrived_ms)
                 .await;
+            // The store is unavailable: hold the request (no reply, no ack) and try again
+            // until it answers. Stopping first leaves it unacknowledged: the broker
+            // redelivers it to the next worker.
+            let mut pause = Duration::from_millis(100);
+            while outcome.hold {
+                self.metrics.held.fetch_add(1, Relaxed);
+                tokio::select! {
+                    _ = self.stopping.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(2));
+                outcome = self
+                    .responder
+                    .respond(suffix, &msg.payload, msg.arrived_ms)
+                    .await;
+            }
             if outcome.needs_durability {
                 self.responder.durable().await?;
             }
-            Ok::<_, crate::store::StoreError>(outcome)
+            Ok::<_, crate::store::StoreError>(Some(outcome))
         })
         .await;
         let outcome = match handled {
-            Ok(Ok(outcome)) => outcome,
+            Ok(Ok(Some(outcome))) => outcome,
+            Ok(Ok(None)) => return,
             Ok(Err(e)) => {
                 // Neither reply nor ack: the broker redelivers after restart, and the request
                 // is answered from what is really on disk.
@@ -402,17 +423,43 @@ async fn catch_panic<F: Future>(future: F) -> Result<F::Output, ()> {
     .await
 }
 
-/// Opens the data directory of `config`: the database and the server key, both created
-/// on first use, and only together: a database without its key file is refused (its PSK
-/// hashes and tokens need that key), never given a new key. The directory and the key files
-/// must be owner-only, and so is everything sled creates ([`crate::data_dir`]). Only one
-/// process at a time can hold the database.
-/// With `flush_on_commit` false (bulk import) changes are durable only after [`Store::flush`].
-pub fn open_data(config: &Config, flush_on_commit: bool) -> anyhow::Result<(Store, ServerKeys)> {
+/// Opens the store and the server key. The key file is in `config.data`; the store is the
+/// sled database there (`store_url` unset) or the PostgreSQL database at `store_url`.
+///
+/// Embedded: the database and the server key are created on first use, and only together:
+/// a database without its key file is refused (its PSK hashes and tokens need that key),
+/// never given a new key. The directory and the key files must be owner-only, and so is
+/// everything sled creates ([`crate::data_dir`]). Only one process at a time can hold the
+/// database. With `flush_on_commit` false (bulk import) changes are durable only after
+/// [`Store::flush`].
+///
+/// PostgreSQL: the schema is migrated, and the key file must be the one the other workers
+/// of the database use (checked against the database's record of key ids); a database that
+/// records keys refuses a worker with no key file rather than making it a new one.
+pub async fn open_data(
+    config: &Config,
+    store_url: Option<&Secret>,
+    flush_on_commit: bool,
+) -> anyhow::Result<(Store, ServerKeys)> {
     config.validate()?;
     crate::data_dir::prepare(&config.data)?;
-    let db = config.data.join("db");
     let key_file = ServerKeys::file_in(&config.data);
+    if let Some(url) = store_url {
+        let keys = ServerKeys::load_or_create(&key_file).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let options = crate::store::postgres::Options {
+            pool: config.store_pool,
+            timeout: Duration::from_millis(config.store_timeout_ms),
+            replays: config.replay_policy(),
+            lockout: config.lockout(),
+        };
+        let shown = crate::config::redact_url_password(url.expose());
+        let store = crate::store::postgres::PostgresStore::open(url.expose(), options, &keys)
+            .await
+            .map_err(|e| anyhow::anyhow!("opening the store {shown}: {e}"))?;
+        tracing::info!(store = %shown, "PostgreSQL store open");
+        return Ok((Store::Postgres(store), keys));
+    }
+    let db = config.data.join("db");
     let keys = if db.try_exists()? {
         ServerKeys::load(&key_file).map_err(|e| match e {
             KeyFileError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {

@@ -64,7 +64,7 @@ async fn a_panicking_handler_is_answered_500_and_acked_and_later_requests_flow()
     assert_eq!(metrics.panics.load(std::sync::atomic::Ordering::Relaxed), 2);
     assert_eq!(metrics.requests("other", "500"), 2);
     assert!(metrics
-        .render(true)
+        .render(true, None)
         .unwrap()
         .lines()
         .any(|l| l == "authd_handler_panics_total 2"));

@@ -99,7 +99,7 @@ async fn frames_whose_reply_would_come_back_as_a_request_are_dropped() {
         metrics.dropped(DropReason::ResponseFrame),
         responses.len() as u64
     );
-    let text = metrics.render(true).unwrap();
+    let text = metrics.render(true, None).unwrap();
     for line in [
         format!(
             "authd_frames_dropped_total{{reason=\"reply_loop\"}} {}",

@@ -254,7 +254,7 @@ async fn an_outside_unsubscribe_cannot_leave_the_worker_deaf_on_an_open_broker()
         "takeovers counted: {takeovers}, intruders: {}",
         statuses.len()
     );
-    let text = worker.metrics().render(true).unwrap();
+    let text = worker.metrics().render(true, None).unwrap();
     assert!(
         text.contains("# TYPE authd_session_takeovers_total counter"),
         "{text}"

@@ -42,6 +42,7 @@ impl Responder for NullResponder {
             needs_durability: false,
             // Counted like authd's requests, so the ceiling pays the same metrics cost.
             label: Some(authd::metrics::RequestLabel::ok(None)),
+            hold: false,
         }
     }
 }

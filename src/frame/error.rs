@@ -75,6 +75,9 @@ pub struct RpcError {
     pub message: String,
 }
 
+/// [`RpcError::unavailable`]'s code: outside [`ErrorCode`], never on the wire.
+const UNAVAILABLE: u16 = 503;
+
 impl RpcError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         RpcError {
@@ -111,6 +114,17 @@ impl RpcError {
             ErrorCode::Conflict,
             "id: request id already used by another request from this src; use a fresh id",
         )
+    }
+    /// Not an answer: the store is unavailable, so the request is held (no reply, no ack)
+    /// and tried again. Its code, 503, is never sent ([`RpcError::is_unavailable`]).
+    pub fn unavailable() -> Self {
+        RpcError {
+            code: UNAVAILABLE,
+            message: String::new(),
+        }
+    }
+    pub fn is_unavailable(&self) -> bool {
+        self.code == UNAVAILABLE
     }
     pub fn internal() -> Self {
         Self::new(ErrorCode::Internal, "internal error; nothing was changed")

@@ -36,7 +36,7 @@ use crate::crypto::{ct_eq, parse_token, ParsedToken};
 use crate::frame::{parse_args, RpcError};
 use crate::lockout::Refused;
 use crate::metrics::SignIn;
-use crate::store::{EntityKind, EntityRecord, PskHash, StoreError};
+use crate::store::{EntityKind, EntityRecord, PskHash, SignInState, StoreError};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,19 +119,35 @@ pub async fn authenticate(
         Err(Refused) => Reason::Locked,
         Ok(attempt) => {
             // A storage error drops the attempt unfinished: it counts neither way.
-            let Verdict { reason, stale_psk } =
-                decide(ctx, &id, psk, cert).await.map_err(storage_failed)?;
-            if let Some(lock) = attempt.finish(reason == Reason::Ok, Instant::now()) {
-                ctx.metrics.lockouts.fetch_add(1, Relaxed);
-                tracing::warn!(
-                    target: "authd::audit",
-                    subject = &*id,
-                    lock_ms = lock.as_millis() as u64,
-                    "too many failed sign-ins: id locked"
-                );
-            }
-            if let (Reason::Ok, Some(seen), Some(psk)) = (reason, stale_psk, psk) {
-                rehash_psk(ctx, &id, &seen, psk).await;
+            let Verdict {
+                reason,
+                stale_psk,
+                shared,
+            } = decide(ctx, &id, psk, cert).await.map_err(storage_failed)?;
+            // Locked by the failures of other workers: refused unchecked, and the attempt
+            // is dropped (counts neither way).
+            if reason != Reason::Locked {
+                let ok = reason == Reason::Ok;
+                let here = attempt.finish(ok, Instant::now());
+                // With several workers, the failures of all of them count (one write, on
+                // a failure only).
+                let everywhere = ctx
+                    .store
+                    .count_sign_in(&id, ok, shared, ctx.now_ms())
+                    .await
+                    .map_err(storage_failed)?;
+                if let Some(lock) = here.max(everywhere) {
+                    ctx.metrics.lockouts.fetch_add(1, Relaxed);
+                    tracing::warn!(
+                        target: "authd::audit",
+                        subject = &*id,
+                        lock_ms = lock.as_millis() as u64,
+                        "too many failed sign-ins: id locked"
+                    );
+                }
+                if let (Reason::Ok, Some(seen), Some(psk)) = (reason, stale_psk, psk) {
+                    rehash_psk(ctx, &id, &seen, psk).await;
+                }
             }
             reason
         }
@@ -156,6 +172,8 @@ pub async fn authenticate(
 /// The outcome of checking credentials.
 struct Verdict {
     reason: Reason,
+    /// What the guard shared by several workers knew of the id before the check.
+    shared: SignInState,
     /// The entity's record, when the presented PSK matched a hash made with a key older than
     /// the newest: to be re-hashed if the sign-in succeeds.
     stale_psk: Option<EntityRecord>,
@@ -168,7 +186,14 @@ async fn decide(
     psk: Option<&str>,
     cert: Option<&str>,
 ) -> Result<Verdict, StoreError> {
-    let entity = ctx.store.entity(id).await?;
+    let (entity, shared) = ctx.store.sign_in(id, ctx.now_ms()).await?;
+    if shared.locked {
+        return Ok(Verdict {
+            reason: Reason::Locked,
+            stale_psk: None,
+            shared,
+        });
+    }
     let (psk_reason, entity_psk) = match psk {
         None => (Reason::Ok, false),
         Some(psk) => check_psk(ctx, id, entity.as_ref(), psk).await?,
@@ -191,7 +216,11 @@ async fn decide(
         None if psk.is_some() && psk_reason == Reason::Ok && cert.is_none() => Reason::Ok,
         None => Reason::Unknown,
     };
-    Ok(Verdict { reason, stale_psk })
+    Ok(Verdict {
+        reason,
+        stale_psk,
+        shared,
+    })
 }
 
 /// Stores the hash of `psk` (just verified) under the newest server key, if `seen` is still

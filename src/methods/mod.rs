@@ -49,6 +49,11 @@ impl Ctx<'_> {
     pub fn now_secs(&self) -> u64 {
         self.request.at_ms / 1000
     }
+
+    /// When the request was handled, UNIX milliseconds.
+    pub fn now_ms(&self) -> u64 {
+        self.request.at_ms
+    }
 }
 
 /// One audit line (target `authd::audit`) for the method running in `ctx`: the request's
@@ -220,8 +225,13 @@ pub fn reply_of(applied: Applied) -> Result<Reply, RpcError> {
     }
 }
 
-/// A storage failure as the caller sees it: 500, details in our log only.
+/// A storage failure as the caller sees it: 500, details in our log only. A database that
+/// is unavailable is no answer at all: the request is held and tried again
+/// ([`RpcError::unavailable`]).
 pub fn storage_failed(e: StoreError) -> RpcError {
+    if matches!(e, StoreError::Unavailable) {
+        return RpcError::unavailable();
+    }
     tracing::error!(error = %e, "storage failure");
     RpcError::internal()
 }

@@ -6,7 +6,8 @@
 //! so that a redelivered request is answered identically and changes nothing. No type of a
 //! storage engine crosses this boundary.
 //!
-//! Backends: [`embedded`] (sled in the data directory, the default, one worker). A backend
+//! Backends: [`embedded`] (sled in the data directory, the default, one worker) and
+//! [`postgres`] (one PostgreSQL database that several workers share). A backend
 //! promises, for every change: the change and its replay record commit together; a request
 //! already recorded changes nothing and gets its recorded reply ([`Applied::Before`]); the
 //! call returns once the change is durable; rule ids are never reused.
@@ -24,14 +25,15 @@ mod records;
 
 pub use records::{
     Applied, Binding, Change, Changed, EntityKind, EntityPage, EntityRecord, KeyUsage, LiveToken,
-    PskHash, PutOutcome, Recorded, ReplayPolicy, Reply, RequestKey, StoreError, TokenPage,
-    TokenRecord,
+    PskHash, PutOutcome, Recorded, ReplayPolicy, Reply, RequestKey, SignInState, StoreError,
+    TokenPage, TokenRecord,
 };
 
 /// The authd database. Cheap to clone.
 #[derive(Clone)]
 pub enum Store {
     Embedded(embedded::EmbeddedStore),
+    Postgres(postgres::PostgresStore),
 }
 
 impl Store {
@@ -55,6 +57,53 @@ impl Store {
     pub async fn entity(&self, id: &str) -> Result<Option<EntityRecord>, StoreError> {
         match self {
             Store::Embedded(s) => s.entity(id),
+            Store::Postgres(s) => s.entity(id).await,
+        }
+    }
+
+    /// The entity `id` for a sign-in, with what a guard shared by several workers knows of
+    /// it: one read.
+    pub async fn sign_in(
+        &self,
+        id: &str,
+        now_ms: u64,
+    ) -> Result<(Option<EntityRecord>, SignInState), StoreError> {
+        match self {
+            Store::Embedded(s) => Ok((s.entity(id)?, SignInState::default())),
+            Store::Postgres(s) => s.sign_in(id, now_ms).await,
+        }
+    }
+
+    /// Counts a sign-in's outcome in the guard shared by several workers, if the store has
+    /// one: the lock a failure starts, if any. (The embedded store has none: the worker's
+    /// own guard is the whole guard.)
+    pub async fn count_sign_in(
+        &self,
+        id: &str,
+        ok: bool,
+        seen: SignInState,
+        now_ms: u64,
+    ) -> Result<Option<Duration>, StoreError> {
+        match self {
+            Store::Embedded(_) => Ok(None),
+            Store::Postgres(s) => s.count_sign_in(id, ok, seen, now_ms).await,
+        }
+    }
+
+    /// Whether the store answered its last call (a shared database may be down; the
+    /// embedded store always is there).
+    pub fn available(&self) -> bool {
+        match self {
+            Store::Embedded(_) => true,
+            Store::Postgres(s) => s.available(),
+        }
+    }
+
+    /// Database round trips so far (a shared database; 0 for the embedded store).
+    pub fn round_trips(&self) -> u64 {
+        match self {
+            Store::Embedded(_) => 0,
+            Store::Postgres(s) => s.round_trips(),
         }
     }
 
@@ -69,6 +118,7 @@ impl Store {
     ) -> Result<EntityPage, StoreError> {
         match self {
             Store::Embedded(s) => s.list_entities(owner, prefix, after, limit),
+            Store::Postgres(s) => s.list_entities(owner, prefix, after, limit).await,
         }
     }
 
@@ -83,6 +133,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         match self {
             Store::Embedded(s) => s.replace_psk_hash(id, seen, psk),
+            Store::Postgres(s) => s.replace_psk_hash(id, seen, psk).await,
         }
     }
 
@@ -91,6 +142,7 @@ impl Store {
     pub async fn key_usage(&self) -> Result<BTreeMap<KeyId, KeyUsage>, StoreError> {
         match self {
             Store::Embedded(s) => s.key_usage(),
+            Store::Postgres(s) => s.key_usage().await,
         }
     }
 
@@ -98,6 +150,7 @@ impl Store {
     pub async fn token(&self, user: &str, host: &str) -> Result<Option<TokenRecord>, StoreError> {
         match self {
             Store::Embedded(s) => s.token(user, host),
+            Store::Postgres(s) => s.token(user, host).await,
         }
     }
 
@@ -110,6 +163,7 @@ impl Store {
     ) -> Result<TokenPage, StoreError> {
         match self {
             Store::Embedded(s) => s.tokens_of(user, after, limit),
+            Store::Postgres(s) => s.tokens_of(user, after, limit).await,
         }
     }
 
@@ -117,6 +171,7 @@ impl Store {
     pub async fn live_token(&self, token_id: &TokenId) -> Result<Option<LiveToken>, StoreError> {
         match self {
             Store::Embedded(s) => s.live_token(token_id),
+            Store::Postgres(s) => s.live_token(token_id).await,
         }
     }
 
@@ -124,6 +179,7 @@ impl Store {
     pub async fn rules(&self, after: u64, limit: usize) -> Result<Vec<(u64, Rule)>, StoreError> {
         match self {
             Store::Embedded(s) => s.rules(after, limit),
+            Store::Postgres(s) => s.rules(after, limit).await,
         }
     }
 
@@ -132,6 +188,7 @@ impl Store {
     pub async fn authorize(&self, src: &str, dst: &str, cmd: &str) -> Result<Decision, StoreError> {
         match self {
             Store::Embedded(s) => s.authorize(src, dst, cmd),
+            Store::Postgres(s) => s.authorize(src, dst, cmd).await,
         }
     }
 
@@ -146,6 +203,7 @@ impl Store {
     ) -> Result<Applied, StoreError> {
         match self {
             Store::Embedded(s) => s.apply(request, change).await,
+            Store::Postgres(s) => s.apply(request, change).await,
         }
     }
 
@@ -154,6 +212,7 @@ impl Store {
     pub async fn recorded(&self, request: &RequestKey<'_>) -> Result<Recorded, StoreError> {
         match self {
             Store::Embedded(s) => s.recorded(request),
+            Store::Postgres(s) => s.recorded(request).await,
         }
     }
 
@@ -167,6 +226,7 @@ impl Store {
                     .await
                     .map_err(|_| StoreError::Writer)?
             }
+            Store::Postgres(s) => s.prune_replays(now_ms).await,
         }
     }
 
@@ -175,6 +235,8 @@ impl Store {
     async fn too_many_replays(&self) {
         match self {
             Store::Embedded(s) => s.too_many_replays().await,
+            // Pruned on the clock only: the count is the database's, and every worker prunes.
+            Store::Postgres(_) => std::future::pending().await,
         }
     }
 
@@ -183,6 +245,9 @@ impl Store {
     pub async fn durable(&self) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => s.durable().await,
+            // A committed change is durable (synchronous_commit), and nothing is visible
+            // before its commit.
+            Store::Postgres(_) => Ok(()),
         }
     }
 
@@ -191,6 +256,7 @@ impl Store {
     pub fn durable_on_commit(&self) -> bool {
         match self {
             Store::Embedded(s) => s.flushes_on_commit(),
+            Store::Postgres(_) => true,
         }
     }
 
@@ -203,6 +269,7 @@ impl Store {
                     .await
                     .map_err(|_| StoreError::Flush)?
             }
+            Store::Postgres(_) => Ok(()),
         }
     }
 }

@@ -18,6 +18,13 @@ pub enum StoreError {
     Flush,
     #[error("the database writer thread is gone")]
     Writer,
+    /// The database did not answer within the store's deadline (it is down, restarting
+    /// or unreachable): nothing is known to have changed, and the request can be tried
+    /// again later.
+    #[error("the database is unavailable")]
+    Unavailable,
+    #[error("server key {key_id} in the key file is not the key the other workers of this database use: copy server.key from a worker that serves it")]
+    KeyMismatch { key_id: u32 },
 }
 
 impl StoreError {
@@ -27,6 +34,16 @@ impl StoreError {
             detail: detail.to_string(),
         }
     }
+}
+
+/// What the brute-force guard shared by several workers knows of an id when it signs in
+/// (always the default for a store that shares no guard: the worker's own guard decides).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SignInState {
+    /// Locked now: refuse unchecked.
+    pub locked: bool,
+    /// Consecutive failures so far.
+    pub failures: u32,
 }
 
 /// The live token of one (user, host) pair. Holds no usable secret: the token string is

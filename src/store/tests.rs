@@ -334,7 +334,9 @@ async fn delete_removes_the_entity_its_index_and_its_tokens_only() {
 #[tokio::test]
 async fn authorize_asks_the_owner_only_when_no_rule_denies() {
     let s = Store::temporary().unwrap();
-    let Store::Embedded(raw) = &s;
+    let Store::Embedded(raw) = &s else {
+        unreachable!("a temporary store is embedded")
+    };
     raw.put_entity_raw("lamp", &entity(Some("alice"), 5));
     raw.put_entity_raw("free", &entity(None, 5));
     assert_eq!(
@@ -623,7 +625,9 @@ async fn a_users_tokens_are_read_a_page_at_a_time() {
 #[tokio::test]
 async fn a_disabled_src_or_dst_is_refused_in_the_same_call() {
     let s = Store::temporary().unwrap();
-    let Store::Embedded(raw) = &s;
+    let Store::Embedded(raw) = &s else {
+        unreachable!("a temporary store is embedded")
+    };
     raw.put_entity_raw("lamp", &entity(Some("alice"), 5));
     raw.put_entity_raw(
         "alice",

@@ -1,4 +1,51 @@
-//! The PostgreSQL store (placeholder while it is built).
+//! The PostgreSQL store: one database that several workers share.
+//!
+//! Every read is one statement, so one round trip. AuthorizeCommand's statement reads the
+//! two entities and the rules version together; a worker whose in-memory rule index is
+//! behind that version reads the rule changes since (`rule_log`) before it decides, so a
+//! rule changed through any worker decides the very next request on every worker, with no
+//! cache window and no reliance on LISTEN/NOTIFY.
+//!
+//! Every change goes through [`writer`]: concurrent changes are applied by one call of the
+//! database function `authd_apply` (migrations/), one transaction and one round trip for
+//! the batch, with their replay records; the call returns after COMMIT, which PostgreSQL
+//! makes durable (synchronous_commit is left on).
+//!
+//! Dropped connections, serialization failures and deadlocks are retried with backoff
+//! until the store's deadline (`store_timeout_ms`); past it the call fails with
+//! [`StoreError::Unavailable`], the worker holds the request unanswered and unacknowledged
+//! and tries again, and `/ready` says 503 until a statement succeeds again.
+//!
+//! | file | what |
+//! |---|---|
+//! | [`migrate`] | the versioned schema in `migrations/`, applied at open under a lock |
+//! | [`writer`] | batches of changes, `authd_apply` |
+//! | [`rows`] | rows to records and changes to the function's JSON |
+//! | [`lockouts`] | the shared brute-force guard's counters |
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio::time::Instant;
+use tokio_postgres::NoTls;
+
+use crate::crypto::{KeyId, ServerKeys, TokenId};
+use crate::rules::{Decision, Parties, Rule, RuleIndex};
+use crate::store::records::{
+    Applied, Change, EntityPage, EntityRecord, KeyUsage, LiveToken, PskHash, Recorded,
+    ReplayPolicy, RequestKey, StoreError, TokenPage, TokenRecord,
+};
+
+pub mod lockouts;
+mod migrate;
+mod rows;
+mod writer;
+
+pub use migrate::SCHEMA_VERSION;
 
 /// Checks a store URL without echoing it (it may hold a password).
 pub fn check_url(url: &str) -> Result<(), String> {
@@ -8,4 +55,542 @@ pub fn check_url(url: &str) -> Result<(), String> {
     url.parse::<tokio_postgres::Config>()
         .map(|_| ())
         .map_err(|_| "store: not a valid postgres:// URL".into())
+}
+
+/// How to reach the database and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub pool: usize,
+    /// Statement timeout, and the deadline of one call with its retries.
+    pub timeout: Duration,
+    pub replays: ReplayPolicy,
+    /// The brute-force guard's rule, applied to the shared counters.
+    pub lockout: crate::lockout::LockoutPolicy,
+}
+
+/// The PostgreSQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    db: Arc<Db>,
+    lockout: crate::lockout::LockoutPolicy,
+    rules: Arc<Rules>,
+    writer: writer::Writer,
+}
+
+/// The pool and what every call shares.
+pub(crate) struct Db {
+    pool: Pool,
+    timeout: Duration,
+    replays: ReplayPolicy,
+    /// Whether the last call reached the database (for `/ready`).
+    up: AtomicBool,
+    /// Statements sent (round trips), for `authd_store_round_trips_total`.
+    trips: AtomicU64,
+}
+
+/// The in-memory rule index and the rules version it reflects.
+struct Rules {
+    index: RwLock<(u64, RuleIndex)>,
+    /// Held while the index catches up, so concurrent decisions fetch the changes once.
+    catch_up: tokio::sync::Mutex<()>,
+}
+
+/// A failed attempt: worth retrying (the connection, a serialization failure, a deadlock,
+/// a server restarting) or not.
+pub(crate) enum Failure {
+    Transient(String),
+    Fatal(StoreError),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Failure {
+        use tokio_postgres::error::SqlState;
+        let transient = match e.code() {
+            None => true,
+            Some(code) => {
+                let c = code.code();
+                *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED
+                    || *code == SqlState::QUERY_CANCELED
+                    || *code == SqlState::TOO_MANY_CONNECTIONS
+                    || c.starts_with("08")
+                    || c.starts_with("57P")
+            }
+        };
+        if transient || e.is_closed() {
+            return Failure::Transient(e.to_string());
+        }
+        // The server's own message and code say what went wrong; the client error's
+        // Display is only "db error".
+        Failure::Fatal(StoreError::Database(match e.as_db_error() {
+            Some(db) => Box::new(db.clone()),
+            None => Box::new(e),
+        }))
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Failure {
+    fn from(e: deadpool_postgres::PoolError) -> Failure {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            e => Failure::Transient(e.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Failure {
+        Failure::Fatal(e)
+    }
+}
+
+impl Db {
+    /// Runs `attempt` with a pooled connection, again after a transient failure (with
+    /// backoff), until it succeeds, fails for good, or the deadline passes
+    /// ([`StoreError::Unavailable`]). `trips`: the round trips one attempt takes.
+    pub(crate) async fn run<T, F, Fut>(&self, trips: u64, attempt: F) -> Result<T, StoreError>
+    where
+        F: Fn(deadpool_postgres::Object) -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(10);
+        loop {
+            let once = async {
+                let client = self.pool.get().await?;
+                self.trips.fetch_add(trips, Relaxed);
+                attempt(client).await
+            };
+            let why = match tokio::time::timeout_at(deadline, once).await {
+                Ok(Ok(value)) => {
+                    if !self.up.swap(true, Relaxed) {
+                        tracing::info!("database reachable again");
+                    }
+                    return Ok(value);
+                }
+                Ok(Err(Failure::Fatal(e))) => return Err(e),
+                Ok(Err(Failure::Transient(why))) => why,
+                Err(_) => "no answer before the deadline".to_owned(),
+            };
+            if Instant::now() + pause >= deadline {
+                if self.up.swap(false, Relaxed) {
+                    tracing::error!(error = %why, "database unavailable: holding requests until it is back");
+                }
+                return Err(StoreError::Unavailable);
+            }
+            tracing::debug!(error = %why, "database call failed; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Asks the database for nothing every 2 s while the store is open, so that `/ready` and
+/// `authd_store_up` tell an outage even when no request comes.
+async fn watch(db: std::sync::Weak<Db>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let Some(db) = db.upgrade() else { return };
+        let _ = db
+            .run(1, async |c| {
+                c.simple_query("").await?;
+                Ok(())
+            })
+            .await;
+    }
+}
+
+const ENTITY: &str = "SELECT kind, owner, psk_key_id, psk_hash, cert_sha256, disabled, created \
+     FROM entities WHERE id = $1";
+const AUTHORIZE: &str =
+    "SELECT (SELECT version FROM rules_version), s.disabled, d.disabled, d.owner \
+     FROM (VALUES (1)) AS one \
+     LEFT JOIN entities s ON s.id = $1 \
+     LEFT JOIN entities d ON d.id = $2";
+const RULE_LOG: &str =
+    "SELECT version, rule_id, rule, deleted FROM rule_log WHERE version > $1 ORDER BY version";
+const LIVE_TOKEN: &str = "SELECT user_id, host, key_id, created FROM tokens WHERE token_id = $1";
+const TOKEN: &str = "SELECT token_id, key_id, created FROM tokens WHERE user_id = $1 AND host = $2";
+const TOKENS_OF: &str = "SELECT host, token_id, key_id, created FROM tokens \
+     WHERE user_id = $1 AND ($2::text IS NULL OR host > $2) ORDER BY host LIMIT $3";
+const ENTITIES: &str = "SELECT id, kind, owner, psk_key_id, psk_hash, cert_sha256, disabled, created \
+     FROM entities \
+     WHERE ($1::text IS NULL OR owner = $1) AND id >= $2 AND starts_with(id, $2) AND ($3::text IS NULL OR id > $3) \
+     ORDER BY id LIMIT $4";
+const RULES: &str = "SELECT id, rule FROM rules WHERE id > $1 ORDER BY id LIMIT $2";
+const REPLAY: &str =
+    "SELECT at_ms, caller, method, args_digest, reply FROM replays WHERE src = $1 AND id = $2";
+const REPLACE_PSK: &str = "UPDATE entities SET psk_key_id = $2, psk_hash = $3 \
+     WHERE id = $1 AND kind = $4 AND owner IS NOT DISTINCT FROM $5 \
+     AND psk_key_id IS NOT DISTINCT FROM $6 AND psk_hash IS NOT DISTINCT FROM $7 \
+     AND cert_sha256 IS NOT DISTINCT FROM $8 AND disabled = $9";
+
+impl PostgresStore {
+    /// Connects, brings the schema up to date (or refuses a newer one), checks that `keys`
+    /// is the server key file the other workers use, and loads the rules.
+    pub async fn open(
+        url: &str,
+        options: Options,
+        keys: &ServerKeys,
+    ) -> Result<PostgresStore, StoreError> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|_| StoreError::corrupt("store", "not a valid postgres:// URL"))?;
+        let ms = options.timeout.as_millis().max(1);
+        config.application_name("authd");
+        // A generic plan from the first execution: the statements are few and fixed, and
+        // custom planning costs more than it saves on them.
+        config.options(format!(
+            "-c statement_timeout={ms} -c plan_cache_mode=force_generic_plan"
+        ));
+        config.connect_timeout(options.timeout);
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool)
+            .build()
+            .map_err(|e| StoreError::corrupt("store", e))?;
+        let db = Arc::new(Db {
+            pool,
+            timeout: options.timeout,
+            replays: options.replays,
+            up: AtomicBool::new(true),
+            trips: AtomicU64::new(0),
+        });
+        {
+            let mut client = db
+                .pool
+                .get()
+                .await
+                .map_err(|e| StoreError::Database(Box::new(e)))?;
+            migrate::run(&mut client).await?;
+            migrate::check_keys(&client, keys).await?;
+        }
+        let (version, index) = rows::load_rules(&db).await?;
+        tokio::spawn(watch(Arc::downgrade(&db)));
+        Ok(PostgresStore {
+            lockout: options.lockout,
+            writer: writer::Writer::start(db.clone()),
+            rules: Arc::new(Rules {
+                index: RwLock::new((version, index)),
+                catch_up: tokio::sync::Mutex::new(()),
+            }),
+            db,
+        })
+    }
+
+    /// Whether the database answered the last call.
+    pub fn available(&self) -> bool {
+        self.db.up.load(Relaxed)
+    }
+
+    /// Statements sent so far.
+    pub fn round_trips(&self) -> u64 {
+        self.db.trips.load(Relaxed)
+    }
+
+    pub async fn entity(&self, id: &str) -> Result<Option<EntityRecord>, StoreError> {
+        self.db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(ENTITY).await?;
+                match c.query_opt(&stmt, &[&id]).await? {
+                    None => Ok(None),
+                    Some(row) => Ok(Some(rows::entity(&row, 0)?)),
+                }
+            })
+            .await
+    }
+
+    pub async fn list_entities(
+        &self,
+        owner: Option<&str>,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<EntityPage, StoreError> {
+        let fetch = limit.saturating_add(1).min(i64::MAX as usize) as i64;
+        let found = self
+            .db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(ENTITIES).await?;
+                let rows = c.query(&stmt, &[&owner, &prefix, &after, &fetch]).await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get::<_, String>(0)?, rows::entity(r, 1)?)))
+                    .collect::<Result<Vec<_>, Failure>>()
+            })
+            .await?;
+        let more = found.len() > limit;
+        let mut entities = found;
+        entities.truncate(limit);
+        Ok(EntityPage { entities, more })
+    }
+
+    pub async fn replace_psk_hash(
+        &self,
+        id: &str,
+        seen: &EntityRecord,
+        psk: PskHash,
+    ) -> Result<bool, StoreError> {
+        let (old_key, old_hash) = match &seen.psk {
+            Some(p) => (Some(i64::from(p.key_id)), Some(p.hash.to_vec())),
+            None => (None, None),
+        };
+        let cert = seen.cert_sha256.map(|c| c.to_vec());
+        let kind = rows::kind_code(seen.kind);
+        let new_key = i64::from(psk.key_id);
+        let new_hash = psk.hash.to_vec();
+        self.db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(REPLACE_PSK).await?;
+                let n = c
+                    .execute(
+                        &stmt,
+                        &[
+                            &id,
+                            &new_key,
+                            &new_hash,
+                            &kind,
+                            &seen.owner,
+                            &old_key,
+                            &old_hash,
+                            &cert,
+                            &seen.disabled,
+                        ],
+                    )
+                    .await?;
+                Ok(n == 1)
+            })
+            .await
+    }
+
+    pub async fn key_usage(&self) -> Result<BTreeMap<KeyId, KeyUsage>, StoreError> {
+        self.db
+            .run(2, async |c| {
+                let mut usage = BTreeMap::<KeyId, KeyUsage>::new();
+                for row in c
+                    .query(
+                        "SELECT psk_key_id, count(*) FROM entities WHERE psk_hash IS NOT NULL GROUP BY 1",
+                        &[],
+                    )
+                    .await?
+                {
+                    usage.entry(rows::key_id(row.try_get(0)?)?).or_default().psk_hashes =
+                        row.try_get::<_, i64>(1)? as u64;
+                }
+                for row in c
+                    .query("SELECT key_id, count(*) FROM tokens GROUP BY 1", &[])
+                    .await?
+                {
+                    usage.entry(rows::key_id(row.try_get(0)?)?).or_default().tokens =
+                        row.try_get::<_, i64>(1)? as u64;
+                }
+                Ok(usage)
+            })
+            .await
+    }
+
+    pub async fn token(&self, user: &str, host: &str) -> Result<Option<TokenRecord>, StoreError> {
+        self.db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(TOKEN).await?;
+                match c.query_opt(&stmt, &[&user, &host]).await? {
+                    None => Ok(None),
+                    Some(row) => Ok(Some(rows::token(&row, 0)?)),
+                }
+            })
+            .await
+    }
+
+    pub async fn tokens_of(
+        &self,
+        user: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<TokenPage, StoreError> {
+        let fetch = limit.saturating_add(1).min(i64::MAX as usize) as i64;
+        let found = self
+            .db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(TOKENS_OF).await?;
+                let rows = c.query(&stmt, &[&user, &after, &fetch]).await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get::<_, String>(0)?, rows::token(r, 1)?)))
+                    .collect::<Result<Vec<_>, Failure>>()
+            })
+            .await?;
+        let more = found.len() > limit;
+        let mut tokens = found;
+        tokens.truncate(limit);
+        Ok(TokenPage { tokens, more })
+    }
+
+    pub async fn live_token(&self, token_id: &TokenId) -> Result<Option<LiveToken>, StoreError> {
+        let id = &token_id[..];
+        self.db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(LIVE_TOKEN).await?;
+                match c.query_opt(&stmt, &[&id]).await? {
+                    None => Ok(None),
+                    Some(row) => Ok(Some(LiveToken {
+                        user: row.try_get(0)?,
+                        host: row.try_get(1)?,
+                        record: TokenRecord {
+                            token_id: *token_id,
+                            key_id: rows::key_id(row.try_get(2)?)?,
+                            created: row.try_get::<_, i64>(3)? as u64,
+                        },
+                    })),
+                }
+            })
+            .await
+    }
+
+    pub async fn rules(&self, after: u64, limit: usize) -> Result<Vec<(u64, Rule)>, StoreError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(RULES).await?;
+                c.query(&stmt, &[&after, &limit])
+                    .await?
+                    .iter()
+                    .map(|r| Ok((r.try_get::<_, i64>(0)? as u64, rows::rule(r, 1)?)))
+                    .collect()
+            })
+            .await
+    }
+
+    /// AuthorizeCommand's decision: one statement reads both entities and the rules
+    /// version; if the index is behind, the rule changes since are read first.
+    pub async fn authorize(&self, src: &str, dst: &str, cmd: &str) -> Result<Decision, StoreError> {
+        let (version, parties) = self
+            .db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(AUTHORIZE).await?;
+                let row = c.query_one(&stmt, &[&src, &dst]).await?;
+                let version: i64 = row.try_get(0)?;
+                let parties = Parties {
+                    src_disabled: row.try_get::<_, Option<bool>>(1)?.unwrap_or(false),
+                    dst_disabled: row.try_get::<_, Option<bool>>(2)?.unwrap_or(false),
+                    dst_owner: row.try_get(3)?,
+                };
+                Ok((version as u64, parties))
+            })
+            .await?;
+        if self.index_version() < version {
+            self.catch_up(version).await?;
+        }
+        let index = self.rules.index.read().unwrap_or_else(|e| e.into_inner());
+        Ok(index.1.decide(src, dst, cmd, &parties))
+    }
+
+    fn index_version(&self) -> u64 {
+        self.rules.index.read().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    /// Brings the rule index to `version` at least, from `rule_log`.
+    async fn catch_up(&self, version: u64) -> Result<(), StoreError> {
+        let _one = self.rules.catch_up.lock().await;
+        let from = self.index_version();
+        if from >= version {
+            return Ok(());
+        }
+        let from_i = from as i64;
+        let changes = self
+            .db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(RULE_LOG).await?;
+                c.query(&stmt, &[&from_i])
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get::<_, i64>(0)? as u64,
+                            r.try_get::<_, i64>(1)? as u64,
+                            rows::rule(r, 2)?,
+                            r.try_get::<_, bool>(3)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, Failure>>()
+            })
+            .await?;
+        let mut index = self.rules.index.write().unwrap_or_else(|e| e.into_inner());
+        for (v, rule_id, rule, deleted) in changes {
+            if deleted {
+                index.1.remove(rule_id, &rule);
+            } else {
+                index.1.insert(rule_id, &rule);
+            }
+            index.0 = v;
+        }
+        Ok(())
+    }
+
+    pub async fn recorded(&self, request: &RequestKey<'_>) -> Result<Recorded, StoreError> {
+        let Some(binding) = &request.binding else {
+            return Ok(Recorded::Nothing);
+        };
+        let id = request.id as i64;
+        let src = request.src;
+        let found = self
+            .db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(REPLAY).await?;
+                Ok(c.query_opt(&stmt, &[&src, &id]).await?)
+            })
+            .await?;
+        let Some(row) = found else {
+            return Ok(Recorded::Nothing);
+        };
+        let bad = |e: tokio_postgres::Error| StoreError::corrupt("replays", e);
+        let at: i64 = row.try_get(0).map_err(bad)?;
+        if (at as u64).saturating_add(self.db.replays.window_ms) < request.at_ms {
+            return Ok(Recorded::Nothing);
+        }
+        let caller: String = row.try_get(1).map_err(bad)?;
+        let method: String = row.try_get(2).map_err(bad)?;
+        let digest: Vec<u8> = row.try_get(3).map_err(bad)?;
+        if caller != binding.caller || method != binding.method || digest != binding.args_digest {
+            return Ok(Recorded::Other);
+        }
+        let reply: serde_json::Value = row.try_get(4).map_err(bad)?;
+        serde_json::from_value(reply)
+            .map(Recorded::Same)
+            .map_err(|e| StoreError::corrupt("replays", e))
+    }
+
+    pub async fn apply(
+        &self,
+        request: &RequestKey<'_>,
+        change: Change,
+    ) -> Result<Applied, StoreError> {
+        self.writer.apply(request, change).await
+    }
+
+    /// Deletes replay records older than the window, then the oldest beyond the policy's
+    /// count (every worker prunes; what one deleted the others find gone).
+    pub async fn prune_replays(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let before = now_ms.saturating_sub(self.db.replays.window_ms) as i64;
+        let keep = self.db.replays.max_records.min(i64::MAX as u64) as i64;
+        self.db
+            .run(2, async |c| {
+                let old = c
+                    .execute("DELETE FROM replays WHERE at_ms < $1", &[&before])
+                    .await?;
+                let early = c
+                    .execute(
+                        "DELETE FROM replays WHERE (src, id) IN (SELECT src, id FROM replays ORDER BY at_ms \
+                         LIMIT GREATEST((SELECT count(*) FROM replays) - $1, 0))",
+                        &[&keep],
+                    )
+                    .await?;
+                Ok(old + early)
+            })
+            .await
+    }
 }
