@@ -434,7 +434,7 @@ async fn acl_list_pages_by_default_and_ctl_follows() {
         .collect();
     std::fs::write(&input, lines.join("\n")).unwrap();
     let db = data.path().join("worker");
-    let out = std::process::Command::new(authd_bin())
+    let out = authd_command(&db)
         .args(["import", "--data"])
         .arg(&db)
         .arg(&input)

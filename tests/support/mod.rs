@@ -139,8 +139,18 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A worker config for `broker` with a fresh data dir, an admin and a service key.
+/// A worker config for `broker` with a fresh data dir, an admin and a service key, on the
+/// store the suite runs against ([`store_for`]).
 pub fn worker_config(broker: &Broker, data: &Path) -> Config {
+    Config {
+        store: store_for(data).map(Into::into),
+        ..embedded_worker_config(broker, data)
+    }
+}
+
+/// [`worker_config`] on the embedded store whatever the suite runs against (tests of the
+/// sled database itself).
+pub fn embedded_worker_config(broker: &Broker, data: &Path) -> Config {
     Config {
         broker: broker.url(),
         data: data.to_path_buf(),
@@ -151,6 +161,95 @@ pub fn worker_config(broker: &Broker, data: &Path) -> Config {
         .unwrap(),
         ..Config::default()
     }
+}
+
+/// The PostgreSQL server the tests use (trust auth): `AUTHD_TEST_PG`, default
+/// `postgres://postgres@127.0.0.1:5432`.
+pub fn pg_server() -> String {
+    std::env::var("AUTHD_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// Whether the suite runs against PostgreSQL (`AUTHD_TEST_STORE=postgres`) rather than the
+/// embedded store (unset or `embedded`). Anything else is a mistake, not a silent default.
+pub fn on_postgres() -> bool {
+    match std::env::var("AUTHD_TEST_STORE").as_deref() {
+        Err(_) | Ok("") | Ok("embedded") => false,
+        Ok("postgres") => true,
+        Ok(other) => panic!("AUTHD_TEST_STORE={other}: expected `embedded` or `postgres`"),
+    }
+}
+
+/// The store URL for the worker whose data directory is `data`, when the suite runs on
+/// PostgreSQL: a database of its own (created now, dropped when the test process exits),
+/// the same one for every worker started on that directory.
+pub fn store_for(data: &Path) -> Option<String> {
+    if !on_postgres() {
+        return None;
+    }
+    let digest = authd::crypto::sha256(data.as_os_str().as_encoded_bytes());
+    let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Some(test_database(&format!("authd_test_{name}")))
+}
+
+/// A fresh database `name` on [`pg_server`] (created if missing, dropped at process exit);
+/// its URL. Panics if the server cannot be reached: the PostgreSQL suite never skips.
+pub fn test_database(name: &str) -> String {
+    static CREATED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let server = pg_server();
+    let mut created = CREATED.lock().unwrap_or_else(|e| e.into_inner());
+    if !created.iter().any(|n| n == name) {
+        pg_admin(&format!("CREATE DATABASE {name}"));
+        if created.is_empty() {
+            extern "C" fn drop_all() {
+                let names = CREATED.lock().map(|n| n.clone()).unwrap_or_default();
+                for name in names {
+                    pg_admin(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+                }
+            }
+            // SAFETY: registers a plain function to run at exit.
+            unsafe { libc::atexit(drop_all) };
+        }
+        created.push(name.to_owned());
+    }
+    format!("{server}/{name}")
+}
+
+/// Runs `sql` on the server's `postgres` database, from a thread of its own (callers may be
+/// inside a runtime). Panics if it fails, but for a database that exists already.
+pub fn pg_admin(sql: &str) {
+    let url = format!("{}/postgres", pg_server());
+    let sql = sql.to_owned();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("PostgreSQL at {url} (AUTHD_TEST_PG) is needed by AUTHD_TEST_STORE=postgres and the multi-worker tests: {e}")
+                });
+            tokio::spawn(connection);
+            match client.batch_execute(&sql).await {
+                Ok(()) => {}
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+                Err(e) => panic!("{sql}: {e:?}"),
+            }
+        })
+    })
+    .join()
+    .expect("PostgreSQL admin thread");
+}
+
+/// `authd` (the built binary) for a worker whose data directory is `data`, with the store
+/// the suite runs against (`AUTHD_STORE`).
+pub fn authd_command(data: &Path) -> Command {
+    let mut command = Command::new(authd_bin());
+    if let Some(url) = store_for(data) {
+        command.env("AUTHD_STORE", url);
+    }
+    command
 }
 
 /// A broker and a ready worker, in-process.
