@@ -318,3 +318,49 @@ fn the_shipped_broker_config_binds_client_ids_and_bounds_queues() {
     let bytes: u64 = setting("max_queued_bytes").unwrap().parse().unwrap();
     assert!(bytes <= 256 * 1024 * 1024, "max_queued_bytes {bytes}");
 }
+
+/// The `topic` lines of `user` in an acl file, in order.
+fn acl_rules<'a>(acl: &'a str, user: &str) -> Vec<&'a str> {
+    let mut current: Option<&str> = None;
+    let mut rules = Vec::new();
+    for line in acl.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("user ") {
+            current = Some(name.trim());
+        } else if line.starts_with("pattern ") {
+            current = None;
+        } else if line.starts_with("topic ") && current == Some(user) {
+            rules.push(line);
+        }
+    }
+    rules
+}
+
+#[test]
+fn every_worker_account_has_the_workers_rights_and_a_password() {
+    // Several workers take one broker account each (client ids are accounts); the shipped
+    // files have two, with the same rights (tests/broker_gate.rs runs both in one share
+    // group against mosquitto).
+    let acl = read("mosquitto/acl");
+    let passwd = read("mosquitto/passwd");
+    let worker = acl_rules(&acl, "authd");
+    assert_eq!(
+        worker,
+        [
+            "topic read //api.mongoose-iot.com/rpc",
+            "topic read //api.mongoose-iot.com/rpc/#",
+            "topic write +/rpc"
+        ]
+    );
+    for account in ["authd", "authd-2"] {
+        assert_eq!(acl_rules(&acl, account), worker, "{account}'s rights");
+        assert!(
+            passwd
+                .lines()
+                .any(|l| l.starts_with(&format!("{account}:"))),
+            "{account} not in mosquitto/passwd"
+        );
+    }
+    // Devices have no rules of their own (only `pattern read %u/rpc`).
+    assert!(acl_rules(&acl, "device1").is_empty());
+    assert!(acl_rules(&acl, "nobody").is_empty());
+}
