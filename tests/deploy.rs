@@ -202,7 +202,14 @@ fn the_stack_is_hardened_and_its_images_pinned() {
     let services = compose_services(&read("docker-compose.yml"));
     assert_eq!(
         services.keys().collect::<Vec<_>>(),
-        ["authd", "mosquitto"],
+        [
+            "authd",
+            "authd-a",
+            "authd-b",
+            "authd-key",
+            "mosquitto",
+            "postgres"
+        ],
         "services read from docker-compose.yml"
     );
     for (name, service) in &services {
@@ -241,6 +248,23 @@ fn the_stack_is_hardened_and_its_images_pinned() {
         mosquitto["user"],
         ["1883:1883"],
         "mosquitto runs as its own user"
+    );
+    // PostgreSQL (profile `workers`): the same, as the image's `postgres` user.
+    let postgres = &services["postgres"];
+    let image = &postgres["image"][0];
+    assert!(image.starts_with("postgres:"), "{image}");
+    let (release, digest) = pinned(image);
+    assert!(release, "postgres image not pinned to a release: {image}");
+    let digest = digest.unwrap_or_else(|| panic!("postgres image without a digest: {image}"));
+    let hex = digest.strip_prefix("sha256:").unwrap_or_default();
+    assert!(
+        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{digest}"
+    );
+    assert_eq!(
+        postgres["user"],
+        ["999:999"],
+        "postgres runs as its own user"
     );
 
     // authd: built here, from base images pinned to releases, as a non-root user.
@@ -317,4 +341,233 @@ fn the_shipped_broker_config_binds_client_ids_and_bounds_queues() {
     }
     let bytes: u64 = setting("max_queued_bytes").unwrap().parse().unwrap();
     assert!(bytes <= 256 * 1024 * 1024, "max_queued_bytes {bytes}");
+}
+
+/// The `topic` lines of `user` in an acl file, in order.
+fn acl_rules<'a>(acl: &'a str, user: &str) -> Vec<&'a str> {
+    let mut current: Option<&str> = None;
+    let mut rules = Vec::new();
+    for line in acl.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("user ") {
+            current = Some(name.trim());
+        } else if line.starts_with("pattern ") {
+            current = None;
+        } else if line.starts_with("topic ") && current == Some(user) {
+            rules.push(line);
+        }
+    }
+    rules
+}
+
+#[test]
+fn every_worker_account_has_the_workers_rights_and_a_password() {
+    // Several workers take one broker account each (client ids are accounts); the shipped
+    // files have two, with the same rights (tests/broker_gate.rs runs both in one share
+    // group against mosquitto).
+    let acl = read("mosquitto/acl");
+    let passwd = read("mosquitto/passwd");
+    let worker = acl_rules(&acl, "authd");
+    assert_eq!(
+        worker,
+        [
+            "topic read //api.mongoose-iot.com/rpc",
+            "topic read //api.mongoose-iot.com/rpc/#",
+            "topic write +/rpc"
+        ]
+    );
+    for account in ["authd", "authd-2"] {
+        assert_eq!(acl_rules(&acl, account), worker, "{account}'s rights");
+        assert!(
+            passwd
+                .lines()
+                .any(|l| l.starts_with(&format!("{account}:"))),
+            "{account} not in mosquitto/passwd"
+        );
+    }
+    // Devices have no rules of their own (only `pattern read %u/rpc`).
+    assert!(acl_rules(&acl, "device1").is_empty());
+    assert!(acl_rules(&acl, "nobody").is_empty());
+}
+
+/// A service's `environment:` (map form) as name → value, quotes removed.
+fn environment(service: &Service) -> BTreeMap<String, String> {
+    service
+        .get("environment")
+        .map(|lines| {
+            lines
+                .iter()
+                .map(|l| {
+                    let (k, v) = l
+                        .split_once(':')
+                        .unwrap_or_else(|| panic!("environment entry? {l}"));
+                    (k.trim().to_owned(), v.trim().trim_matches('"').to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A service's `depends_on:` (long form) as service → condition.
+fn depends_on(service: &Service) -> BTreeMap<String, String> {
+    let lines = service.get("depends_on").cloned().unwrap_or_default();
+    lines
+        .chunks(2)
+        .map(|pair| {
+            let name = pair[0]
+                .strip_suffix(':')
+                .unwrap_or_else(|| panic!("depends_on entry? {pair:?}"));
+            let condition = pair
+                .get(1)
+                .and_then(|c| c.strip_prefix("condition: "))
+                .unwrap_or_else(|| panic!("depends_on {name} without a condition"));
+            (name.to_owned(), condition.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn the_workers_profile_runs_two_workers_on_one_group_and_postgres() {
+    let services = compose_services(&read("docker-compose.yml"));
+    let profiles = |name: &str| services[name].get("profiles").cloned().unwrap_or_default();
+    // `docker compose up` is as before; the profile adds the rest.
+    for name in ["mosquitto", "authd"] {
+        assert!(profiles(name).is_empty(), "{name} has profiles");
+    }
+    for name in ["postgres", "authd-key", "authd-a", "authd-b"] {
+        assert_eq!(profiles(name), ["workers"], "{name}'s profiles");
+    }
+
+    // PostgreSQL: a healthcheck the workers wait for, its data in a named volume.
+    let postgres = &services["postgres"];
+    let postgres_env = environment(postgres);
+    assert!(
+        postgres["healthcheck"]
+            .iter()
+            .any(|l| l.starts_with("test:") && l.contains("pg_isready")),
+        "postgres healthcheck: {:?}",
+        postgres["healthcheck"]
+    );
+    assert_eq!(
+        postgres["volumes"],
+        ["postgres-data:/var/lib/postgresql/data"]
+    );
+    assert!(postgres_env["POSTGRES_PASSWORD"].contains("dev-only"));
+
+    // The server key: made once in the authd-key volume, linked by every worker.
+    assert_eq!(services["authd-key"]["volumes"], ["authd-key:/data"]);
+
+    let acl = read("mosquitto/acl");
+    let passwd = read("mosquitto/passwd");
+    let worker_rights = acl_rules(&acl, "authd");
+    let workers = ["authd-a", "authd-b"];
+    let env: Vec<_> = workers.iter().map(|w| environment(&services[*w])).collect();
+    for (name, env) in workers.iter().zip(&env) {
+        let service = &services[*name];
+        // One share group, one store: the postgres service's database, as its user.
+        assert_eq!(env["AUTHD_SHARE_GROUP"], "authd", "{name}");
+        let store = &env["AUTHD_STORE"];
+        let expected = format!(
+            "postgres://{}:{}@postgres:5432/{}",
+            postgres_env["POSTGRES_USER"],
+            postgres_env["POSTGRES_PASSWORD"],
+            postgres_env["POSTGRES_DB"]
+        );
+        assert_eq!(store, &expected, "{name}: AUTHD_STORE");
+        // Its own broker account, from the shipped files, with the worker's rights; the
+        // client id is the account (the broker makes it so: use_username_as_clientid).
+        let account = &env["AUTHD_BROKER_USERNAME"];
+        assert_eq!(&env["AUTHD_CLIENT_ID"], account, "{name}: client id");
+        assert_eq!(
+            env["AUTHD_BROKER_PASSWORD"],
+            format!("{account}-dev-only-password"),
+            "{name}"
+        );
+        assert!(
+            passwd
+                .lines()
+                .any(|l| l.starts_with(&format!("{account}:"))),
+            "{name}: account {account} not in mosquitto/passwd"
+        );
+        assert_eq!(
+            acl_rules(&acl, account),
+            worker_rights,
+            "{name}: {account}'s rights"
+        );
+        // Started once the database is healthy and the key exists.
+        let deps = depends_on(service);
+        assert_eq!(deps["postgres"], "service_healthy", "{name}");
+        assert_eq!(
+            deps["authd-key"], "service_completed_successfully",
+            "{name}"
+        );
+        assert!(deps.contains_key("mosquitto"), "{name}");
+        // Its own data volume; the shared key read-only, linked into the data directory
+        // before authd starts.
+        assert_eq!(
+            service["volumes"],
+            [format!("{name}-data:/data"), "authd-key:/key:ro".to_owned()],
+            "{name}: volumes"
+        );
+        let command = service["command"].join(" ");
+        assert!(
+            command.starts_with("ln -sfn /key/server.key /data/server.key && exec authd serve ")
+                && command.contains("--data /data"),
+            "{name}: command {command}"
+        );
+        assert!(service["healthcheck"].iter().any(|l| l.contains("/ready")));
+    }
+    // Distinct accounts and client ids (one session each), the same caller keys.
+    assert_ne!(
+        env[0]["AUTHD_BROKER_USERNAME"], env[1]["AUTHD_BROKER_USERNAME"],
+        "two workers on one broker account take each other's session"
+    );
+    assert_ne!(env[0]["AUTHD_CLIENT_ID"], env[1]["AUTHD_CLIENT_ID"]);
+    assert_eq!(env[0]["AUTHD_CALLER_KEYS"], env[1]["AUTHD_CALLER_KEYS"]);
+    assert_ne!(services["authd-a"]["ports"], services["authd-b"]["ports"]);
+}
+
+#[test]
+fn the_compose_tool_accepts_the_workers_profile() {
+    let Some(tool) = compose_tool() else {
+        println!(
+            "SKIPPED: neither `docker compose` nor `docker-compose` is installed \
+             (apt-get install docker-compose); the file was not checked by the tool"
+        );
+        return;
+    };
+    let out = Command::new(tool[0])
+        .args(&tool[1..])
+        .args([
+            "-f",
+            &format!("{ROOT}/docker-compose.yml"),
+            "--profile",
+            "workers",
+            "config",
+        ])
+        .output()
+        .expect("compose runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{tool:?} --profile workers config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "postgres:",
+        "image: postgres:17.11-bookworm@sha256:",
+        "condition: service_healthy",
+        "condition: service_completed_successfully",
+        "AUTHD_SHARE_GROUP: authd",
+        "AUTHD_BROKER_USERNAME: authd-2",
+        "AUTHD_STORE: postgres://authd:authd-dev-only-password@postgres:5432/authd",
+        "authd-key:/key:ro",
+        "authd-a-data:/data",
+        "authd-b-data:/data",
+        "postgres-data:/var/lib/postgresql/data",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing `{expected}` in\n{stdout}"
+        );
+    }
 }
