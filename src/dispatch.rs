@@ -218,6 +218,11 @@ impl Dispatcher {
         if !caller.scope.allows(method.scope) {
             return Err(RpcError::forbidden(name));
         }
+        // Known to be down: held at once, without starting a sign-in attempt or taking a
+        // rate-limit token that the retry would take again.
+        if !self.store.available() {
+            return Err(RpcError::unavailable());
+        }
         let now_ms = crate::unix_ms();
         // A write is bound to its caller, method and arguments, so that a redelivery is told
         // apart from another request that reuses its src and id.

@@ -175,7 +175,6 @@ fn answer(endpoint: &Endpoint, req: &Request<Incoming>) -> Response<Full<Bytes>>
                 .as_ref()
                 .map(|s| crate::metrics::StoreGauges {
                     up: s.available(),
-                    shared: matches!(s, crate::store::Store::Postgres(_)),
                     round_trips: s.round_trips(),
                 }),
         ) {

@@ -113,8 +113,7 @@ impl Latency {
 #[derive(Debug, Clone, Copy)]
 pub struct StoreGauges {
     pub up: bool,
-    /// A database shared by several workers (PostgreSQL), which counts its round trips.
-    pub shared: bool,
+    /// Statements sent to a database server (0 for the embedded store).
     pub round_trips: u64,
 }
 
@@ -391,10 +390,9 @@ impl Metrics {
             ),
             family(
                 "authd_store_round_trips_total",
-                "Statements sent to the PostgreSQL store (round trips).",
+                "Statements sent to the PostgreSQL store (round trips); 0 for the embedded store.",
                 MetricType::COUNTER,
                 store
-                    .filter(|s| s.shared)
                     .map(|s| vec![counter(&[], s.round_trips)])
                     .unwrap_or_default(),
             ),

@@ -423,6 +423,27 @@ async fn catch_panic<F: Future>(future: F) -> Result<F::Output, ()> {
     .await
 }
 
+/// Opens the PostgreSQL store at `url` with `config`'s pool, deadline, replay window and
+/// brute-force guard, checking `keys` against the keys the database knows.
+pub async fn open_postgres(
+    config: &Config,
+    url: &Secret,
+    keys: &ServerKeys,
+) -> anyhow::Result<Store> {
+    let options = crate::store::postgres::Options {
+        pool: config.store_pool,
+        timeout: Duration::from_millis(config.store_timeout_ms),
+        replays: config.replay_policy(),
+        lockout: config.lockout(),
+    };
+    let shown = crate::config::redact_url_password(url.expose());
+    let store = crate::store::postgres::PostgresStore::open(url.expose(), options, keys)
+        .await
+        .map_err(|e| anyhow::anyhow!("opening the store {shown}: {e}"))?;
+    tracing::info!(store = %shown, "PostgreSQL store open");
+    Ok(Store::Postgres(store))
+}
+
 /// Opens the store and the server key. The key file is in `config.data`; the store is the
 /// sled database there (`store_url` unset) or the PostgreSQL database at `store_url`.
 ///
@@ -446,18 +467,7 @@ pub async fn open_data(
     let key_file = ServerKeys::file_in(&config.data);
     if let Some(url) = store_url {
         let keys = ServerKeys::load_or_create(&key_file).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let options = crate::store::postgres::Options {
-            pool: config.store_pool,
-            timeout: Duration::from_millis(config.store_timeout_ms),
-            replays: config.replay_policy(),
-            lockout: config.lockout(),
-        };
-        let shown = crate::config::redact_url_password(url.expose());
-        let store = crate::store::postgres::PostgresStore::open(url.expose(), options, &keys)
-            .await
-            .map_err(|e| anyhow::anyhow!("opening the store {shown}: {e}"))?;
-        tracing::info!(store = %shown, "PostgreSQL store open");
-        return Ok((Store::Postgres(store), keys));
+        return Ok((open_postgres(config, url, &keys).await?, keys));
     }
     let db = config.data.join("db");
     let keys = if db.try_exists()? {

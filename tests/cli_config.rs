@@ -237,6 +237,8 @@ fn the_example_file_lists_every_key() {
                     | "data"
                     | "metrics"
                     | "caller"
+                    | "store"
+                    | "share_group"
             )
         })
         .map(|(k, v)| (k.as_str(), v))

@@ -5,8 +5,6 @@
 
 mod support;
 
-use std::process::Command;
-
 use authd::client::Client;
 use serde_json::{json, Value};
 use support::*;
@@ -23,7 +21,7 @@ async fn token_of(s: &Setup, user: &str, host: &str, method: &str) -> Value {
 }
 
 fn authd_key(args: &[&str], data: &std::path::Path) -> (bool, String, String) {
-    let out = Command::new(authd_bin())
+    let out = authd_command(data)
         .arg("key")
         .args(args)
         .arg("--data")

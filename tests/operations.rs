@@ -32,15 +32,6 @@ const RULES: &str = "contrib/prometheus/authd-rules.yml";
 const RULE_TESTS: &str = "contrib/prometheus/authd-rules.test.yml";
 const UNIT: &str = "contrib/systemd/authd.service";
 
-/// Exported by the PostgreSQL store, which is not merged yet: the dashboard and the alerts
-/// use them already. REMOVE this list when the store lands (the test then checks them
-/// against the scrape like every other name; it fails while a listed name is exported).
-const STORE_METRICS: [&str; 3] = [
-    "authd_store_up",
-    "authd_requests_held_total",
-    "authd_store_round_trips_total",
-];
-
 /// Series Prometheus makes for every target (not in `/metrics`): checked against a real
 /// Prometheus in `prometheus_scrapes_a_worker_and_answers_every_dashboard_query`.
 const PROMETHEUS_SERIES: [&str; 1] = ["up"];
@@ -431,11 +422,7 @@ fn check_against_scrape(
             }
             let known = match exported.get(name) {
                 Some(labels) => labels.clone(),
-                None if STORE_METRICS.contains(&name.as_str())
-                    || PROMETHEUS_SERIES.contains(&name.as_str()) =>
-                {
-                    continue
-                }
+                None if PROMETHEUS_SERIES.contains(&name.as_str()) => continue,
                 None => {
                     problems.push(format!("{place}: `{name}` is not exported by the worker"));
                     continue;
@@ -448,9 +435,10 @@ fn check_against_scrape(
                 }
             }
         }
-        let only_unchecked = uses.selectors.iter().all(|(n, _)| {
-            STORE_METRICS.contains(&n.as_str()) || PROMETHEUS_SERIES.contains(&n.as_str())
-        });
+        let only_unchecked = uses
+            .selectors
+            .iter()
+            .all(|(n, _)| PROMETHEUS_SERIES.contains(&n.as_str()));
         for label in &uses.grouping {
             if !only_unchecked
                 && !labels_here.contains(label)
@@ -469,13 +457,6 @@ fn check_against_scrape(
 async fn dashboard_and_alerts_use_only_what_a_worker_exports() {
     let (mut s, _, scrape) = busy_worker().await;
     let exported = exported(&scrape);
-    for name in STORE_METRICS {
-        assert!(
-            !exported.contains_key(name),
-            "`{name}` is exported now: remove it from STORE_METRICS"
-        );
-    }
-
     let dashboard = dashboard_queries();
     let rules = rule_expressions();
     assert!(
@@ -799,20 +780,15 @@ async fn prometheus_scrapes_a_worker_and_answers_every_dashboard_query() {
     let alice = s.service("alice").await;
     err(&alice, "Fault.Panic", json!({}), 500).await;
 
-    // Every dashboard query is valid PromQL and has data (rates need two scrapes), but
-    // those that need only the PostgreSQL store's metrics.
+    // Every dashboard query is valid PromQL and has data (rates need two scrapes).
     let queries = dashboard_queries();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut empty = Vec::new();
     loop {
         empty.clear();
         for (place, expr) in &queries {
-            let store_only = promql_uses(expr)
-                .selectors
-                .iter()
-                .any(|(n, _)| STORE_METRICS.contains(&n.as_str()));
             let result = prometheus.query(&as_grafana_sends(expr)).await;
-            if result.is_empty() && !store_only {
+            if result.is_empty() {
                 empty.push(format!("{place}: {expr}"));
             }
         }
@@ -830,9 +806,6 @@ async fn prometheus_scrapes_a_worker_and_answers_every_dashboard_query() {
     // The series the dashboard needs, by name (`up` included: Prometheus makes it).
     for (_, expr) in &queries {
         for (name, _) in promql_uses(expr).selectors {
-            if STORE_METRICS.contains(&name.as_str()) {
-                continue;
-            }
             let series = prometheus.query(&format!("count({name})")).await;
             assert!(!series.is_empty(), "`{name}` not in Prometheus");
         }

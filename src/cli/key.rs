@@ -95,18 +95,21 @@ async fn list(config: &Config) -> anyhow::Result<Vec<KeyStatus>> {
     // The message already names the cause: not a chain that repeats it.
     let keys =
         ServerKeys::load(&ServerKeys::file_in(&config.data)).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let store = Store::open_embedded(
-        &config.data.join("db"),
-        config.cache_mib * 1024 * 1024,
-        true,
-        config.replay_policy(),
-    )
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "opening the database in {}: {e} (stop the worker first)",
-            config.data.display()
+    let store = match &config.store {
+        Some(url) => crate::server::open_postgres(config, url, &keys).await?,
+        None => Store::open_embedded(
+            &config.data.join("db"),
+            config.cache_mib * 1024 * 1024,
+            true,
+            config.replay_policy(),
         )
-    })?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "opening the database in {}: {e} (stop the worker first)",
+                config.data.display()
+            )
+        })?,
+    };
     let mut usage: BTreeMap<KeyId, KeyUsage> = store.key_usage().await?;
     for id in keys.ids() {
         usage.entry(id).or_default();
