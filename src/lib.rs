@@ -25,7 +25,8 @@
 //! | [`ratelimit`] | per-caller token buckets (429) |
 //! | [`client`] | the RPC client used by `authd call`, the tests and `authd-bench` (the load generator, crate `bench/`) |
 //! | [`logging`] | the log filter: `RUST_LOG=trace` is authd's trace, other crates stay at info |
-//! | [`import`] | `authd import`: bulk provisioning of a stopped worker's data directory |
+//! | [`export`] | `authd export`: a stopped worker's store as JSON lines (the dump that moves a deployment) |
+//! | [`import`] | `authd import`: admin calls in bulk, or an export's records, into a stopped worker's store |
 //! | [`metrics`] | counters and latency of requests, dropped frames, reconnects, sign-ins, lockouts |
 //! | [`http`] | the operator's endpoint (hyper): `/metrics` (Prometheus), `/ready`, `/live` |
 //! | [`cli`] | the `authd` command line: one file per subcommand, errors → exit status in one place |
@@ -39,6 +40,7 @@ pub mod crypto;
 pub mod data_dir;
 pub mod dispatch;
 pub mod durable;
+pub mod export;
 pub mod frame;
 pub mod http;
 pub mod import;

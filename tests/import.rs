@@ -2,8 +2,6 @@
 
 mod support;
 
-use std::process::Command;
-
 use serde_json::json;
 use support::*;
 
@@ -25,7 +23,7 @@ async fn imported_entities_sign_in_and_bad_lines_are_reported() {
     )
     .unwrap();
     let db = data.path().join("worker");
-    let out = Command::new(authd_bin())
+    let out = authd_command(&db)
         .args(["import", "--data"])
         .arg(&db)
         .arg(&input)

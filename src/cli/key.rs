@@ -36,6 +36,10 @@ pub enum KeyCommand {
         /// Data directory of the (stopped) worker.
         #[arg(long, env = "AUTHD_DATA")]
         data: Option<PathBuf>,
+        /// The PostgreSQL store the workers use (as `authd serve --store`); the workers may
+        /// keep running.
+        #[arg(long, env = "AUTHD_STORE", hide_env_values = true, value_name = "URL")]
+        store: Option<crate::secret::Secret>,
     },
 }
 
@@ -61,9 +65,10 @@ pub(super) async fn run(command: KeyCommand) -> Result<(), Failure> {
             eprintln!("authd key rotate: added server key {id} to {}; restart the worker to use it, and keep the older keys while tokens or PSK hashes use them (authd key list)", file.display());
             Ok(())
         }
-        KeyCommand::List { data } => {
+        KeyCommand::List { data, store } => {
             let config = Config {
                 data: data.unwrap_or_else(default_data_dir),
+                store,
                 ..Config::default()
             };
             let keys = list(&config).await.map_err(Failure::unable)?;

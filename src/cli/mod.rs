@@ -29,6 +29,7 @@ mod bench;
 mod call;
 mod ctl;
 mod docs;
+mod export;
 mod import;
 mod key;
 pub mod progress;
@@ -60,9 +61,14 @@ enum Command {
     Call(call::CallArgs),
     /// Admin commands (exit codes as for `call`): `authd ctl entity put dev1 --generate-psk`.
     Ctl(ctl::CtlArgs),
-    /// Bulk provisioning into a stopped worker's data directory: JSON lines of
-    /// `{"method": "Entity.Put", "args": {…}}` (or ACL.Add, …).
+    /// Bulk provisioning into a stopped worker's store: JSON lines of `{"method":
+    /// "Entity.Put", "args": {…}}` (or ACL.Add, …), or a dump made by `authd export`
+    /// (moving a deployment, e.g. to PostgreSQL with --store).
     Import(import::ImportArgs),
+    /// Every record of a stopped worker's store as JSON lines, for `authd import`: entities,
+    /// live tokens, rules with their ids. No secret, and not the server key: copy server.key
+    /// yourself.
+    Export(export::ExportArgs),
     /// Server keys: `authd key rotate` adds one (restart the worker to use it), `authd key
     /// list` shows what each key still signs.
     #[command(subcommand)]
@@ -86,6 +92,7 @@ impl Command {
             Command::Call(_) => "call",
             Command::Ctl(_) => "ctl",
             Command::Import(_) => "import",
+            Command::Export(_) => "export",
             Command::Key(command) => command.name(),
             Command::Bench(_) => "bench",
             Command::Completions(_) => "completions",
@@ -109,6 +116,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Call(args) => one_shot(log_format, call::run(args)),
         Command::Ctl(args) => one_shot(log_format, ctl::run(args)),
         Command::Import(args) => one_shot(log_format, import::run(args)),
+        Command::Export(args) => one_shot(log_format, export::run(args)),
         Command::Key(command) => one_shot(log_format, key::run(command)),
     };
     match result {

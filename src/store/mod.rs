@@ -11,6 +11,9 @@
 //! promises, for every change: the change and its replay record commit together; a request
 //! already recorded changes nothing and gets its recorded reply ([`Applied::Before`]); the
 //! call returns once the change is durable; rule ids are never reused.
+//!
+//! Moving a deployment between stores goes through [`Record`]s: [`Store::export`] hands
+//! over every record of one store, [`Store::restore`] writes them into another.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,9 +27,9 @@ pub mod postgres;
 mod records;
 
 pub use records::{
-    Applied, Binding, Change, Changed, EntityKind, EntityPage, EntityRecord, KeyUsage, LiveToken,
-    PskHash, PutOutcome, Recorded, ReplayPolicy, Reply, RequestKey, SignInState, StoreError,
-    TokenPage, TokenRecord,
+    Applied, Binding, Change, Changed, EntityKind, EntityPage, EntityRecord, ExportError, KeyUsage,
+    LiveToken, PskHash, PutOutcome, Record, Recorded, ReplayPolicy, Reply, RequestKey, SignInState,
+    StoreError, TokenPage, TokenRecord,
 };
 
 /// The authd database. Cheap to clone.
@@ -257,6 +260,35 @@ impl Store {
         match self {
             Store::Embedded(s) => s.flushes_on_commit(),
             Store::Postgres(_) => true,
+        }
+    }
+
+    /// Hands every record of the store to `sink`, one at a time, in a stable order: entities
+    /// by id, then live tokens, then rules by id, then [`Record::NextRuleId`]. Memory stays
+    /// constant however large the store. Returns how many records it handed over. Replay
+    /// records are not records (see [`Record`]). Meant for a store no worker writes to (a
+    /// stopped one): a change made meanwhile may or may not be in it.
+    pub async fn export(
+        &self,
+        sink: &mut (dyn FnMut(Record) -> std::io::Result<()> + Send),
+    ) -> Result<u64, ExportError> {
+        match self {
+            Store::Embedded(s) => s.export(sink),
+            Store::Postgres(s) => s.export(sink).await,
+        }
+    }
+
+    /// Writes `records` (one batch, in one transaction) as they are: an entity replaces
+    /// the one with its id (its `created` included, and without removing the user's tokens,
+    /// as a re-provisioning put would), a token becomes the live token of its (user, host),
+    /// a rule is stored under its id, and the next rule id becomes the largest of the
+    /// store's, a [`Record::NextRuleId`]'s and one above every rule id restored. Idempotent:
+    /// restoring the same records again changes nothing. Every index stays true (an owner's
+    /// entities, token ids, per-user token counts, the rule index). Records no reply.
+    pub async fn restore(&self, records: Vec<Record>) -> Result<(), StoreError> {
+        match self {
+            Store::Embedded(s) => s.restore(records).await,
+            Store::Postgres(s) => s.restore(records).await,
         }
     }
 

@@ -25,6 +25,9 @@ pub enum StoreError {
     Unavailable,
     #[error("server key {key_id} in the key file is not the key the other workers of this database use: copy server.key from a worker that serves it")]
     KeyMismatch { key_id: u32 },
+    /// Another process holds the database (the embedded store's lock: a worker runs on it).
+    #[error("the database is in use by another process")]
+    InUse,
 }
 
 impl StoreError {
@@ -355,4 +358,246 @@ impl Default for ReplayPolicy {
             max_records: 1_000_000,
         }
     }
+}
+
+/// One record of a store's state: what [`crate::store::Store::export`] yields and
+/// [`crate::store::Store::restore`] writes, the unit of moving a deployment from one store
+/// to another (`authd export`, `authd import`; one JSON line each). Like the store, it holds
+/// no usable secret: a PSK hash is keyed with a server key, and a token string is derived
+/// from its id with one, and the server key is never a record.
+///
+/// Replay records are not exported: they answer redeliveries of requests from the last
+/// minutes, and a deployment is moved from a worker stopped cleanly, which acknowledged
+/// every request it answered, so the broker redelivers none of them to the new store.
+///
+/// In JSON (serde), one object tagged by `record`; binary values are lower-case hex:
+///
+/// ```text
+/// {"record":"entity","id":"dev1","kind":"device","owner":"alice","disabled":false,"created":1700000000,
+///  "psk":{"key_id":1,"hash":"<64 hex>"},"cert_sha256":"<64 hex>"}
+/// {"record":"token","user":"alice","host":"app1","token_id":"<32 hex>","key_id":1,"created":1700000000}
+/// {"record":"rule","rule_id":3,"src":"alice","dst":"*","cmd":"On","effect":"allow"}
+/// {"record":"next_rule_id","next_rule_id":7}
+/// ```
+///
+/// `owner`, `psk` and `cert_sha256` are left out when absent. Reading one checks every
+/// field (names as the methods take them, hex lengths, rule ids from 1); an unknown field
+/// is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "RecordLine", try_from = "RecordLine")]
+pub enum Record {
+    /// Entity `id` as stored, its `created` included.
+    Entity { id: String, entity: EntityRecord },
+    /// The live token of (user, host): it keeps signing in wherever the server key that
+    /// made it is loaded.
+    Token {
+        user: String,
+        host: String,
+        token: TokenRecord,
+    },
+    /// Rule `rule_id`, under that id.
+    Rule { rule_id: u64, rule: Rule },
+    /// The id the store gives the next rule: no id below it is given again, even one no
+    /// rule holds now (a deleted rule's).
+    NextRuleId(u64),
+}
+
+impl Record {
+    /// The server key the record's PSK hash or token was made with, if it has one.
+    pub fn key_id(&self) -> Option<KeyId> {
+        match self {
+            Record::Entity { entity, .. } => entity.psk.as_ref().map(|p| p.key_id),
+            Record::Token { token, .. } => Some(token.key_id),
+            Record::Rule { .. } | Record::NextRuleId(_) => None,
+        }
+    }
+}
+
+/// The JSON form of a [`Record`].
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case", deny_unknown_fields)]
+enum RecordLine {
+    Entity {
+        id: String,
+        kind: EntityKind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<String>,
+        disabled: bool,
+        created: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        psk: Option<PskLine>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cert_sha256: Option<String>,
+    },
+    Token {
+        user: String,
+        host: String,
+        token_id: String,
+        key_id: KeyId,
+        created: u64,
+    },
+    Rule {
+        rule_id: u64,
+        src: String,
+        dst: String,
+        cmd: String,
+        effect: crate::rules::Effect,
+    },
+    NextRuleId {
+        next_rule_id: u64,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PskLine {
+    key_id: KeyId,
+    hash: String,
+}
+
+impl From<Record> for RecordLine {
+    fn from(record: Record) -> RecordLine {
+        use crate::cert::hex;
+        match record {
+            Record::Entity { id, entity } => RecordLine::Entity {
+                id,
+                kind: entity.kind,
+                owner: entity.owner,
+                disabled: entity.disabled,
+                created: entity.created,
+                psk: entity.psk.map(|p| PskLine {
+                    key_id: p.key_id,
+                    hash: hex(&p.hash),
+                }),
+                cert_sha256: entity.cert_sha256.map(|c| hex(&c)),
+            },
+            Record::Token { user, host, token } => RecordLine::Token {
+                user,
+                host,
+                token_id: hex(&token.token_id),
+                key_id: token.key_id,
+                created: token.created,
+            },
+            Record::Rule { rule_id, rule } => RecordLine::Rule {
+                rule_id,
+                src: rule.src,
+                dst: rule.dst,
+                cmd: rule.cmd,
+                effect: rule.effect,
+            },
+            Record::NextRuleId(next_rule_id) => RecordLine::NextRuleId { next_rule_id },
+        }
+    }
+}
+
+impl TryFrom<RecordLine> for Record {
+    type Error = String;
+
+    fn try_from(line: RecordLine) -> Result<Record, String> {
+        let name = |field: &str, value: String| {
+            if crate::frame::valid_name(&value) {
+                Ok(value)
+            } else {
+                Err(format!(
+                    "{field}: must be a string of 1 to 256 bytes with no control characters"
+                ))
+            }
+        };
+        Ok(match line {
+            RecordLine::Entity {
+                id,
+                kind,
+                owner,
+                disabled,
+                created,
+                psk,
+                cert_sha256,
+            } => Record::Entity {
+                id: name("id", id)?,
+                entity: EntityRecord {
+                    kind,
+                    owner: owner.map(|o| name("owner", o)).transpose()?,
+                    psk: psk
+                        .map(|p| {
+                            Ok::<_, String>(PskHash {
+                                key_id: p.key_id,
+                                hash: unhex(&p.hash).ok_or("psk.hash: must be 64 hex digits")?,
+                            })
+                        })
+                        .transpose()?,
+                    cert_sha256: cert_sha256
+                        .map(|c| unhex(&c).ok_or("cert_sha256: must be 64 hex digits"))
+                        .transpose()?,
+                    disabled,
+                    created,
+                },
+            },
+            RecordLine::Token {
+                user,
+                host,
+                token_id,
+                key_id,
+                created,
+            } => Record::Token {
+                user: name("user", user)?,
+                host: name("host", host)?,
+                token: TokenRecord {
+                    token_id: unhex(&token_id).ok_or("token_id: must be 32 hex digits")?,
+                    key_id,
+                    created,
+                },
+            },
+            RecordLine::Rule {
+                rule_id,
+                src,
+                dst,
+                cmd,
+                effect,
+            } => {
+                if rule_id == 0 {
+                    return Err("rule_id: must be at least 1".into());
+                }
+                Record::Rule {
+                    rule_id,
+                    rule: Rule {
+                        src: name("src", src)?,
+                        dst: name("dst", dst)?,
+                        cmd: name("cmd", cmd)?,
+                        effect,
+                    },
+                }
+            }
+            RecordLine::NextRuleId { next_rule_id } => {
+                if next_rule_id == 0 {
+                    return Err("next_rule_id: must be at least 1".into());
+                }
+                Record::NextRuleId(next_rule_id)
+            }
+        })
+    }
+}
+
+/// `N` bytes from exactly `2 × N` hex digits (either case).
+fn unhex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    let digits = text.as_bytes();
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        *byte = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Why [`crate::store::Store::export`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The sink could not take a record (e.g. the output file's disk is full).
+    #[error("writing the export: {0}")]
+    Write(#[source] std::io::Error),
 }

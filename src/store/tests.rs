@@ -762,3 +762,317 @@ fn open_raw(dir: &std::path::Path) -> sled::Db {
         }
     }
 }
+
+/// Every record of `s`, in export order.
+async fn exported(s: &Store) -> Vec<Record> {
+    let mut records = Vec::new();
+    let n = s
+        .export(&mut |r| {
+            records.push(r);
+            Ok(())
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, records.len() as u64);
+    records
+}
+
+/// A store with a bit of everything: entities of each shape, tokens of two users, rules with
+/// a gap where one was deleted.
+async fn provisioned() -> Store {
+    let s = Store::temporary().unwrap();
+    let mut alice = psk_entity(EntityKind::User, 1);
+    alice.created = 5;
+    put(&s, "alice", alice, false, 1).await;
+    put(&s, "cam", entity(Some("alice"), 6), false, 2).await;
+    let mut off = psk_entity(EntityKind::Device, 3);
+    off.disabled = true;
+    off.owner = Some("bob".into());
+    off.cert_sha256 = Some([7; 32]);
+    put(&s, "off", off, false, 3).await;
+    issue(&s, "alice", "app1", 1, 10).await;
+    issue(&s, "alice", "app2", 2, 10).await;
+    issue(&s, "bob", "app1", 3, 10).await;
+    added_id(&s, 10, add_rule("a", Effect::Allow)).await;
+    added_id(&s, 11, add_rule("b", Effect::Deny)).await;
+    added_id(&s, 12, add_rule("x", Effect::Allow)).await;
+    s.apply(&req("op", 13, 1), Change::DeleteRule { rule_id: 2 })
+        .await
+        .unwrap();
+    s
+}
+
+#[tokio::test]
+async fn export_then_restore_moves_everything_and_every_index() {
+    let from = provisioned().await;
+    let records = exported(&from).await;
+    let kinds: Vec<&str> = records
+        .iter()
+        .map(|r| match r {
+            Record::Entity { .. } => "entity",
+            Record::Token { .. } => "token",
+            Record::Rule { .. } => "rule",
+            Record::NextRuleId(_) => "next",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["entity", "entity", "entity", "token", "token", "token", "rule", "rule", "next"]
+    );
+    assert_eq!(records.last(), Some(&Record::NextRuleId(4)));
+
+    let to = Store::temporary().unwrap();
+    for batch in records.chunks(2) {
+        to.restore(batch.to_vec()).await.unwrap();
+    }
+    assert_eq!(
+        exported(&to).await,
+        records,
+        "the same records, in the same order"
+    );
+    // The indexes: an owner's entities, token ids, the rule index, the token count.
+    let alices = to.list_entities(Some("alice"), "", None, 10).await.unwrap();
+    assert_eq!(ids(&alices), ["cam"]);
+    let live = to.live_token(&[2; 16]).await.unwrap().unwrap();
+    assert_eq!((live.user.as_str(), live.host.as_str()), ("alice", "app2"));
+    assert_eq!(
+        to.authorize("a", "d", "c").await.unwrap(),
+        Decision::Allow(1)
+    );
+    assert_eq!(
+        to.authorize("x", "d", "c").await.unwrap(),
+        Decision::Allow(3)
+    );
+    assert_eq!(
+        to.authorize("b", "d", "c").await.unwrap(),
+        Decision::DefaultDeny
+    );
+    assert_eq!(
+        to.authorize("alice", "cam", "c").await.unwrap(),
+        Decision::Owner
+    );
+    assert_eq!(
+        to.authorize("bob", "off", "c").await.unwrap(),
+        Decision::Disabled
+    );
+    assert!(matches!(
+        issue(&to, "alice", "app3", 9, 2).await,
+        Applied::Now(Changed::TooManyTokens { limit: 2 }, _)
+    ));
+    assert!(matches!(
+        issue(&to, "bob", "app2", 9, 2).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+    assert_eq!(
+        added_id(&to, 20, add_rule("y", Effect::Allow)).await,
+        4,
+        "ids go on from the old store's counter"
+    );
+}
+
+#[tokio::test]
+async fn restoring_the_same_records_again_changes_nothing() {
+    let records = exported(&provisioned().await).await;
+    let to = Store::temporary().unwrap();
+    to.restore(records.clone()).await.unwrap();
+    to.restore(records.clone()).await.unwrap();
+    // Twice within one batch, too.
+    let doubled: Vec<Record> = records.iter().chain(&records).cloned().collect();
+    to.restore(doubled).await.unwrap();
+    assert_eq!(exported(&to).await, records);
+    let alices = to.list_entities(Some("alice"), "", None, 10).await.unwrap();
+    assert_eq!(ids(&alices), ["cam"]);
+    // Still two tokens for alice: a third host fits under a cap of 3.
+    assert!(matches!(
+        issue(&to, "alice", "app3", 9, 3).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+    assert!(matches!(
+        issue(&to, "alice", "app4", 8, 3).await,
+        Applied::Now(Changed::TooManyTokens { .. }, _)
+    ));
+    // The rule index holds each rule once: deleting it leaves no decision behind.
+    to.apply(&req("op", 30, 1), Change::DeleteRule { rule_id: 1 })
+        .await
+        .unwrap();
+    assert_eq!(
+        to.authorize("a", "d", "c").await.unwrap(),
+        Decision::DefaultDeny
+    );
+}
+
+#[tokio::test]
+async fn a_restored_record_replaces_what_has_its_key() {
+    let s = Store::temporary().unwrap();
+    let restore = |records: Vec<Record>| {
+        let s = s.clone();
+        async move { s.restore(records).await.unwrap() }
+    };
+    let owned = |owner: &str| Record::Entity {
+        id: "d".into(),
+        entity: entity(Some(owner), 1),
+    };
+    let token_of = |n: u8| Record::Token {
+        user: "u".into(),
+        host: "h".into(),
+        token: token(n),
+    };
+    restore(vec![
+        owned("alice"),
+        token_of(1),
+        Record::Rule {
+            rule_id: 7,
+            rule: rule("a", Effect::Allow),
+        },
+        Record::NextRuleId(20),
+    ])
+    .await;
+    restore(vec![
+        owned("bob"),
+        token_of(2),
+        Record::Rule {
+            rule_id: 7,
+            rule: rule("b", Effect::Deny),
+        },
+        Record::NextRuleId(3),
+    ])
+    .await;
+    assert!(s
+        .list_entities(Some("alice"), "", None, 10)
+        .await
+        .unwrap()
+        .entities
+        .is_empty());
+    assert_eq!(
+        ids(&s.list_entities(Some("bob"), "", None, 10).await.unwrap()),
+        ["d"]
+    );
+    assert_eq!(
+        owner_of_live(&s, 1).await,
+        None,
+        "the replaced token's id is retired"
+    );
+    assert_eq!(owner_of_live(&s, 2).await, Some(("u".into(), "h".into())));
+    assert!(matches!(
+        issue(&s, "u", "h2", 5, 2).await,
+        Applied::Now(Changed::TokenReplaced, _)
+    ));
+    assert_eq!(
+        s.authorize("a", "d", "c").await.unwrap(),
+        Decision::DefaultDeny
+    );
+    assert_eq!(s.authorize("b", "d", "c").await.unwrap(), Decision::Deny(7));
+    assert_eq!(
+        added_id(&s, 1, add_rule("c", Effect::Allow)).await,
+        20,
+        "the counter never goes down"
+    );
+    // A rule restored above the counter raises it.
+    restore(vec![Record::Rule {
+        rule_id: 40,
+        rule: rule("z", Effect::Allow),
+    }])
+    .await;
+    assert_eq!(added_id(&s, 2, add_rule("c", Effect::Allow)).await, 41);
+}
+
+#[test]
+fn records_read_and_write_as_documented_json() {
+    let entity = Record::Entity {
+        id: "dev1".into(),
+        entity: EntityRecord {
+            kind: EntityKind::User,
+            owner: Some("alice".into()),
+            psk: Some(PskHash {
+                key_id: 2,
+                hash: [0xab; 32],
+            }),
+            cert_sha256: Some([0x01; 32]),
+            disabled: true,
+            created: 1_700_000_000,
+        },
+    };
+    let text = serde_json::to_string(&entity).unwrap();
+    assert_eq!(
+        text,
+        format!(
+            r#"{{"record":"entity","id":"dev1","kind":"user","owner":"alice","disabled":true,"created":1700000000,"psk":{{"key_id":2,"hash":"{}"}},"cert_sha256":"{}"}}"#,
+            "ab".repeat(32),
+            "01".repeat(32)
+        )
+    );
+    let token = Record::Token {
+        user: "alice".into(),
+        host: "app1".into(),
+        token: token(0x5c),
+    };
+    let rule = Record::Rule {
+        rule_id: 3,
+        rule: rule("a", Effect::Deny),
+    };
+    assert_eq!(
+        serde_json::to_string(&token).unwrap(),
+        format!(
+            r#"{{"record":"token","user":"alice","host":"app1","token_id":"{}","key_id":1,"created":10}}"#,
+            "5c".repeat(16)
+        )
+    );
+    assert_eq!(
+        serde_json::to_string(&rule).unwrap(),
+        r#"{"record":"rule","rule_id":3,"src":"a","dst":"d","cmd":"c","effect":"deny"}"#
+    );
+    for r in [entity, token, rule, Record::NextRuleId(9)] {
+        let back: Record = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+    let bare: Record = serde_json::from_str(
+        r#"{"record":"entity","id":"d","kind":"device","disabled":false,"created":1}"#,
+    )
+    .unwrap();
+    assert_eq!(bare.key_id(), None);
+
+    for (line, says) in [
+        (
+            r#"{"record":"entity","id":"","kind":"device","disabled":false,"created":1}"#,
+            "id:",
+        ),
+        (
+            r#"{"record":"entity","id":"d","kind":"device","disabled":false,"created":1,"psk":{"key_id":1,"hash":"ab"}}"#,
+            "psk.hash",
+        ),
+        (
+            r#"{"record":"entity","id":"d","kind":"device","disabled":false,"created":1,"cert_sha256":"zz"}"#,
+            "cert_sha256",
+        ),
+        (
+            r#"{"record":"entity","id":"d","kind":"device","disabled":false,"created":1,"extra":1}"#,
+            "extra",
+        ),
+        (
+            r#"{"record":"entity","id":"d","kind":"device","created":1}"#,
+            "disabled",
+        ),
+        (
+            r#"{"record":"token","user":"u","host":"h","token_id":"00","key_id":1,"created":1}"#,
+            "token_id",
+        ),
+        (
+            r#"{"record":"rule","rule_id":0,"src":"a","dst":"b","cmd":"c","effect":"allow"}"#,
+            "rule_id",
+        ),
+        (
+            r#"{"record":"rule","rule_id":1,"src":"a","dst":"b\u0001","cmd":"c","effect":"allow"}"#,
+            "dst:",
+        ),
+        (
+            r#"{"record":"next_rule_id","next_rule_id":0}"#,
+            "next_rule_id",
+        ),
+        (r#"{"record":"replay"}"#, "replay"),
+    ] {
+        let e = serde_json::from_str::<Record>(line)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(says), "{line}: {e}");
+    }
+}

@@ -11,7 +11,8 @@ use super::tokens;
 use super::writer::{abort, Trees, Tx, TxResult};
 use crate::crypto::KeyId;
 use crate::store::records::{
-    Changed, EntityPage, EntityRecord, KeyUsage, PskHash, PutOutcome, StoreError, TokenRecord,
+    Changed, EntityPage, EntityRecord, ExportError, KeyUsage, PskHash, PutOutcome, Record,
+    StoreError, TokenRecord,
 };
 
 /// The entity `id`: the `Authenticate` hot path, one read. An unknown id decodes a dummy
@@ -181,4 +182,34 @@ pub fn delete(tx: &Tx<'_>, id: &str, token_keys: &[Vec<u8>]) -> TxResult<Changed
         existed,
         tokens: tokens::remove_all(tx, token_keys)?,
     })
+}
+
+/// Hands every entity to `sink`, in id order; how many.
+pub fn export(
+    trees: &Trees,
+    mut sink: impl FnMut(Record) -> std::io::Result<()>,
+) -> Result<u64, ExportError> {
+    let mut n = 0;
+    for item in trees.entities.iter() {
+        let (key, value) = item.map_err(StoreError::from)?;
+        let id = String::from_utf8(key.to_vec()).map_err(|e| StoreError::corrupt("entities", e))?;
+        let entity = entity_from_bytes(&value)?;
+        sink(Record::Entity { id, entity }).map_err(ExportError::Write)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Makes `record` entity `id` as it is (its `created` too), keeping the owner index true.
+/// Unlike [`put`], removes no token: a restore writes records, it does not re-provision.
+pub fn restore(tx: &Tx<'_>, id: &str, record: &EntityRecord) -> TxResult<()> {
+    if let Some(old) = tx.entities.insert(id.as_bytes(), entity_to_bytes(record))? {
+        if let Some(owner) = entity_from_bytes(&old).map_err(abort)?.owner {
+            tx.entity_owners.remove(pair_key(&owner, id))?;
+        }
+    }
+    if let Some(owner) = &record.owner {
+        tx.entity_owners.insert(pair_key(owner, id), &[][..])?;
+    }
+    Ok(())
 }

@@ -12,7 +12,7 @@
 //! | [`tokens`] | `tokens`, `token_ids`, `token_counts` |
 //! | [`rules`] | `rules` (and `meta`'s rule id counter), mirrored by the in-memory rule index |
 //! | [`replays`] | `replays`, `replay_times` |
-//! | [`writer`] | the named trees, transactions, the writer thread |
+//! | [`writer`] | the named trees, transactions, the writer thread (changes, and restores of exported records) |
 //! | [`disk`] | sled's files and the syncs that make a committed change durable |
 //! | [`encoding`] | key and record layouts |
 
@@ -25,8 +25,8 @@ use tokio::sync::oneshot;
 use crate::crypto::{KeyId, TokenId};
 use crate::rules::{Decision, Parties, Rule, RuleIndex};
 use crate::store::records::{
-    Applied, Change, EntityPage, EntityRecord, KeyUsage, LiveToken, PskHash, Recorded,
-    ReplayPolicy, RequestKey, StoreError, TokenPage, TokenRecord,
+    Applied, Change, EntityPage, EntityRecord, ExportError, KeyUsage, LiveToken, PskHash, Record,
+    Recorded, ReplayPolicy, RequestKey, StoreError, TokenPage, TokenRecord,
 };
 
 mod disk;
@@ -97,6 +97,9 @@ impl EmbeddedStore {
                         && std::time::Instant::now() < give_up =>
                 {
                     std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    return Err(StoreError::InUse)
                 }
                 other => break other?,
             }
@@ -257,6 +260,27 @@ impl EmbeddedStore {
             change,
             done,
         })?;
+        result.await.map_err(|_| StoreError::Writer)?
+    }
+
+    /// Hands every record to `sink` (see [`crate::store::Store::export`]): one pass over
+    /// each tree in key order, reading on the calling thread.
+    pub fn export(
+        &self,
+        sink: &mut (dyn FnMut(Record) -> std::io::Result<()> + Send),
+    ) -> Result<u64, ExportError> {
+        let entities = entities::export(&self.trees, &mut *sink)?;
+        let tokens = tokens::export(&self.trees, &mut *sink)?;
+        let rules = rules::export(&self.trees, &mut *sink)?;
+        Ok(entities + tokens + rules)
+    }
+
+    /// Writes `records` on the writer thread, in one transaction (see
+    /// [`crate::store::Store::restore`]), and waits until they are committed, and on disk
+    /// unless this store was opened for bulk import.
+    pub async fn restore(&self, records: Vec<Record>) -> Result<(), StoreError> {
+        let (done, result) = oneshot::channel();
+        self.writer.send(Job::Restore { records, done })?;
         result.await.map_err(|_| StoreError::Writer)?
     }
 

@@ -9,7 +9,9 @@ use std::ops::Bound;
 use super::encoding::{decode, encode, lp, pair_key, split_pair_key, u64_of};
 use super::writer::{abort, Trees, Tx, TxResult};
 use crate::crypto::TokenId;
-use crate::store::records::{Change, Changed, LiveToken, StoreError, TokenPage, TokenRecord};
+use crate::store::records::{
+    Change, Changed, ExportError, LiveToken, Record, StoreError, TokenPage, TokenRecord,
+};
 
 /// The live token record of (user, host).
 pub fn token(trees: &Trees, user: &str, host: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -212,4 +214,41 @@ pub fn remove_all(tx: &Tx<'_>, keys: &[Vec<u8>]) -> TxResult<usize> {
         }
     }
     Ok(removed)
+}
+
+/// Hands every live token to `sink`, in key order (by user, then host); how many.
+pub fn export(
+    trees: &Trees,
+    mut sink: impl FnMut(Record) -> std::io::Result<()>,
+) -> Result<u64, ExportError> {
+    let mut n = 0;
+    for item in trees.tokens.iter() {
+        let (key, value) = item.map_err(StoreError::from)?;
+        let (user, host) = split_pair_key(&key, "tokens")?;
+        let token = decode("tokens", &value)?;
+        sink(Record::Token { user, host, token }).map_err(ExportError::Write)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Makes `record` the live token of (user, host) as it is: the id of a different earlier
+/// token of the pair is retired, and a pair new to the store counts for its user. No cap:
+/// the records are what the store they came from held.
+pub fn restore(tx: &Tx<'_>, user: &str, host: &str, record: &TokenRecord) -> TxResult<()> {
+    let key = pair_key(user, host);
+    match tx.tokens.insert(key.as_slice(), encode(record))? {
+        Some(old) => {
+            let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
+            if old.token_id != record.token_id {
+                tx.token_ids.remove(&old.token_id[..])?;
+            }
+        }
+        None => {
+            let n = count(tx, user.as_bytes())?;
+            set_count(tx, user.as_bytes(), n + 1)?;
+        }
+    }
+    tx.token_ids.insert(&record.token_id[..], key.as_slice())?;
+    Ok(())
 }

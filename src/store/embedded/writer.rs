@@ -28,7 +28,9 @@ use super::disk::Disk;
 use super::replays::{self, Requester};
 use super::{entities, rules, tokens};
 use crate::rules::RuleIndex;
-use crate::store::records::{Applied, Change, Changed, Recorded, ReplayPolicy, Reply, StoreError};
+use crate::store::records::{
+    Applied, Change, Changed, Record, Recorded, ReplayPolicy, Reply, StoreError,
+};
 
 /// The trees of the database.
 #[derive(Clone)]
@@ -139,6 +141,12 @@ pub enum Job {
         change: Change,
         done: oneshot::Sender<Result<Applied, StoreError>>,
     },
+    /// Write `records` as they are, in one transaction (`Store::restore`), and answer once
+    /// they are on disk (at once for a store opened for bulk import).
+    Restore {
+        records: Vec<Record>,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Answer once everything committed before it is on disk.
     Barrier { done: oneshot::Sender<bool> },
 }
@@ -237,6 +245,7 @@ struct Batches {
 /// An answer that leaves only after a sync.
 enum Synced {
     Applied(oneshot::Sender<Result<Applied, StoreError>>, Applied),
+    Restored(oneshot::Sender<Result<(), StoreError>>),
     Barrier(oneshot::Sender<bool>),
 }
 
@@ -275,6 +284,9 @@ impl Syncer {
                     Synced::Applied(done, applied) => {
                         let _ = done.send(Ok(applied));
                     }
+                    Synced::Restored(done) => {
+                        let _ = done.send(if ok { Ok(()) } else { Err(StoreError::Flush) });
+                    }
                     Synced::Barrier(done) => {
                         let _ = done.send(ok);
                     }
@@ -305,8 +317,11 @@ impl Syncer {
 }
 
 impl Batches {
+    /// Commits the batch's changes together, then each restore in a transaction of its
+    /// own, then hands the barriers to the syncer.
     fn run(&self, batch: Vec<Job>) {
         let mut changes = Vec::with_capacity(batch.len());
+        let mut restores = Vec::new();
         let mut barriers = Vec::new();
         for job in batch {
             match job {
@@ -315,6 +330,7 @@ impl Batches {
                     change,
                     done,
                 } => changes.push((request, change, done)),
+                Job::Restore { records, done } => restores.push((records, done)),
                 Job::Barrier { done } => barriers.push(done),
             }
         }
@@ -343,6 +359,14 @@ impl Batches {
                     for (_, _, done) in changes {
                         let _ = done.send(Err(StoreError::corrupt("transaction", &e)));
                     }
+                }
+            }
+        }
+        for (records, done) in restores {
+            match self.restore(&records) {
+                Ok(()) if self.flushes => self.hand_over(Synced::Restored(done)),
+                result => {
+                    let _ = done.send(result);
                 }
             }
         }
@@ -419,6 +443,38 @@ impl Batches {
             }
         }
         Ok(results)
+    }
+}
+
+impl Batches {
+    /// Writes `records` in one transaction, then brings the rule index up to date.
+    fn restore(&self, records: &[Record]) -> Result<(), StoreError> {
+        let restored_rules = self.trees.transaction(|tx| {
+            let mut restored_rules = Vec::new();
+            for record in records {
+                match record {
+                    Record::Entity { id, entity } => entities::restore(tx, id, entity)?,
+                    Record::Token { user, host, token } => tokens::restore(tx, user, host, token)?,
+                    Record::Rule { rule_id, rule } => {
+                        let old = rules::restore(tx, *rule_id, rule)?;
+                        restored_rules.push((*rule_id, old, rule));
+                    }
+                    Record::NextRuleId(next) => rules::raise_next_id(tx, *next)?,
+                }
+            }
+            Ok(restored_rules)
+        })?;
+        let mut index = self.shared.index.write().unwrap_or_else(|e| e.into_inner());
+        for (rule_id, old, rule) in restored_rules {
+            if old.as_ref() == Some(rule) {
+                continue;
+            }
+            if let Some(old) = old {
+                index.remove(rule_id, &old);
+            }
+            index.insert(rule_id, rule);
+        }
+        Ok(())
     }
 }
 

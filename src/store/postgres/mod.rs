@@ -22,6 +22,7 @@
 //! | [`writer`] | batches of changes, `authd_apply` |
 //! | [`rows`] | rows to records and changes to the function's JSON |
 //! | [`lockouts`] | the shared brute-force guard's counters |
+//! | [`transfer`] | export and restore of whole records (moving a deployment) |
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -43,6 +44,7 @@ use crate::store::records::{
 pub mod lockouts;
 mod migrate;
 mod rows;
+mod transfer;
 mod writer;
 
 pub use migrate::SCHEMA_VERSION;
@@ -106,7 +108,13 @@ impl From<tokio_postgres::Error> for Failure {
     fn from(e: tokio_postgres::Error) -> Failure {
         use tokio_postgres::error::SqlState;
         let transient = match e.code() {
-            None => true,
+            // No SQLSTATE: the connection (I/O, closed, a timeout), or a mistake of ours
+            // (a parameter that does not serialize), which no retry mends.
+            None => {
+                let io = std::error::Error::source(&e).is_some_and(|s| s.is::<std::io::Error>());
+                let text = e.to_string();
+                io || text.contains("connect") || text.contains("timeout")
+            }
             Some(code) => {
                 let c = code.code();
                 *code == SqlState::T_R_SERIALIZATION_FAILURE
