@@ -34,6 +34,13 @@ pub struct BenchOptions {
     pub authd: PathBuf,
     /// Load this many entities and rules (`authd import`) before starting authd.
     pub scale: Option<(usize, usize)>,
+    /// Also measure authd on this PostgreSQL store (a database of its own is made there
+    /// for the run and dropped after): one worker, and `pg_workers` in a share group.
+    pub store: Option<String>,
+    /// Workers on the PostgreSQL store for the share-group target (0 or 1: none).
+    pub pg_workers: usize,
+    /// Targets to measure besides the ceiling: `sled`, `pg`, `pgN` (default: all there are).
+    pub only: Vec<String>,
 }
 
 /// One measured run: how long it took, and each request's round trip.
@@ -72,6 +79,28 @@ impl Stats {
     }
 }
 
+/// One authd deployment under measure: its processes' ids and metrics addresses.
+struct AuthdTarget {
+    label: String,
+    target: Target,
+    pids: Vec<u32>,
+    metrics: Vec<String>,
+    cold_start: Duration,
+}
+
+impl AuthdTarget {
+    /// Database round trips the target's workers have made so far.
+    async fn round_trips(&self) -> f64 {
+        let mut total = 0.0;
+        for addr in &self.metrics {
+            total += setup::scrape(addr, "authd_store_round_trips_total")
+                .await
+                .unwrap_or(0.0);
+        }
+        total
+    }
+}
+
 /// Runs the benchmark and prints the table.
 pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let work = setup::work_dir()?;
@@ -87,19 +116,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let broker = BrokerAddress::parse(&broker_url)?;
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let key = format!("bench-{}", &run_id[..16]);
-    let authd_id = format!("bench-authd-{}", &run_id[..8]);
     let null_id = format!("bench-null-{}", &run_id[..8]);
-
-    let data = work.join("authd-data");
-    if let Some(scale) = options.scale {
-        setup::import_scale(&options.authd, &work, &data, scale)?;
-    }
-    let spawned = Instant::now();
-    let authd_process = setup::start_authd(&options.authd, &broker_url, &authd_id, &data, &key)?;
-    let authd_pid = authd_process.id();
-    processes.push(authd_process);
-    processes.push(setup::start_null_worker(&broker_url, &null_id)?);
-
     let connect = |id: &str| {
         let mut o = ClientOptions::new(broker.clone());
         o.service_id = id.to_owned();
@@ -107,8 +124,92 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         o.key = Some(key.clone());
         o
     };
-    let authd = Target::connect("authd", connect(&authd_id)).await?;
-    let cold_start = spawned.elapsed();
+    let wanted = |label: &str| options.only.is_empty() || options.only.iter().any(|o| o == label);
+
+    // The embedded store's data directory, loaded first when a scale is asked for; the
+    // PostgreSQL database gets the same records through `authd export` and `authd import`
+    // (moving in, as an operator would).
+    let data = work.join("authd-data");
+    if let Some(scale) = options.scale {
+        setup::import_scale(&options.authd, &work, &data, scale)?;
+    }
+    let database = match &options.store {
+        Some(server) => {
+            Some(setup::Database::create(server, &format!("authd_bench_{}", &run_id[..12])).await?)
+        }
+        None => None,
+    };
+    if let (Some(db), Some(_)) = (&database, options.scale) {
+        setup::move_in(&options.authd, &work, &data, &db.url)?;
+    }
+
+    let mut targets: Vec<AuthdTarget> = Vec::new();
+    if wanted("sled") {
+        let id = format!("bench-sled-{}", &run_id[..8]);
+        let spawned = Instant::now();
+        let (p, metrics) = setup::start_authd(
+            &options.authd,
+            &broker_url,
+            &id,
+            &id,
+            &data,
+            &key,
+            None,
+            None,
+        )?;
+        let pid = p.id();
+        processes.push(p);
+        let target = Target::connect("authd (sled)", connect(&id)).await?;
+        targets.push(AuthdTarget {
+            label: "sled".into(),
+            target,
+            pids: vec![pid],
+            metrics: vec![metrics],
+            cold_start: spawned.elapsed(),
+        });
+    }
+    if let Some(db) = &database {
+        let groups = [
+            (1usize, "pg".to_owned()),
+            (options.pg_workers, format!("pg{}", options.pg_workers)),
+        ];
+        for (n, label) in groups {
+            if n == 0 || (n == 1 && label != "pg") || !wanted(&label) {
+                continue;
+            }
+            let id = format!("bench-{label}-{}", &run_id[..8]);
+            let group = (n > 1).then(|| format!("g{}", &run_id[..8]));
+            let spawned = Instant::now();
+            let (mut pids, mut metrics) = (Vec::new(), Vec::new());
+            for w in 0..n {
+                // Each worker its own data directory with the same server key.
+                let dir = work.join(format!("{label}-{w}"));
+                setup::share_key(&data, &dir)?;
+                let (p, m) = setup::start_authd(
+                    &options.authd,
+                    &broker_url,
+                    &id,
+                    &format!("{id}-{w}"),
+                    &dir,
+                    &key,
+                    Some(&db.url),
+                    group.as_deref(),
+                )?;
+                pids.push(p.id());
+                metrics.push(m);
+                processes.push(p);
+            }
+            let target = Target::connect("authd (PostgreSQL)", connect(&id)).await?;
+            targets.push(AuthdTarget {
+                label,
+                target,
+                pids,
+                metrics,
+                cold_start: spawned.elapsed(),
+            });
+        }
+    }
+    processes.push(setup::start_null_worker(&broker_url, &null_id)?);
     let null = Target::connect("ceiling", connect(&null_id)).await?;
 
     println!(
@@ -117,61 +218,84 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         options.requests,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    println!("targets: ceiling = the null worker; sled = authd on the embedded store; pg = one authd on PostgreSQL; pgN = N workers on PostgreSQL in one share group. trips = database round trips per request. cpu = authd's CPU time per request (all its workers).");
     println!(
-        "{:<16} {:>4} | {:>10} {:>10} {:>6} | {:>9} {:>9} {:>6} | {:>9} {:>9} | {:>9} {:>9}",
-        "scenario",
-        "W",
-        "ceil/s",
-        "authd/s",
-        "ratio",
-        "ceil p50",
-        "authd p50",
-        "ratio",
-        "ceil p99",
-        "authd p99",
-        "ceil max",
-        "authd max"
+        "{:<15} {:>3} {:<7} | {:>8} {:>6} | {:>8} {:>6} | {:>8} {:>8} | {:>5} {:>7}",
+        "scenario", "W", "target", "req/s", "ratio", "p50", "ratio", "p99", "max", "trips", "cpu"
     );
     for scenario in &options.scenarios {
-        let scenario = Scenario::prepare(scenario, &authd.clients).await?;
+        // Each target provisions its own store; the scenario is the same for all.
+        let mut prepared = None;
+        for t in &targets {
+            prepared = Some(Scenario::prepare(scenario, &t.target.clients).await?);
+        }
+        let Some(scenario) = prepared else {
+            bail!("no authd target to measure (see --only)");
+        };
         for &w in &options.in_flight {
-            // Warm-up, then rounds that alternate the ceiling and authd, so that a noisy
-            // spell on the shared machine falls on both.
+            // Warm-up, then rounds that alternate the ceiling and each target, so that a
+            // noisy spell on the shared machine falls on all.
             let warm = (options.requests / 10).max(w);
             load(&null, &scenario, warm, w, true).await?;
-            load(&authd, &scenario, warm, w, false).await?;
-            let (mut ceiling_runs, mut authd_runs) = (Vec::new(), Vec::new());
+            for t in &targets {
+                load(&t.target, &scenario, warm, w, false).await?;
+            }
+            let mut ceiling_runs = Vec::new();
+            let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
+            let mut trips = vec![0.0; targets.len()];
+            let mut cpu = vec![0.0; targets.len()];
             for _ in 0..options.rounds {
                 ceiling_runs.push(load(&null, &scenario, options.requests, w, true).await?);
-                authd_runs.push(load(&authd, &scenario, options.requests, w, false).await?);
+                for (i, t) in targets.iter().enumerate() {
+                    let (trips0, cpu0) = (t.round_trips().await, setup::cpu_seconds(&t.pids));
+                    runs[i].push(load(&t.target, &scenario, options.requests, w, false).await?);
+                    trips[i] += t.round_trips().await - trips0;
+                    cpu[i] += setup::cpu_seconds(&t.pids) - cpu0;
+                }
             }
-            let (c, a) = (Stats::of(ceiling_runs), Stats::of(authd_runs));
+            let c = Stats::of(ceiling_runs);
+            let measured = (options.rounds * options.requests) as f64;
             println!(
-                "{:<16} {:>4} | {:>10.0} {:>10.0} {:>6.2} | {:>7.0}us {:>7.0}us {:>6.2} | {:>7.0}us {:>7.0}us | {:>7.0}us {:>7.0}us",
-                scenario.name,
-                w,
-                c.rate,
-                a.rate,
-                a.rate / c.rate,
-                c.p50_us,
-                a.p50_us,
-                a.p50_us / c.p50_us,
-                c.p99_us,
-                a.p99_us,
-                c.max_us,
-                a.max_us
+                "{:<15} {:>3} {:<7} | {:>8.0} {:>6} | {:>6.0}us {:>6} | {:>6.0}us {:>6.0}us | {:>5} {:>7}",
+                scenario.name, w, "ceiling", c.rate, "1.00", c.p50_us, "1.00", c.p99_us, c.max_us, "", ""
             );
+            for (i, t) in targets.iter().enumerate() {
+                let a = Stats::of(std::mem::take(&mut runs[i]));
+                let trips = match t.label.as_str() {
+                    "sled" => String::from("-"),
+                    _ => format!("{:.2}", trips[i] / measured),
+                };
+                println!(
+                    "{:<15} {:>3} {:<7} | {:>8.0} {:>6.2} | {:>6.0}us {:>6.2} | {:>6.0}us {:>6.0}us | {:>5} {:>5.1}us",
+                    "", w, t.label, a.rate, a.rate / c.rate, a.p50_us, a.p50_us / c.p50_us, a.p99_us, a.max_us, trips, cpu[i] / measured * 1e6
+                );
+            }
         }
     }
-    let (rss, peak) = setup::resident_mib(authd_pid);
-    println!(
-        "authd: cold start (spawn to first answer) {:.0} ms; resident memory {rss:.0} MiB, peak {peak:.0} MiB",
-        cold_start.as_secs_f64() * 1000.0
-    );
-    for target in [authd, null] {
-        target.close().await;
+    for t in &targets {
+        let (mut rss, mut peak) = (0.0, 0.0);
+        for pid in &t.pids {
+            let (r, p) = setup::resident_mib(*pid);
+            rss += r;
+            peak += p;
+        }
+        println!(
+            "authd {}: cold start (spawn to first answer) {:.0} ms; resident memory {rss:.0} MiB, peak {peak:.0} MiB (all its workers)",
+            t.label,
+            t.cold_start.as_secs_f64() * 1000.0
+        );
     }
-    drop(processes);
+    for t in targets {
+        t.target.close().await;
+    }
+    null.close().await;
+    // The broker last: the workers stop while it can still take their goodbyes.
+    while let Some(p) = processes.pop() {
+        drop(p);
+    }
+    if let Some(db) = database {
+        db.drop_database().await?;
+    }
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
 }

@@ -57,6 +57,16 @@ struct BenchArgs {
     /// Load ENTITIES,RULES (e.g. 1000000,100000) with `authd import` before starting authd.
     #[arg(long, value_name = "ENTITIES,RULES", value_parser = parse_scale)]
     scale: Option<(usize, usize)>,
+    /// Also measure authd on PostgreSQL: the server, postgres://USER@HOST:PORT (the run
+    /// makes a database of its own there and drops it after).
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// Workers in one share group on PostgreSQL for the `pgN` target (with --store).
+    #[arg(long, default_value_t = 2)]
+    pg_workers: usize,
+    /// Targets besides the ceiling, comma separated: sled, pg, pgN [default: all].
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Scenarios, comma separated.
     #[arg(long, value_delimiter = ',', default_values_t = scenario::NAMES.map(String::from))]
     scenarios: Vec<String>,
@@ -106,6 +116,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         scenarios: args.scenarios,
         authd: authd_binary()?,
         scale: args.scale,
+        store: args.store,
+        pg_workers: args.pg_workers,
+        only: args.only,
     };
     runtime()?.block_on(load::run(options))
 }

@@ -148,15 +148,26 @@ fn write_scale_file(path: &Path, entities: usize, rules: usize) -> anyhow::Resul
     Ok(())
 }
 
-/// `authd serve` with service id and client id `id`, on `data`, accepting admin key `key`.
+/// `authd serve` with service id `id` and client id `client_id`, on `data`, accepting
+/// admin key `key`, on the PostgreSQL `store` if given, in share `group` if given; with
+/// its metrics endpoint on a free port (returned).
+#[allow(clippy::too_many_arguments)]
 pub fn start_authd(
     authd: &Path,
     broker_url: &str,
     id: &str,
+    client_id: &str,
     data: &Path,
     key: &str,
-) -> anyhow::Result<Process> {
-    let child = Command::new(authd)
+    store: Option<&str>,
+    group: Option<&str>,
+) -> anyhow::Result<(Process, String)> {
+    let metrics = format!(
+        "127.0.0.1:{}",
+        TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+    );
+    let mut command = Command::new(authd);
+    command
         .args([
             "serve",
             "--broker",
@@ -164,16 +175,158 @@ pub fn start_authd(
             "--id",
             id,
             "--client-id",
-            id,
+            client_id,
+            "--metrics",
+            &metrics,
         ])
         .arg("--data")
         .arg(data)
         .env("AUTHD_CALLER_KEYS", format!("bench:admin:{key}"))
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .context("starting authd serve")?;
-    Ok(Process(child))
+        .stdout(Stdio::null());
+    if let Some(store) = store {
+        command.env("AUTHD_STORE", store);
+    }
+    if let Some(group) = group {
+        command.env("AUTHD_SHARE_GROUP", group);
+    }
+    let child = command.spawn().context("starting authd serve")?;
+    Ok((Process(child), metrics))
+}
+
+/// Gives data directory `to` (created owner-only) the server key of `from` (made there
+/// first if there is none yet): every worker of one store needs the same key.
+pub fn share_key(from: &Path, to: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [from, to] {
+        std::fs::create_dir_all(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let key = authd::crypto::ServerKeys::file_in(from);
+    authd::crypto::ServerKeys::load_or_create(&key).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let copy = authd::crypto::ServerKeys::file_in(to);
+    std::fs::copy(&key, &copy)?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+/// Moves the records of the embedded store in `data` into the PostgreSQL database `url`
+/// with `authd export` and `authd import --store`, as an operator moving in would.
+pub fn move_in(authd: &Path, work: &Path, data: &Path, url: &str) -> anyhow::Result<()> {
+    let dump = work.join("dump.jsonl");
+    let started = Instant::now();
+    let run = |args: &[&std::ffi::OsStr], store: Option<&str>| -> anyhow::Result<()> {
+        let mut command = Command::new(authd);
+        command.args(args).stdin(Stdio::null());
+        if let Some(store) = store {
+            command.env("AUTHD_STORE", store);
+        }
+        let out = command.output().context("running authd")?;
+        if !out.status.success() {
+            bail!(
+                "authd {:?} failed ({}): {}",
+                args,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    run(
+        &[
+            "export".as_ref(),
+            "--data".as_ref(),
+            data.as_os_str(),
+            "--out".as_ref(),
+            dump.as_os_str(),
+        ],
+        None,
+    )?;
+    run(
+        &[
+            "import".as_ref(),
+            "--data".as_ref(),
+            data.as_os_str(),
+            dump.as_os_str(),
+        ],
+        Some(url),
+    )?;
+    println!(
+        "scale: moved into PostgreSQL (authd export, authd import --store) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_file(&dump);
+    Ok(())
+}
+
+/// The run's own database on a PostgreSQL server, dropped at the end.
+pub struct Database {
+    server: String,
+    name: String,
+    pub url: String,
+}
+
+impl Database {
+    /// Creates database `name` on `server` (`postgres://USER@HOST:PORT`).
+    pub async fn create(server: &str, name: &str) -> anyhow::Result<Database> {
+        let server = server.trim_end_matches('/').to_owned();
+        admin(&server, &format!("CREATE DATABASE {name}")).await?;
+        Ok(Database {
+            url: format!("{server}/{name}"),
+            server,
+            name: name.to_owned(),
+        })
+    }
+
+    pub async fn drop_database(self) -> anyhow::Result<()> {
+        admin(
+            &self.server,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        )
+        .await
+    }
+}
+
+async fn admin(server: &str, sql: &str) -> anyhow::Result<()> {
+    let url = format!("{server}/postgres");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connecting to {server}/postgres (--store takes the server: postgres://USER@HOST:PORT)"))?;
+    tokio::spawn(connection);
+    client
+        .batch_execute(sql)
+        .await
+        .with_context(|| sql.to_owned())?;
+    Ok(())
+}
+
+/// `name`'s value on the metrics endpoint at `addr`, if it is there.
+pub async fn scrape(addr: &str, name: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+        .await
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// User and system CPU seconds of processes `pids` so far (/proc; 0 where it does not say).
+pub fn cpu_seconds(pids: &[u32]) -> f64 {
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the command name (which may hold spaces): utime is the 12th,
+            // stime the 13th; in clock ticks (100 a second on Linux).
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            (ticks(11) + ticks(12)) / 100.0
+        })
+        .sum()
 }
 
 /// `authd-bench null-worker` (this binary) with service id `id`.
