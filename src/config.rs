@@ -470,22 +470,10 @@ impl Config {
     }
 }
 
-/// `url` with the password of its user part, if any, replaced by `<redacted>`.
+/// The store URL as it may be shown (`--print-config`, messages, logs): unchanged when it
+/// holds no password, else rebuilt without it ([`crate::store::postgres::redact_url`]).
 pub fn redact_url_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let (authority, path) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((user, host)) => match user.split_once(':') {
-            Some((name, _)) => format!("{scheme}://{name}:{REDACTED}@{host}{path}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
+    crate::store::postgres::redact_url(url, REDACTED)
 }
 
 #[cfg(test)]
@@ -555,10 +543,24 @@ mod tests {
             ),
             (
                 "postgres://a:p@ss@db/x?sslmode=disable",
-                "postgres://a:<redacted>@db/x?sslmode=disable",
+                "postgres://a:<redacted>@db:5432/x",
             ),
             ("postgres://authd@db/authd", "postgres://authd@db/authd"),
             ("postgres://db/authd", "postgres://db/authd"),
+            // The parser takes the user part up to the first `@`, `/` and `?` included.
+            (
+                "postgres://a:p/s?s@db:5433/x",
+                "postgres://a:<redacted>@db:5433/x",
+            ),
+            (
+                "postgres://authd@db/authd?sslmode=disable&password=pw",
+                "postgres://authd:<redacted>@db:5432/authd",
+            ),
+            (
+                "postgres://u:pw@h1:5432,[::1]:5433/d",
+                "postgres://u:<redacted>@h1:5432,[::1]:5433/d",
+            ),
+            ("not a url :pw@", "<not a valid postgres:// URL>"),
         ] {
             assert_eq!(redact_url_password(url), shown);
         }

@@ -261,3 +261,25 @@ fn a_float_key_takes_a_fraction_from_the_environment() {
     assert_eq!(c["rate_limit_per_sec"].as_float(), Some(2.5));
     assert_eq!(c["rate_limit_burst"].as_integer(), Some(4));
 }
+
+#[test]
+fn a_store_password_is_redacted_in_every_spelling() {
+    let home = tempfile::tempdir().unwrap();
+    for url in [
+        "postgres://authd:store-secret@db:5432/authd",
+        "postgres://authd:store/secret@db/authd",
+        "postgres://authd@db/authd?sslmode=disable&password=store-secret",
+    ] {
+        let (out, stdout) = print_config(
+            authd()
+                .env("HOME", home.path())
+                .env("AUTHD_STORE", url)
+                .arg("serve"),
+        );
+        assert!(out.status.success(), "{url}: {out:?}");
+        let c = parse(&stdout);
+        let shown = c["store"].as_str().unwrap_or_default();
+        assert!(shown.contains("<redacted>"), "{url}: {shown}");
+        assert!(!stdout.contains("secret"), "{url}:\n{stdout}");
+    }
+}

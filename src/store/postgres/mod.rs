@@ -59,6 +59,48 @@ pub fn check_url(url: &str) -> Result<(), String> {
         .map_err(|_| "store: not a valid postgres:// URL".into())
 }
 
+/// `url` as it may be shown: unchanged when it holds no password, else rebuilt from its
+/// parsed parts (user, hosts, ports, database) with `redacted` for the password. The
+/// other parameters are left out: the parser takes a password from the user part (up to
+/// the first `@`, whatever comes before it) or from a `password=` parameter, and a copy
+/// of the text could not be trusted to have hidden it.
+pub fn redact_url(url: &str, redacted: &str) -> String {
+    use tokio_postgres::config::Host;
+    let Ok(config) = url.parse::<tokio_postgres::Config>() else {
+        return "<not a valid postgres:// URL>".into();
+    };
+    if config.get_password().is_none() {
+        return url.to_owned();
+    }
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let mut shown = match host {
+                // An unencoded `@` in the password leaves its tail in the host.
+                Host::Tcp(h) => match h.rsplit_once('@').map_or(h.as_str(), |(_, h)| h) {
+                    h if h.contains(':') => format!("[{h}]"),
+                    h => h.to_owned(),
+                },
+                Host::Unix(dir) => dir.display().to_string().replace('/', "%2F"),
+            };
+            // One port for every host, or one per host.
+            if let Some(port) = ports.get(i).or(ports.last()) {
+                shown.push_str(&format!(":{port}"));
+            }
+            shown
+        })
+        .collect();
+    format!(
+        "postgres://{}:{redacted}@{}/{}",
+        config.get_user().unwrap_or(""),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("")
+    )
+}
+
 /// How to reach the database and how long to wait for it.
 #[derive(Debug, Clone)]
 pub struct Options {
