@@ -66,7 +66,7 @@ fn copy_data(to: &Path) {
 }
 
 async fn start(broker: &Broker, data: &Path) -> authd::Worker {
-    let mut config = worker_config(broker, data);
+    let mut config = embedded_worker_config(broker, data);
     // The fixture's replay records are as old as the fixture: keep them in the window.
     config.replay_window_secs = 100 * 365 * 24 * 3600;
     config.max_tokens_per_user = 2;

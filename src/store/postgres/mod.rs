@@ -313,11 +313,11 @@ impl PostgresStore {
             trips: AtomicU64::new(0),
         });
         {
-            let mut client = db
-                .pool
-                .get()
-                .await
-                .map_err(|e| StoreError::Database(Box::new(e)))?;
+            // The server's own message (no such database, login refused…), not "db error".
+            let mut client = db.pool.get().await.map_err(|e| match Failure::from(e) {
+                Failure::Fatal(e) => e,
+                Failure::Transient(why) => StoreError::Database(why.into()),
+            })?;
             migrate::run(&mut client).await?;
             migrate::check_keys(&client, keys).await?;
         }
@@ -623,12 +623,16 @@ impl PostgresStore {
     }
 
     /// Deletes replay records older than the window, then the oldest beyond the policy's
-    /// count (every worker prunes; what one deleted the others find gone).
+    /// count, and the shared guard's forgotten streaks (every worker prunes; what one
+    /// deleted the others find gone).
     pub async fn prune_replays(&self, now_ms: u64) -> Result<u64, StoreError> {
         let before = now_ms.saturating_sub(self.db.replays.window_ms) as i64;
         let keep = self.db.replays.max_records.min(i64::MAX as u64) as i64;
+        let now = now_ms as i64;
+        let forget = self.lockout.forget.as_millis().min(i64::MAX as u128) as i64;
+        let forgotten = now.saturating_sub(forget);
         self.db
-            .run(2, async |c| {
+            .run(3, async |c| {
                 let old = c
                     .execute("DELETE FROM replays WHERE at_ms < $1", &[&before])
                     .await?;
@@ -639,6 +643,12 @@ impl PostgresStore {
                         &[&keep],
                     )
                     .await?;
+                // Streaks the guard has forgotten (not locked, no failure for `forget`).
+                c.execute(
+                    "DELETE FROM lockouts WHERE locked_until_ms < $1 AND last_failure_ms < $2",
+                    &[&now, &forgotten],
+                )
+                .await?;
                 Ok(old + early)
             })
             .await
