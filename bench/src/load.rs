@@ -104,7 +104,9 @@ impl AuthdTarget {
 /// Runs the benchmark and prints the table.
 pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let work = setup::work_dir()?;
-    let mut processes = Vec::new();
+    // Stopped in reverse order however the run ends: the broker last, so the workers
+    // stop while it can still take their goodbyes.
+    let mut processes = setup::Processes::default();
     let broker_url = match &options.broker {
         Some(url) => url.clone(),
         None => {
@@ -289,10 +291,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         t.target.close().await;
     }
     null.close().await;
-    // The broker last: the workers stop while it can still take their goodbyes.
-    while let Some(p) = processes.pop() {
-        drop(p);
-    }
+    drop(processes);
     if let Some(db) = database {
         db.drop_database().await?;
     }

@@ -36,6 +36,24 @@ impl Drop for Process {
     }
 }
 
+/// The processes of a run, stopped last-started first when dropped.
+#[derive(Default)]
+pub struct Processes(Vec<Process>);
+
+impl Processes {
+    pub fn push(&mut self, p: Process) {
+        self.0.push(p);
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        while let Some(p) = self.0.pop() {
+            drop(p);
+        }
+    }
+}
+
 /// A fresh directory for the run's files (removed by the caller at the end).
 pub fn work_dir() -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("authd-bench-{}", uuid::Uuid::new_v4().simple()));

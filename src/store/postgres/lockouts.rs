@@ -9,18 +9,79 @@
 //! row together ([`SIGN_IN`]). Only a failure (and the first success after failures)
 //! writes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{rows, Failure, PostgresStore};
+use super::batch::Fetch;
+use super::{rows, Db, Failure, PostgresStore};
 use crate::lockout::LockoutPolicy;
 use crate::store::records::{EntityRecord, SignInState, StoreError};
 
-const SIGN_IN: &str =
-    "SELECT e.kind, e.owner, e.psk_key_id, e.psk_hash, e.cert_sha256, e.disabled, e.created, \
+/// The entity and guard row of each id of $1 (row `n` for the n-th id).
+const SIGN_INS: &str =
+    "SELECT k.n, e.kind, e.owner, e.psk_key_id, e.psk_hash, e.cert_sha256, e.disabled, e.created, \
      l.failures, l.last_failure_ms, l.locked_until_ms \
-     FROM (VALUES (1)) AS one \
-     LEFT JOIN entities e ON e.id = $1 \
-     LEFT JOIN lockouts l ON l.id = $1";
+     FROM unnest($1::text[]) WITH ORDINALITY AS k(id, n) \
+     LEFT JOIN entities e ON e.id = k.id COLLATE \"C\" \
+     LEFT JOIN lockouts l ON l.id = k.id COLLATE \"C\"";
+
+/// Sign-in reads, batched ([`super::batch`]): key (id, now ms).
+pub(crate) struct SignIns {
+    pub(crate) db: Arc<Db>,
+    pub(crate) forget: Duration,
+}
+
+impl Fetch for SignIns {
+    type Key = (String, u64);
+    type Value = (Option<EntityRecord>, SignInState);
+
+    async fn fetch(&self, keys: &[(String, u64)]) -> Result<Vec<Self::Value>, StoreError> {
+        let ids: Vec<&str> = keys.iter().map(|(id, _)| id.as_str()).collect();
+        let forget = ms(self.forget);
+        let rows = self
+            .db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(SIGN_INS).await?;
+                Ok(c.query(&stmt, &[&ids]).await?)
+            })
+            .await?;
+        let mut out: Vec<Option<Self::Value>> = keys.iter().map(|_| None).collect();
+        for row in rows {
+            let bad = |e| StoreError::corrupt("entities", e);
+            let n = row.try_get::<_, i64>(0).map_err(bad)? as usize;
+            let Some(now) = n
+                .checked_sub(1)
+                .and_then(|i| keys.get(i))
+                .map(|k| k.1 as i64)
+            else {
+                return Err(StoreError::corrupt("entities", "row out of range"));
+            };
+            let entity = match row.try_get::<_, Option<i16>>(1).map_err(bad)? {
+                None => None,
+                Some(_) => Some(rows::entity(&row, 1).map_err(Failure::into_error)?),
+            };
+            let state = match (
+                row.try_get::<_, Option<i32>>(8).map_err(bad)?,
+                row.try_get::<_, Option<i64>>(9).map_err(bad)?,
+                row.try_get::<_, Option<i64>>(10).map_err(bad)?,
+            ) {
+                (Some(failures), Some(last), Some(until)) => SignInState {
+                    locked: until > now,
+                    failures: if last.saturating_add(forget) < now {
+                        0
+                    } else {
+                        failures.max(0) as u32
+                    },
+                },
+                _ => SignInState::default(),
+            };
+            out[n - 1] = Some((entity, state));
+        }
+        out.into_iter()
+            .map(|v| v.ok_or_else(|| StoreError::corrupt("entities", "row missing")))
+            .collect()
+    }
+}
 
 /// $1 id, $2 now ms, $3 failures that lock, $4 base ms, $5 max ms, $6 forget ms.
 const FAILED: &str = "INSERT INTO lockouts AS l (id, failures, last_failure_ms, locked_until_ms) \
@@ -42,40 +103,14 @@ fn ms(d: Duration) -> i64 {
 }
 
 impl PostgresStore {
-    /// The entity `id` and its shared guard state, in one statement.
+    /// The entity `id` and its shared guard state, in one statement (shared with the
+    /// sign-ins that come at the same time).
     pub async fn sign_in(
         &self,
         id: &str,
         now_ms: u64,
     ) -> Result<(Option<EntityRecord>, SignInState), StoreError> {
-        let forget = ms(self.lockout.forget);
-        let now = now_ms as i64;
-        self.db
-            .run(1, async |c| {
-                let stmt = c.prepare_cached(SIGN_IN).await?;
-                let row = c.query_one(&stmt, &[&id]).await?;
-                let entity = match row.try_get::<_, Option<i16>>(0)? {
-                    None => None,
-                    Some(_) => Some(rows::entity(&row, 0)?),
-                };
-                let state = match (
-                    row.try_get::<_, Option<i32>>(7)?,
-                    row.try_get::<_, Option<i64>>(8)?,
-                    row.try_get::<_, Option<i64>>(9)?,
-                ) {
-                    (Some(failures), Some(last), Some(until)) => SignInState {
-                        locked: until > now,
-                        failures: if last.saturating_add(forget) < now {
-                            0
-                        } else {
-                            failures.max(0) as u32
-                        },
-                    },
-                    _ => SignInState::default(),
-                };
-                Ok((entity, state))
-            })
-            .await
+        self.sign_ins.get((id.to_owned(), now_ms)).await
     }
 
     /// Counts a sign-in's outcome in the shared guard: a failure (the lock it starts, if

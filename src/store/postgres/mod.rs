@@ -41,6 +41,7 @@ use crate::store::records::{
     ReplayPolicy, RequestKey, StoreError, TokenPage, TokenRecord,
 };
 
+mod batch;
 pub mod lockouts;
 mod migrate;
 mod rows;
@@ -116,6 +117,8 @@ pub struct Options {
 #[derive(Clone)]
 pub struct PostgresStore {
     db: Arc<Db>,
+    sign_ins: Arc<batch::Batched<lockouts::SignIns>>,
+    decisions: Arc<batch::Batched<Decisions>>,
     lockout: crate::lockout::LockoutPolicy,
     rules: Arc<Rules>,
     writer: writer::Writer,
@@ -188,6 +191,16 @@ impl From<deadpool_postgres::PoolError> for Failure {
     }
 }
 
+impl Failure {
+    /// As a store error (outside a retried call).
+    pub(crate) fn into_error(self) -> StoreError {
+        match self {
+            Failure::Fatal(e) => e,
+            Failure::Transient(why) => StoreError::Database(why.into()),
+        }
+    }
+}
+
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Failure {
         Failure::Fatal(e)
@@ -252,11 +265,50 @@ async fn watch(db: std::sync::Weak<Db>) {
 
 const ENTITY: &str = "SELECT kind, owner, psk_key_id, psk_hash, cert_sha256, disabled, created \
      FROM entities WHERE id = $1";
+/// For the n-th (src, dst) of $1, $2: the rules version, whether src and dst are
+/// disabled, dst's owner.
 const AUTHORIZE: &str =
-    "SELECT (SELECT version FROM rules_version), s.disabled, d.disabled, d.owner \
-     FROM (VALUES (1)) AS one \
-     LEFT JOIN entities s ON s.id = $1 \
-     LEFT JOIN entities d ON d.id = $2";
+    "SELECT k.n, (SELECT version FROM rules_version), s.disabled, d.disabled, d.owner \
+     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(src, dst, n) \
+     LEFT JOIN entities s ON s.id = k.src COLLATE \"C\" \
+     LEFT JOIN entities d ON d.id = k.dst COLLATE \"C\"";
+
+/// AuthorizeCommand's reads, batched ([`batch`]): key (src, dst).
+struct Decisions {
+    db: Arc<Db>,
+}
+
+impl batch::Fetch for Decisions {
+    type Key = (String, String);
+    type Value = (u64, Parties);
+
+    async fn fetch(&self, keys: &[(String, String)]) -> Result<Vec<(u64, Parties)>, StoreError> {
+        let srcs: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+        let dsts: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+        let n = keys.len();
+        self.db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(AUTHORIZE).await?;
+                let mut out: Vec<Option<(u64, Parties)>> = (0..n).map(|_| None).collect();
+                for row in c.query(&stmt, &[&srcs, &dsts]).await? {
+                    let i = (row.try_get::<_, i64>(0)? as usize).wrapping_sub(1);
+                    let version: i64 = row.try_get(1)?;
+                    let parties = Parties {
+                        src_disabled: row.try_get::<_, Option<bool>>(2)?.unwrap_or(false),
+                        dst_disabled: row.try_get::<_, Option<bool>>(3)?.unwrap_or(false),
+                        dst_owner: row.try_get(4)?,
+                    };
+                    if let Some(slot) = out.get_mut(i) {
+                        *slot = Some((version as u64, parties));
+                    }
+                }
+                out.into_iter()
+                    .map(|v| v.ok_or_else(|| StoreError::corrupt("entities", "row missing").into()))
+                    .collect()
+            })
+            .await
+    }
+}
 const RULE_LOG: &str =
     "SELECT version, rule_id, rule, deleted FROM rule_log WHERE version > $1 ORDER BY version";
 const LIVE_TOKEN: &str = "SELECT user_id, host, key_id, created FROM tokens WHERE token_id = $1";
@@ -324,6 +376,11 @@ impl PostgresStore {
         let (version, index) = rows::load_rules(&db).await?;
         tokio::spawn(watch(Arc::downgrade(&db)));
         Ok(PostgresStore {
+            sign_ins: batch::Batched::new(lockouts::SignIns {
+                db: db.clone(),
+                forget: options.lockout.forget,
+            }),
+            decisions: batch::Batched::new(Decisions { db: db.clone() }),
             lockout: options.lockout,
             writer: writer::Writer::start(db.clone()),
             rules: Arc::new(Rules {
@@ -516,22 +573,10 @@ impl PostgresStore {
     }
 
     /// AuthorizeCommand's decision: one statement reads both entities and the rules
-    /// version; if the index is behind, the rule changes since are read first.
+    /// version (shared with the decisions that come at the same time); if the index is
+    /// behind, the rule changes since are read first.
     pub async fn authorize(&self, src: &str, dst: &str, cmd: &str) -> Result<Decision, StoreError> {
-        let (version, parties) = self
-            .db
-            .run(1, async |c| {
-                let stmt = c.prepare_cached(AUTHORIZE).await?;
-                let row = c.query_one(&stmt, &[&src, &dst]).await?;
-                let version: i64 = row.try_get(0)?;
-                let parties = Parties {
-                    src_disabled: row.try_get::<_, Option<bool>>(1)?.unwrap_or(false),
-                    dst_disabled: row.try_get::<_, Option<bool>>(2)?.unwrap_or(false),
-                    dst_owner: row.try_get(3)?,
-                };
-                Ok((version as u64, parties))
-            })
-            .await?;
+        let (version, parties) = self.decisions.get((src.to_owned(), dst.to_owned())).await?;
         if self.index_version() < version {
             self.catch_up(version).await?;
         }
