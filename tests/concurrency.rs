@@ -35,11 +35,19 @@ async fn concurrent_decisions_each_get_their_own_answer() {
             if i % 2 == 0 {
                 // Half the sign-ins present a wrong PSK; two per id, below the guard's limit of
                 // attempts in progress at once (5).
-                let psk = if i % 4 == 0 { format!("psk{d}") } else { "wrong".into() };
+                let psk = if i % 4 == 0 {
+                    format!("psk{d}")
+                } else {
+                    "wrong".into()
+                };
                 let got = authenticate(&c, &format!("dev{d}"), json!({"psk": psk})).await;
                 assert_eq!(got, i % 4 == 0, "sign-in {i} of dev{d}");
             } else {
-                let src = if i % 3 == 0 { format!("user{}", d % 4) } else { "ops".into() };
+                let src = if i % 3 == 0 {
+                    format!("user{}", d % 4)
+                } else {
+                    "ops".into()
+                };
                 let r = ok(
                     &c,
                     "/v1/Auth.AuthorizeCommand",

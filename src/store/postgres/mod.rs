@@ -119,6 +119,8 @@ pub struct PostgresStore {
     db: Arc<Db>,
     sign_ins: Arc<batch::Batched<lockouts::SignIns>>,
     decisions: Arc<batch::Batched<Decisions>>,
+    tokens: Arc<batch::Batched<Rows<String, String>>>,
+    replay_records: Arc<batch::Batched<Rows<String, i64>>>,
     lockout: crate::lockout::LockoutPolicy,
     rules: Arc<Rules>,
     writer: writer::Writer,
@@ -312,7 +314,10 @@ impl batch::Fetch for Decisions {
 const RULE_LOG: &str =
     "SELECT version, rule_id, rule, deleted FROM rule_log WHERE version > $1 ORDER BY version";
 const LIVE_TOKEN: &str = "SELECT user_id, host, key_id, created FROM tokens WHERE token_id = $1";
-const TOKEN: &str = "SELECT token_id, key_id, created FROM tokens WHERE user_id = $1 AND host = $2";
+/// The token of the n-th (user, host) of $1, $2, if any.
+const TOKENS: &str = "SELECT k.n, t.token_id, t.key_id, t.created \
+     FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(user_id, host, n) \
+     JOIN tokens t ON t.user_id = k.user_id COLLATE \"C\" AND t.host = k.host COLLATE \"C\"";
 const TOKENS_OF: &str = "SELECT host, token_id, key_id, created FROM tokens \
      WHERE user_id = $1 AND ($2::text IS NULL OR host > $2) ORDER BY host LIMIT $3";
 const ENTITIES: &str = "SELECT id, kind, owner, psk_key_id, psk_hash, cert_sha256, disabled, created \
@@ -320,8 +325,59 @@ const ENTITIES: &str = "SELECT id, kind, owner, psk_key_id, psk_hash, cert_sha25
      WHERE ($1::text IS NULL OR owner = $1) AND id >= $2 AND starts_with(id, $2) AND ($3::text IS NULL OR id > $3) \
      ORDER BY id LIMIT $4";
 const RULES: &str = "SELECT id, rule FROM rules WHERE id > $1 ORDER BY id LIMIT $2";
-const REPLAY: &str =
-    "SELECT at_ms, caller, method, args_digest, reply FROM replays WHERE src = $1 AND id = $2";
+/// The replay record of the n-th (src, id) of $1, $2, if any.
+const REPLAYS: &str = "SELECT k.n, r.at_ms, r.caller, r.method, r.args_digest, r.reply \
+     FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY AS k(src, id, n) \
+     JOIN replays r ON r.src = k.src COLLATE \"C\" AND r.id = k.id";
+
+/// Reads of at most one row per key of two columns, batched ([`batch`]): the row of
+/// each key (its first column the key's position), or none.
+struct Rows<A, B> {
+    db: Arc<Db>,
+    sql: &'static str,
+    keys: std::marker::PhantomData<fn(A, B)>,
+}
+
+impl<A, B> Rows<A, B> {
+    fn new(db: &Arc<Db>, sql: &'static str) -> Rows<A, B> {
+        Rows {
+            db: db.clone(),
+            sql,
+            keys: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<A, B> batch::Fetch for Rows<A, B>
+where
+    A: tokio_postgres::types::ToSql + Send + Sync + 'static,
+    B: tokio_postgres::types::ToSql + Send + Sync + 'static,
+{
+    type Key = (A, B);
+    type Value = Option<tokio_postgres::Row>;
+
+    async fn fetch(&self, keys: &[(A, B)]) -> Result<Vec<Self::Value>, StoreError> {
+        let a: Vec<&A> = keys.iter().map(|k| &k.0).collect();
+        let b: Vec<&B> = keys.iter().map(|k| &k.1).collect();
+        let rows = self
+            .db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(self.sql).await?;
+                Ok(c.query(&stmt, &[&a, &b]).await?)
+            })
+            .await?;
+        let mut out: Vec<Self::Value> = keys.iter().map(|_| None).collect();
+        for row in rows {
+            let n: i64 = row
+                .try_get(0)
+                .map_err(|e| StoreError::corrupt("batched read", e))?;
+            if let Some(slot) = (n as usize).checked_sub(1).and_then(|i| out.get_mut(i)) {
+                *slot = Some(row);
+            }
+        }
+        Ok(out)
+    }
+}
 const REPLACE_PSK: &str = "UPDATE entities SET psk_key_id = $2, psk_hash = $3 \
      WHERE id = $1 AND kind = $4 AND owner IS NOT DISTINCT FROM $5 \
      AND psk_key_id IS NOT DISTINCT FROM $6 AND psk_hash IS NOT DISTINCT FROM $7 \
@@ -381,6 +437,8 @@ impl PostgresStore {
                 forget: options.lockout.forget,
             }),
             decisions: batch::Batched::new(Decisions { db: db.clone() }),
+            tokens: batch::Batched::new(Rows::new(&db, TOKENS)),
+            replay_records: batch::Batched::new(Rows::new(&db, REPLAYS)),
             lockout: options.lockout,
             writer: writer::Writer::start(db.clone()),
             rules: Arc::new(Rules {
@@ -502,15 +560,10 @@ impl PostgresStore {
     }
 
     pub async fn token(&self, user: &str, host: &str) -> Result<Option<TokenRecord>, StoreError> {
-        self.db
-            .run(1, async |c| {
-                let stmt = c.prepare_cached(TOKEN).await?;
-                match c.query_opt(&stmt, &[&user, &host]).await? {
-                    None => Ok(None),
-                    Some(row) => Ok(Some(rows::token(&row, 0)?)),
-                }
-            })
-            .await
+        match self.tokens.get((user.to_owned(), host.to_owned())).await? {
+            None => Ok(None),
+            Some(row) => rows::token(&row, 1).map(Some).map_err(Failure::into_error),
+        }
     }
 
     pub async fn tokens_of(
@@ -630,30 +683,25 @@ impl PostgresStore {
         let Some(binding) = &request.binding else {
             return Ok(Recorded::Nothing);
         };
-        let id = request.id as i64;
-        let src = request.src;
         let found = self
-            .db
-            .run(1, async |c| {
-                let stmt = c.prepare_cached(REPLAY).await?;
-                Ok(c.query_opt(&stmt, &[&src, &id]).await?)
-            })
+            .replay_records
+            .get((request.src.to_owned(), request.id as i64))
             .await?;
         let Some(row) = found else {
             return Ok(Recorded::Nothing);
         };
         let bad = |e: tokio_postgres::Error| StoreError::corrupt("replays", e);
-        let at: i64 = row.try_get(0).map_err(bad)?;
+        let at: i64 = row.try_get(1).map_err(bad)?;
         if (at as u64).saturating_add(self.db.replays.window_ms) < request.at_ms {
             return Ok(Recorded::Nothing);
         }
-        let caller: String = row.try_get(1).map_err(bad)?;
-        let method: String = row.try_get(2).map_err(bad)?;
-        let digest: Vec<u8> = row.try_get(3).map_err(bad)?;
+        let caller: String = row.try_get(2).map_err(bad)?;
+        let method: String = row.try_get(3).map_err(bad)?;
+        let digest: Vec<u8> = row.try_get(4).map_err(bad)?;
         if caller != binding.caller || method != binding.method || digest != binding.args_digest {
             return Ok(Recorded::Other);
         }
-        let reply: serde_json::Value = row.try_get(4).map_err(bad)?;
+        let reply: serde_json::Value = row.try_get(5).map_err(bad)?;
         serde_json::from_value(reply)
             .map(Recorded::Same)
             .map_err(|e| StoreError::corrupt("replays", e))
