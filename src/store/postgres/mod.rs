@@ -397,9 +397,11 @@ impl PostgresStore {
         let ms = options.timeout.as_millis().max(1);
         config.application_name("authd");
         // A generic plan from the first execution: the statements are few and fixed, and
-        // custom planning costs more than it saves on them.
+        // custom planning costs more than it saves on them. Every statement of authd finds
+        // rows by key: no sequential scans, or a plan made while a table was nearly empty
+        // (a new database) would keep scanning it as it grows, until the next ANALYZE.
         config.options(format!(
-            "-c statement_timeout={ms} -c plan_cache_mode=force_generic_plan"
+            "-c statement_timeout={ms} -c plan_cache_mode=force_generic_plan -c enable_seqscan=off"
         ));
         config.connect_timeout(options.timeout);
         let manager = Manager::from_config(
