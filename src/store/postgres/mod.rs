@@ -400,8 +400,10 @@ impl PostgresStore {
         // custom planning costs more than it saves on them. Every statement of authd finds
         // rows by key: no sequential scans, or a plan made while a table was nearly empty
         // (a new database) would keep scanning it as it grows, until the next ANALYZE.
+        // No JIT: it compiles a statement for far longer than a key lookup takes (and the
+        // cost of a refused sequential scan would always call for it).
         config.options(format!(
-            "-c statement_timeout={ms} -c plan_cache_mode=force_generic_plan -c enable_seqscan=off"
+            "-c statement_timeout={ms} -c plan_cache_mode=force_generic_plan -c enable_seqscan=off -c jit=off"
         ));
         config.connect_timeout(options.timeout);
         let manager = Manager::from_config(
