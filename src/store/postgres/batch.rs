@@ -78,8 +78,11 @@ impl<F: Fetch> Batched<F> {
         };
         let (mut keys, senders): (Vec<_>, Vec<_>) = others.into_iter().unzip();
         keys.insert(0, key);
-        let result = self.fetch.fetch(&keys).await;
-        let own = answer(result, senders, keys.len());
+        let mut results = each(self.fetch.fetch(&keys).await, keys.len()).into_iter();
+        let own = results.next().unwrap_or(Err(StoreError::Writer));
+        for (tx, result) in senders.into_iter().zip(results) {
+            let _ = tx.send(result);
+        }
         // Whoever waited meanwhile is taken along by a task of its own, so that this
         // request's answer does not wait for theirs.
         self.next();
@@ -99,53 +102,24 @@ impl<F: Fetch> Batched<F> {
         let this = self.clone();
         tokio::spawn(async move {
             let (keys, senders): (Vec<_>, Vec<_>) = waiting.into_iter().unzip();
-            let result = this.fetch.fetch(&keys).await;
-            let n = keys.len();
-            match result {
-                Ok(values) if values.len() == n => {
-                    for (tx, v) in senders.into_iter().zip(values) {
-                        let _ = tx.send(Ok(v));
-                    }
-                }
-                other => {
-                    let e = other
-                        .err()
-                        .unwrap_or(StoreError::corrupt("batch", "short answer"));
-                    for tx in senders {
-                        let _ = tx.send(Err(clone_error(&e)));
-                    }
-                }
+            let results = each(this.fetch.fetch(&keys).await, keys.len());
+            for (tx, result) in senders.into_iter().zip(results) {
+                let _ = tx.send(result);
             }
             this.next();
         });
     }
 }
 
-/// Hands each waiter its value; returns the first key's (the caller's own).
-fn answer<V>(
-    result: Result<Vec<V>, StoreError>,
-    senders: Vec<oneshot::Sender<Result<V, StoreError>>>,
-    n: usize,
-) -> Result<V, StoreError> {
+/// The result of each of `n` keys: its value, or the batch's failure.
+fn each<V>(result: Result<Vec<V>, StoreError>, n: usize) -> Vec<Result<V, StoreError>> {
     match result {
-        Ok(values) if values.len() == n => {
-            let mut values = values.into_iter();
-            let own = values
-                .next()
-                .ok_or(StoreError::corrupt("batch", "empty answer"))?;
-            for (tx, v) in senders.into_iter().zip(values) {
-                let _ = tx.send(Ok(v));
-            }
-            Ok(own)
-        }
+        Ok(values) if values.len() == n => values.into_iter().map(Ok).collect(),
         other => {
             let e = other
                 .err()
                 .unwrap_or(StoreError::corrupt("batch", "short answer"));
-            for tx in senders {
-                let _ = tx.send(Err(clone_error(&e)));
-            }
-            Err(e)
+            (0..n).map(|_| Err(clone_error(&e))).collect()
         }
     }
 }
