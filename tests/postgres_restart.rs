@@ -5,8 +5,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -165,30 +164,10 @@ fn create_database(pg: &PrivatePostgres, name: &str) {
     );
 }
 
-fn status(addr: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    let _ = s.set_read_timeout(Some(TIMEOUT));
-    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: authd\r\n\r\n");
-    let mut response = String::new();
-    let _ = s.read_to_string(&mut response);
-    let code = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (code, body)
-}
-
 async fn wait_for_status(addr: SocketAddr, want: u16, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let (code, _) = tokio::task::spawn_blocking(move || status(addr, "/ready"))
+        let (code, _) = tokio::task::spawn_blocking(move || http_get(addr, "/ready"))
             .await
             .unwrap();
         if code == want {
@@ -260,7 +239,7 @@ async fn postgres_restarted_under_load_loses_nothing() {
         }
         if !restarted && stopped_at.is_some_and(|t| t.elapsed() > Duration::from_secs(3)) {
             assert_eq!(
-                status(metrics, "/ready").0,
+                http_get(metrics, "/ready").0,
                 503,
                 "not ready while the database is down"
             );
@@ -295,7 +274,7 @@ async fn postgres_restarted_under_load_loses_nothing() {
         .unwrap();
         assert_eq!(live["token"].as_str(), Some(token.as_str()), "h{n}");
     }
-    let (_, scrape) = status(metrics, "/metrics");
+    let (_, scrape) = http_get(metrics, "/metrics");
     let held: f64 = scrape
         .lines()
         .find(|l| l.starts_with("authd_requests_held_total "))

@@ -7,8 +7,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -128,28 +127,6 @@ impl Drop for WorkerProcess {
             let _ = child.wait();
         }
     }
-}
-
-/// `GET path` → (status, body); (0, "") when nothing answers.
-fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let Ok(mut stream) = TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    let _ = stream.set_read_timeout(Some(TIMEOUT));
-    if write!(stream, "GET {path} HTTP/1.1\r\nHost: authd\r\n\r\n").is_err() {
-        return (0, String::new());
-    }
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let Some((head, body)) = response.split_once("\r\n\r\n") else {
-        return (0, String::new());
-    };
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, body.to_owned())
 }
 
 /// Data directories for `n` workers, all holding the same server key (made by the first

@@ -2,6 +2,7 @@
 //! (or as the built binary), and clients that speak the wire protocol to it.
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -485,4 +486,27 @@ pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 /// The request topic of the default service id.
 pub fn request_topic() -> String {
     format!("{SERVICE_ID}/rpc")
+}
+
+/// `GET path` from an operator endpoint → (status, body); (0, "") when nothing answers
+/// (a worker still starting, or stopped).
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let Ok(mut stream) = TcpStream::connect(addr) else {
+        return (0, String::new());
+    };
+    let _ = stream.set_read_timeout(Some(TIMEOUT));
+    if write!(stream, "GET {path} HTTP/1.1\r\nHost: authd\r\n\r\n").is_err() {
+        return (0, String::new());
+    }
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let Some((head, body)) = response.split_once("\r\n\r\n") else {
+        return (0, String::new());
+    };
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
 }
