@@ -98,7 +98,8 @@ const FAILED: &str = "INSERT INTO lockouts AS l (id, failures, last_failure_ms, 
 
 const SUCCEEDED: &str = "DELETE FROM lockouts WHERE id = $1 AND locked_until_ms <= $2";
 
-fn ms(d: Duration) -> i64 {
+/// `d` in milliseconds, as the bigint columns hold them.
+pub(super) fn ms(d: Duration) -> i64 {
     d.as_millis().min(i64::MAX as u128) as i64
 }
 

@@ -118,7 +118,7 @@ pub struct Options {
 pub struct PostgresStore {
     db: Arc<Db>,
     sign_ins: Arc<batch::Batched<lockouts::SignIns>>,
-    decisions: Arc<batch::Batched<Decisions>>,
+    decisions: Arc<batch::Batched<Rows<String, String>>>,
     tokens: Arc<batch::Batched<Rows<String, String>>>,
     replay_records: Arc<batch::Batched<Rows<String, i64>>>,
     lockout: crate::lockout::LockoutPolicy,
@@ -275,42 +275,6 @@ const AUTHORIZE: &str =
      LEFT JOIN entities s ON s.id = k.src COLLATE \"C\" \
      LEFT JOIN entities d ON d.id = k.dst COLLATE \"C\"";
 
-/// AuthorizeCommand's reads, batched ([`batch`]): key (src, dst).
-struct Decisions {
-    db: Arc<Db>,
-}
-
-impl batch::Fetch for Decisions {
-    type Key = (String, String);
-    type Value = (u64, Parties);
-
-    async fn fetch(&self, keys: &[(String, String)]) -> Result<Vec<(u64, Parties)>, StoreError> {
-        let srcs: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-        let dsts: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-        let n = keys.len();
-        self.db
-            .run(1, async |c| {
-                let stmt = c.prepare_cached(AUTHORIZE).await?;
-                let mut out: Vec<Option<(u64, Parties)>> = (0..n).map(|_| None).collect();
-                for row in c.query(&stmt, &[&srcs, &dsts]).await? {
-                    let i = (row.try_get::<_, i64>(0)? as usize).wrapping_sub(1);
-                    let version: i64 = row.try_get(1)?;
-                    let parties = Parties {
-                        src_disabled: row.try_get::<_, Option<bool>>(2)?.unwrap_or(false),
-                        dst_disabled: row.try_get::<_, Option<bool>>(3)?.unwrap_or(false),
-                        dst_owner: row.try_get(4)?,
-                    };
-                    if let Some(slot) = out.get_mut(i) {
-                        *slot = Some((version as u64, parties));
-                    }
-                }
-                out.into_iter()
-                    .map(|v| v.ok_or_else(|| StoreError::corrupt("entities", "row missing").into()))
-                    .collect()
-            })
-            .await
-    }
-}
 const RULE_LOG: &str =
     "SELECT version, rule_id, rule, deleted FROM rule_log WHERE version > $1 ORDER BY version";
 const LIVE_TOKEN: &str = "SELECT user_id, host, key_id, created FROM tokens WHERE token_id = $1";
@@ -426,10 +390,11 @@ impl PostgresStore {
         });
         {
             // The server's own message (no such database, login refused…), not "db error".
-            let mut client = db.pool.get().await.map_err(|e| match Failure::from(e) {
-                Failure::Fatal(e) => e,
-                Failure::Transient(why) => StoreError::Database(why.into()),
-            })?;
+            let mut client = db
+                .pool
+                .get()
+                .await
+                .map_err(|e| Failure::from(e).into_error())?;
             migrate::run(&mut client).await?;
             migrate::check_keys(&client, keys).await?;
         }
@@ -440,7 +405,7 @@ impl PostgresStore {
                 db: db.clone(),
                 forget: options.lockout.forget,
             }),
-            decisions: batch::Batched::new(Decisions { db: db.clone() }),
+            decisions: batch::Batched::new(Rows::new(&db, AUTHORIZE)),
             tokens: batch::Batched::new(Rows::new(&db, TOKENS)),
             replay_records: batch::Batched::new(Rows::new(&db, REPLAYS)),
             lockout: options.lockout,
@@ -633,7 +598,25 @@ impl PostgresStore {
     /// version (shared with the decisions that come at the same time); if the index is
     /// behind, the rule changes since are read first.
     pub async fn authorize(&self, src: &str, dst: &str, cmd: &str) -> Result<Decision, StoreError> {
-        let (version, parties) = self.decisions.get((src.to_owned(), dst.to_owned())).await?;
+        // LEFT JOINs: a row for every key, whether or not its entities exist.
+        let row = self
+            .decisions
+            .get((src.to_owned(), dst.to_owned()))
+            .await?
+            .ok_or_else(|| StoreError::corrupt("entities", "row missing"))?;
+        let bad = |e| StoreError::corrupt("entities", e);
+        let version = row.try_get::<_, i64>(1).map_err(bad)? as u64;
+        let parties = Parties {
+            src_disabled: row
+                .try_get::<_, Option<bool>>(2)
+                .map_err(bad)?
+                .unwrap_or(false),
+            dst_disabled: row
+                .try_get::<_, Option<bool>>(3)
+                .map_err(bad)?
+                .unwrap_or(false),
+            dst_owner: row.try_get(4).map_err(bad)?,
+        };
         if self.index_version() < version {
             self.catch_up(version).await?;
         }
@@ -726,7 +709,7 @@ impl PostgresStore {
         let before = now_ms.saturating_sub(self.db.replays.window_ms) as i64;
         let keep = self.db.replays.max_records.min(i64::MAX as u64) as i64;
         let now = now_ms as i64;
-        let forget = self.lockout.forget.as_millis().min(i64::MAX as u128) as i64;
+        let forget = lockouts::ms(self.lockout.forget);
         let forgotten = now.saturating_sub(forget);
         self.db
             .run(3, async |c| {
