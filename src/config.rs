@@ -142,6 +142,16 @@ pub struct Config {
     pub rate_limit_per_sec: f64,
     /// Requests a caller may send at once; 0 means `rate_limit_per_sec` (at least 1).
     pub rate_limit_burst: u32,
+    /// Publish change events (docs/protocol.md#change-events): every change that can end a
+    /// session or a permission writes one, with the change, and it is published on
+    /// `events_topic`. Off: no event is written. Set it alike on every worker of a store.
+    pub events: bool,
+    /// Where events are published; `{id}` is replaced by the service id.
+    pub events_topic: String,
+    /// How long events are kept for `Events.Since`, seconds.
+    pub events_retention_secs: u64,
+    /// Lifetime of an app token GenerateToken makes without `ttl`, seconds; 0: no end.
+    pub token_ttl_secs: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -191,9 +201,16 @@ impl Default for Config {
             callers: Vec::new(),
             rate_limit_per_sec: 0.0,
             rate_limit_burst: 0,
+            events: true,
+            events_topic: "{id}/events".into(),
+            events_retention_secs: 24 * 3600,
+            token_ttl_secs: 0,
         }
     }
 }
+
+/// The longest token lifetime, seconds (ten years): beyond it, use 0 (no end).
+pub const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
 
 /// The per-user data directory (`$XDG_DATA_HOME/authd`, `~/.local/share/authd`), or
 /// `./authd-data` where there is no home.
@@ -276,6 +293,19 @@ impl Config {
         self.request_topic.replace("{id}", &self.id)
     }
 
+    /// The resolved events topic.
+    pub fn events_topic(&self) -> String {
+        self.events_topic.replace("{id}", &self.id)
+    }
+
+    /// Whether and how long change events are kept.
+    pub fn event_policy(&self) -> crate::store::EventPolicy {
+        crate::store::EventPolicy {
+            enabled: self.events,
+            retention_ms: self.events_retention_secs.saturating_mul(1000),
+        }
+    }
+
     /// The reply topic for a caller (`src` already validated).
     pub fn reply_topic(&self, src: &str) -> String {
         self.reply_topic.replace("{src}", src)
@@ -341,6 +371,25 @@ impl Config {
             return invalid(format!(
                 "reply_topic `{}` puts every reply under the request topic `{topic}`: authd would read its own replies as requests and answer them forever. Choose a reply topic outside `{topic}/…`",
                 self.reply_topic
+            ));
+        }
+        let events = self.events_topic();
+        if events.is_empty() || events.contains(['+', '#']) {
+            return invalid(format!(
+                "events_topic `{events}`: must be a topic name without wildcards"
+            ));
+        }
+        if events == topic || events.starts_with(&format!("{topic}/")) {
+            return invalid(format!(
+                "events_topic `{events}` is under the request topic `{topic}`: authd would read its own events as requests"
+            ));
+        }
+        if self.events_retention_secs == 0 {
+            return invalid("events_retention_secs must be at least 1".into());
+        }
+        if self.token_ttl_secs > MAX_TOKEN_TTL_SECS {
+            return invalid(format!(
+                "token_ttl_secs must be at most {MAX_TOKEN_TTL_SECS} (ten years); 0 means no end"
             ));
         }
         if self.max_frame_bytes == 0 || self.max_packet_bytes < self.max_frame_bytes {

@@ -244,6 +244,7 @@ impl Dispatcher {
             lockout: &self.lockout,
             metrics: &self.metrics,
             max_tokens_per_user: self.config.max_tokens_per_user,
+            token_ttl_secs: self.config.token_ttl_secs,
         };
         // Before the rate limit and the deadline: a redelivery of a change already made gets
         // its recorded answer, since a 429 or 504 would say "not executed" of a request that

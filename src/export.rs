@@ -87,6 +87,7 @@ pub async fn open_stopped(config: &Config) -> anyhow::Result<Store> {
         config.cache_mib * 1024 * 1024,
         false,
         config.replay_policy(),
+        config.events,
     )
     .map_err(|e| match e {
         StoreError::InUse => anyhow::anyhow!(
@@ -145,6 +146,7 @@ mod tests {
                 token_id: [1; 16],
                 key_id: 3,
                 created: 1,
+                expires: None,
             },
             max_per_user: 10,
         };

@@ -15,7 +15,8 @@
 //! | [`methods`] | the method table; one file per method family, typed args → typed result against the store |
 //! | [`cert`] | X.509 certificates: PEM parsing, SHA-256 fingerprint, validity |
 //! | [`rules`] | access rules: `*` patterns, the AuthorizeCommand decision order, the rule index |
-//! | [`store`] | the state behind operations in product words; `store::embedded` keeps it in sled (one writer thread, group commit) |
+//! | [`store`] | the state behind operations in product words; `store::embedded` keeps it in sled (one writer thread, group commit), `store::postgres` in a database several workers share; `store::events` is the vocabulary of change events |
+//! | [`events`] | the change events' publisher: from the store's outbox to the events topic, marked sent after the broker's PUBACK |
 //! | [`crypto`] | server keys, keyed hashes, token derivation, constant-time comparison |
 //! | [`durable`] | fsync of the files and directories authd creates (the database syncs its own) |
 //! | [`lockout`] | `Authenticate`'s brute-force guard: failure streaks lock an id |
@@ -40,6 +41,7 @@ pub mod crypto;
 pub mod data_dir;
 pub mod dispatch;
 pub mod durable;
+pub mod events;
 pub mod export;
 pub mod frame;
 pub mod http;

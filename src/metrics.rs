@@ -144,6 +144,8 @@ pub struct Metrics {
     pub rate_limited: AtomicU64,
     /// Times a request was held unanswered because the store was unavailable.
     pub held: AtomicU64,
+    /// Change events the broker acknowledged (`crate::events`).
+    pub events_published: AtomicU64,
     /// `[method][outcome]`, the last row `other`.
     requests: Box<[[AtomicU64; OUTCOMES]]>,
     /// Per method, the last row `other`.
@@ -175,6 +177,7 @@ impl Metrics {
             sign_ins: Default::default(),
             rate_limited: AtomicU64::new(0),
             held: AtomicU64::new(0),
+            events_published: AtomicU64::new(0),
             requests: (0..rows).map(|_| Default::default()).collect(),
             latency: (0..rows).map(|_| Latency::default()).collect(),
         }
@@ -379,6 +382,12 @@ impl Metrics {
                 "Times a request was held unanswered and unacknowledged because the database was unavailable (it is tried again; nothing is answered wrongly).",
                 MetricType::COUNTER,
                 single(&self.held),
+            ),
+            family(
+                "authd_events_published_total",
+                "Change events this worker published and the broker acknowledged (the worker holding the store's publishing role).",
+                MetricType::COUNTER,
+                single(&self.events_published),
             ),
             family(
                 "authd_store_up",

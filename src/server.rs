@@ -23,6 +23,11 @@ use crate::mqtt::{BrokerState, Message, Publisher, Session, SessionOptions, Tls}
 use crate::secret::Secret;
 use crate::store::{self, Store};
 
+/// How often expired app tokens are looked for and removed (each removal publishes
+/// `token.expired`; an expired token stops signing in at once, removed or not), and events
+/// past their retention pruned.
+const TOKEN_EXPIRY_EVERY: Duration = Duration::from_secs(5);
+
 /// Runs the worker until `shutdown` completes, then stops it cleanly.
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     Worker::start(config).await?.serve_until(shutdown).await
@@ -82,9 +87,11 @@ impl Worker {
             keys,
             metrics.clone(),
         ));
-        let background = vec![tokio::spawn(store::prune_replays_every(
+        let background = vec![tokio::spawn(store::maintain(
             store.clone(),
             Duration::from_secs(60),
+            TOKEN_EXPIRY_EVERY,
+            config.event_policy(),
         ))];
         Self::run(
             config,
@@ -133,7 +140,7 @@ impl Worker {
             "built with the `fault-injection` feature (tests only): a request for this method panics its handler. Never run this build in production"
         );
         let request_topic: Arc<str> = config.request_topic().into();
-        let (session, publisher, broker_state) = Session::new(SessionOptions {
+        let (mut session, publisher, broker_state) = Session::new(SessionOptions {
             broker,
             client_id: config.client_id.clone(),
             // The password moves (uncopied) into the MQTT client's options, which keep it for
@@ -152,6 +159,16 @@ impl Worker {
             tls,
         });
 
+        let mut background = background;
+        if let Some(store) = store.as_ref().filter(|_| config.events) {
+            let (outbox, receipts) = session.outbox(config.events_topic());
+            background.push(tokio::spawn(crate::events::publish(
+                store.clone(),
+                outbox,
+                receipts,
+                metrics.clone(),
+            )));
+        }
         let tracker = TaskTracker::new();
         let intake = CancellationToken::new();
         let close = CancellationToken::new();
@@ -187,7 +204,6 @@ impl Worker {
         };
         let session =
             tokio::spawn(session.run(on_message, intake.clone(), close.clone(), on_reconnect));
-        let mut background = background;
         let mut metrics_addr = None;
         if let Some(listener) = http {
             metrics_addr = listener.local_addr().ok();
@@ -435,6 +451,7 @@ pub async fn open_postgres(
         timeout: Duration::from_millis(config.store_timeout_ms),
         replays: config.replay_policy(),
         lockout: config.lockout(),
+        events: config.events,
     };
     let shown = crate::config::redact_url_password(url.expose());
     let store = crate::store::postgres::PostgresStore::open(url.expose(), options, keys)
@@ -491,6 +508,7 @@ pub async fn open_data(
         config.cache_mib * 1024 * 1024,
         flush_on_commit,
         config.replay_policy(),
+        config.events,
     )
     .map_err(|e| {
         anyhow::anyhow!(

@@ -107,6 +107,7 @@ async fn list(config: &Config) -> anyhow::Result<Vec<KeyStatus>> {
             config.cache_mib * 1024 * 1024,
             true,
             config.replay_policy(),
+            config.events,
         )
         .map_err(|e| {
             anyhow::anyhow!(

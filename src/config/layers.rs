@@ -224,6 +224,9 @@ mod tests {
             ("client_id", "authd-2"),
             ("data", "/var/lib/authd-2"),
             ("drain_secs", "3"),
+            ("events", "false"),
+            ("events_retention_secs", "600"),
+            ("events_topic", "{id}/ev"),
             ("id", "svc"),
             ("keep_alive_secs", "31"),
             ("lockout_base_ms", "500"),
@@ -248,6 +251,7 @@ mod tests {
             ("store", "postgres://authd:pw@db:5432/authd"),
             ("store_pool", "4"),
             ("store_timeout_ms", "2500"),
+            ("token_ttl_secs", "3600"),
         ];
         let keys: Vec<&str> = values.iter().map(|(k, _)| *k).collect();
         assert_eq!(keys, documented, "a test value for each documented key");
@@ -267,7 +271,7 @@ mod tests {
                 "caller" => serde_json::to_value(parse_caller_keys(text).unwrap()).unwrap(),
                 _ => serde_json::from_str::<Value>(text)
                     .ok()
-                    .filter(|v| v.is_number())
+                    .filter(|v| v.is_number() || v.is_boolean())
                     .unwrap_or_else(|| Value::String(text.to_string())),
             };
             assert_eq!(

@@ -18,6 +18,8 @@ pub enum ErrorCode {
     NotFound = 404,
     /// Conflict, e.g. `Entity.Put {create_only}` for an existing id.
     Conflict = 409,
+    /// What was asked for is gone for good: `Events.Since` after an event no longer kept.
+    Gone = 410,
     /// Frame larger than the configured limit.
     TooLarge = 413,
     /// Caller over its rate limit.
@@ -29,12 +31,13 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,
         ErrorCode::Conflict,
+        ErrorCode::Gone,
         ErrorCode::TooLarge,
         ErrorCode::RateLimited,
         ErrorCode::Internal,
@@ -59,6 +62,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "403",
             ErrorCode::NotFound => "404",
             ErrorCode::Conflict => "409",
+            ErrorCode::Gone => "410",
             ErrorCode::TooLarge => "413",
             ErrorCode::RateLimited => "429",
             ErrorCode::Internal => "500",

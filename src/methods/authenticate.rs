@@ -65,6 +65,8 @@ pub enum Reason {
     BadPsk,
     /// The psk is shaped like an app token but is not a live token of user `id`.
     BadToken,
+    /// The live app token of user `id`, past the end of its lifetime.
+    ExpiredToken,
     /// A live app token of user `id`, but `id` is a device entity: tokens sign in only as
     /// users.
     TokenForDevice,
@@ -87,6 +89,7 @@ impl Reason {
             Reason::Ok => "ok",
             Reason::BadPsk => "bad_psk",
             Reason::BadToken => "bad_token",
+            Reason::ExpiredToken => "expired_token",
             Reason::TokenForDevice => "token_for_device",
             Reason::CertMismatch => "cert_mismatch",
             Reason::ExpiredCert => "expired_cert",
@@ -212,7 +215,7 @@ async fn decide(
         Some(_) if psk_reason != Reason::Ok => psk_reason,
         Some(_) => cert_reason,
         // Not an entity: only a user signing in with a live app token, and nothing else.
-        None if psk_reason == Reason::BadToken => Reason::BadToken,
+        None if matches!(psk_reason, Reason::BadToken | Reason::ExpiredToken) => psk_reason,
         None if psk.is_some() && psk_reason == Reason::Ok && cert.is_none() => Reason::Ok,
         None => Reason::Unknown,
     };
@@ -281,24 +284,32 @@ async fn check_psk(
     let reason = match parse_token(psk) {
         None => Reason::BadPsk,
         Some(token) => match (token_signs_in(ctx, id, &token).await?, is_user) {
-            (true, true) => Reason::Ok,
-            (true, false) => Reason::TokenForDevice,
-            (false, _) => Reason::BadToken,
+            (Some(true), true) => Reason::Ok,
+            (Some(false), true) => Reason::ExpiredToken,
+            (Some(_), false) => Reason::TokenForDevice,
+            (None, _) => Reason::BadToken,
         },
     };
     Ok((reason, false))
 }
 
-/// Whether `token` is the live app token of some host of user `id`. The token id is the
-/// lookup key (not secret on its own); the MAC is the secret, compared in constant time.
-async fn token_signs_in(ctx: &Ctx<'_>, id: &str, token: &ParsedToken) -> Result<bool, StoreError> {
+/// Whether `token` is the live app token of some host of user `id`: `None` if not,
+/// `Some(true)` if it is and has not expired, `Some(false)` if it has. The token id is the
+/// lookup key (not secret on its own); the MAC is the secret, compared in constant time,
+/// before the lifetime is looked at (so only the token's holder learns it expired).
+async fn token_signs_in(
+    ctx: &Ctx<'_>,
+    id: &str,
+    token: &ParsedToken,
+) -> Result<Option<bool>, StoreError> {
     let Some(live) = ctx.store.live_token(&token.token_id).await? else {
-        return Ok(false);
+        return Ok(None);
     };
-    Ok(live.user == id
+    let genuine = live.user == id
         && ct_eq(&live.record.token_id, &token.token_id)
         && live.record.key_id == token.key_id
-        && ctx.keys.verify_token(token, &live.user, &live.host))
+        && ctx.keys.verify_token(token, &live.user, &live.host);
+    Ok(genuine.then(|| !live.record.expired(ctx.now_secs())))
 }
 
 fn check_cert(ctx: &Ctx<'_>, entity: Option<&EntityRecord>, pem: &str) -> Reason {
@@ -397,6 +408,7 @@ mod tests {
                 token_id: random_bytes(),
                 key_id: 1,
                 created: 1,
+                expires: None,
             };
             let token_id = record.token_id;
             let change = Change::ReplaceToken {

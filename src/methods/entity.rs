@@ -144,7 +144,12 @@ pub async fn put(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcErr
         generated,
     };
     let (outcome, tokens, reply) = match super::apply(ctx, change).await? {
-        Applied::Now(Changed::EntityPut { outcome, tokens }, reply) => (outcome, tokens, reply),
+        Applied::Now(
+            Changed::EntityPut {
+                outcome, tokens, ..
+            },
+            reply,
+        ) => (outcome, tokens, reply),
         other => return super::reply_of(other),
     };
     let reason = match outcome {

@@ -28,6 +28,7 @@ pub mod acl;
 pub mod authenticate;
 pub mod authorize;
 pub mod entity;
+pub mod events;
 pub mod token;
 
 /// What a method runs against.
@@ -43,6 +44,8 @@ pub struct Ctx<'a> {
     pub metrics: &'a Arc<Metrics>,
     /// Most live app tokens per user (`max_tokens_per_user`).
     pub max_tokens_per_user: u64,
+    /// Lifetime of a token made without `ttl`, seconds; 0: none (`token_ttl_secs`).
+    pub token_ttl_secs: u64,
 }
 
 impl Ctx<'_> {
@@ -139,6 +142,7 @@ method_table! {
     AclAdd: "ACL.Add", Admin, Write => acl::add;
     AclDelete: "ACL.Delete", Admin, Write => acl::delete;
     AclList: "ACL.List", Admin, Read => acl::list;
+    EventsSince: "Events.Since", Service, Read => events::since;
 }
 
 /// Strips the optional `/v1/` (or `v1/`) prefix: `/v1/Auth.X`, `v1/Auth.X` and `Auth.X`
@@ -305,6 +309,7 @@ pub(crate) mod testing {
                 lockout: &self.lockout,
                 metrics: &self.metrics,
                 max_tokens_per_user: 1000,
+                token_ttl_secs: 0,
             }
         }
     }

@@ -6,6 +6,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::{storage_failed, Ctx, Name};
+use crate::config::MAX_TOKEN_TTL_SECS;
 use crate::crypto::{random_bytes, KeyId, ServerKeys, TokenId};
 use crate::frame::{parse_args, ErrorCode, RpcError};
 use crate::store::{Applied, Change, Changed, Reply, TokenRecord};
@@ -23,14 +24,32 @@ struct HostArgs {
 #[serde(deny_unknown_fields)]
 struct NoArgs {}
 
-/// `GenerateToken {host}` → `{"token": …}`; the user's earlier token for `host` stops working.
-/// 409 for a new host when the user already holds `max_tokens_per_user` tokens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerateArgs {
+    host: Name,
+    /// Lifetime, seconds; 0: none. Absent: `token_ttl_secs`.
+    ttl: Option<u64>,
+}
+
+/// `GenerateToken {host, ttl?}` → `{"token": …}`; the user's earlier token for `host` stops
+/// working. The token stops signing in `ttl` seconds from now (default `token_ttl_secs`;
+/// 0: never). 409 for a new host when the user already holds `max_tokens_per_user` tokens.
 pub async fn generate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, RpcError> {
-    let HostArgs { host } = parse_args(args)?;
+    let GenerateArgs { host, ttl } = parse_args(args)?;
+    let ttl = ttl.unwrap_or(ctx.token_ttl_secs);
+    if ttl > MAX_TOKEN_TTL_SECS {
+        return Err(RpcError::new(
+            ErrorCode::BadRequest,
+            format!("args.ttl: must be at most {MAX_TOKEN_TTL_SECS} seconds (ten years); 0 means no end"),
+        ));
+    }
+    let created = ctx.now_secs();
     let record = TokenRecord {
         token_id: random_bytes(),
         key_id: ctx.keys.newest(),
-        created: ctx.now_secs(),
+        created,
+        expires: (ttl > 0).then(|| created + ttl),
     };
     let change = Change::ReplaceToken {
         user: ctx.request.src.to_owned(),
@@ -58,21 +77,27 @@ pub async fn generate(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, R
     }
 }
 
-/// `GetToken {host}` → `{"exist": true, "token": …}` or `{"exist": false}`.
+/// `GetToken {host}` → `{"exist": true, "token": …, "expires"?: …}` or `{"exist": false}`
+/// (also for an expired token the pruner has not removed yet).
 pub async fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let HostArgs { host } = parse_args(args)?;
     let user = ctx.request.src;
     let record = ctx.store.token(user, &host).await.map_err(storage_failed)?;
     Ok(Some(match record {
-        None => json!({ "exist": false }),
-        Some(r) => {
+        Some(r) if !r.expired(ctx.now_secs()) => {
             let token = token_string(ctx.keys, r.key_id, &r.token_id, user, &host)?;
-            json!({ "exist": true, "token": token })
+            let mut found = json!({ "exist": true, "token": token });
+            if let Some(at) = r.expires {
+                found["expires"] = json!(at);
+            }
+            found
         }
+        _ => json!({ "exist": false }),
     }))
 }
 
-/// `ListToken {}` → `[{"host": …, "created": …}, …]`, sorted by host. Reads the store a
+/// `ListToken {}` → `[{"host": …, "created": …, "expires"?: …}, …]`, sorted by host;
+/// expired tokens are left out. Reads the store a
 /// page at a time and lists at most `max_tokens_per_user` hosts: a user can hold more only
 /// with tokens issued before the cap was lowered, and those beyond it are left out (and
 /// logged) rather than making every answer too large to send.
@@ -90,10 +115,18 @@ pub async fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value
             .await
             .map_err(storage_failed)?;
         after = page.tokens.last().map(|(host, _)| host.clone());
+        let now = ctx.now_secs();
         listed.extend(
             page.tokens
                 .into_iter()
-                .map(|(host, r)| json!({ "host": host, "created": r.created })),
+                .filter(|(_, r)| !r.expired(now))
+                .map(|(host, r)| {
+                    let mut item = json!({ "host": host, "created": r.created });
+                    if let Some(at) = r.expires {
+                        item["expires"] = json!(at);
+                    }
+                    item
+                }),
         );
         if !page.more {
             break;

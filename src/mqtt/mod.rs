@@ -29,9 +29,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerAddress;
 
+mod outbox;
 mod publisher;
 mod tls;
 
+use outbox::Tracker;
+pub use outbox::{Outbox, Receipt};
 use publisher::{lock, AckQueue};
 pub use publisher::{Ack, Closed, Publisher};
 pub use tls::{Tls, TlsError};
@@ -153,7 +156,12 @@ pub struct Session {
     client: AsyncClient,
     acks: Arc<Mutex<AckQueue>>,
     state: watch::Sender<BrokerState>,
+    /// Publishes with receipts ([`Session::outbox`]).
+    outbox: Option<Tracker>,
 }
+
+/// Publishes rumqttc lets wait for their PUBACK.
+const MAX_INFLIGHT: u16 = 256;
 
 impl Session {
     /// Prepares a session; nothing connects until [`Session::run`].
@@ -167,7 +175,7 @@ impl Session {
             .set_manual_acks(options.manual_acks)
             .set_keep_alive(options.keep_alive)
             .set_max_packet_size(options.max_packet_bytes, options.max_packet_bytes)
-            .set_inflight(256);
+            .set_inflight(MAX_INFLIGHT);
         // Moved, not copied: the MQTT client's options keep the one copy of the password
         // (it is sent at every reconnect); the session keeps none.
         if let Some((user, pass)) = options.credentials.take() {
@@ -197,10 +205,22 @@ impl Session {
                 client,
                 acks,
                 state,
+                outbox: None,
             },
             publisher,
             state_rx,
         )
+    }
+
+    /// Publishing on `topic` with a receipt for each message: the broker's PUBACK, or the
+    /// loss of the connection ([`outbox`]). Before [`Session::run`].
+    pub fn outbox(
+        &mut self,
+        topic: String,
+    ) -> (Outbox, tokio::sync::mpsc::UnboundedReceiver<Receipt>) {
+        let (tracker, outbox, receipts) = Tracker::new(topic, self.client.clone(), MAX_INFLIGHT);
+        self.outbox = Some(tracker);
+        (outbox, receipts)
     }
 
     /// Drives the connection until a clean disconnect ([`Publisher::disconnect`]) or until
@@ -227,11 +247,25 @@ impl Session {
         // Connection attempts that failed since the last connection was lost.
         let mut failed_attempts = 0u32;
         loop {
+            if let Some(outbox) = &mut self.outbox {
+                outbox.feed(&mut self.eventloop);
+            }
+            let pending_before = self.eventloop.pending.len();
             let event = tokio::select! {
                 event = self.eventloop.poll() => event,
                 // Connecting is safe to abandon; a live connection is closed by a Disconnect.
                 _ = close.cancelled(), if !connected => return,
             };
+            if let Some(outbox) = &mut self.outbox {
+                match &event {
+                    Ok(Event::Outgoing(o)) => {
+                        outbox.saw_outgoing(o, pending_before, self.eventloop.pending.len())
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => outbox.acked(ack.pkid),
+                    Err(_) => outbox.lost(),
+                    Ok(_) => {}
+                }
+            }
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     connected = true;

@@ -23,13 +23,15 @@ use crate::crypto::{KeyId, TokenId};
 use crate::rules::{Decision, Rule};
 
 pub mod embedded;
+pub mod events;
 pub mod postgres;
 mod records;
 
+pub use events::{EventBody, EventPage, EventPolicy, StoredEvent};
 pub use records::{
-    Applied, Binding, Change, Changed, EntityKind, EntityPage, EntityRecord, ExportError, KeyUsage,
-    LiveToken, PskHash, PutOutcome, Record, Recorded, ReplayPolicy, Reply, RequestKey, SignInState,
-    StoreError, TokenPage, TokenRecord,
+    Applied, Binding, Change, Changed, Ended, EntityKind, EntityPage, EntityRecord, ExpiredToken,
+    ExportError, KeyUsage, LiveToken, PskHash, PutOutcome, Record, Recorded, ReplayPolicy, Reply,
+    RequestKey, SignInState, StoreError, TokenPage, TokenRecord,
 };
 
 /// The authd database. Cheap to clone.
@@ -46,8 +48,9 @@ impl Store {
         cache_bytes: u64,
         flush_on_commit: bool,
         replays: ReplayPolicy,
+        events: bool,
     ) -> Result<Store, StoreError> {
-        embedded::EmbeddedStore::open(dir, cache_bytes, flush_on_commit, replays)
+        embedded::EmbeddedStore::open(dir, cache_bytes, flush_on_commit, replays, events)
             .map(Store::Embedded)
     }
 
@@ -233,6 +236,55 @@ impl Store {
         }
     }
 
+    /// Up to `limit` tokens whose lifetime ended by `now` (UNIX seconds), for the pruner
+    /// ([`Change::ExpireTokens`]).
+    pub async fn expired_tokens(
+        &self,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<ExpiredToken>, StoreError> {
+        match self {
+            Store::Embedded(s) => s.expired_tokens(now, limit),
+            Store::Postgres(s) => s.expired_tokens(now, limit).await,
+        }
+    }
+
+    /// `Events.Since`: up to `limit` committed (and durable) events after `after` (none
+    /// without it), the last event committed and how far events were pruned.
+    pub async fn events_since(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        match self {
+            Store::Embedded(s) => s.events_since(after, limit),
+            Store::Postgres(s) => s.events_since(after, limit).await,
+        }
+    }
+
+    /// Waits until this worker is the one that publishes the store's events (the embedded
+    /// store: at once; PostgreSQL: while it holds the publishers' lock), and returns the
+    /// lease that publishes. Dropping the lease gives the role up.
+    pub async fn lead_events(&self) -> Result<EventLease, StoreError> {
+        match self {
+            Store::Embedded(s) => Ok(EventLease::Embedded(s.clone())),
+            Store::Postgres(s) => s.lead_events().await.map(EventLease::Postgres),
+        }
+    }
+
+    /// Deletes events made before `before_ms` that were sent. Returns how many went.
+    pub async fn prune_events(&self, before_ms: u64) -> Result<u64, StoreError> {
+        match self {
+            Store::Embedded(s) => {
+                let s = s.clone();
+                tokio::task::spawn_blocking(move || s.prune_events(before_ms))
+                    .await
+                    .map_err(|_| StoreError::Writer)?
+            }
+            Store::Postgres(s) => s.prune_events(before_ms).await,
+        }
+    }
+
     /// Resolves when there are more replay records than the policy keeps (the pruner should
     /// run now rather than at its next tick).
     async fn too_many_replays(&self) {
@@ -306,12 +358,78 @@ impl Store {
     }
 }
 
-/// Prunes replay records every `every`, and as soon as there are more than the policy keeps,
-/// until the task is dropped.
-pub async fn prune_replays_every(store: Store, every: Duration) {
+/// The role of publishing a store's events ([`Store::lead_events`]): what the publisher
+/// reads and marks. On PostgreSQL every call goes through the connection that holds the
+/// role; an error means the role may be lost, and the publisher asks for it again.
+pub enum EventLease {
+    Embedded(embedded::EmbeddedStore),
+    Postgres(postgres::EventLease),
+}
+
+impl EventLease {
+    /// The last event the broker acknowledged with every one before it.
+    pub async fn sent(&mut self) -> Result<u64, StoreError> {
+        match self {
+            EventLease::Embedded(s) => s.events_sent(),
+            EventLease::Postgres(l) => l.sent().await,
+        }
+    }
+
+    /// Up to `limit` committed (and durable) events after `after`, in order.
+    pub async fn after(
+        &mut self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        match self {
+            EventLease::Embedded(s) => s.events_after(after, limit),
+            EventLease::Postgres(l) => l.after(after, limit).await,
+        }
+    }
+
+    /// Records that the broker acknowledged every event up to `seq`.
+    pub async fn mark_sent(&mut self, seq: u64) -> Result<(), StoreError> {
+        match self {
+            EventLease::Embedded(s) => s.mark_events_sent(seq),
+            EventLease::Postgres(l) => l.mark_sent(seq).await,
+        }
+    }
+
+    /// Resolves when events may have been committed since the last look: at once when
+    /// this worker commits one; on PostgreSQL also every `poll` (other workers commit
+    /// too).
+    pub async fn moved(&self, poll: Duration) {
+        match self {
+            EventLease::Embedded(s) => s.events_moved().await,
+            EventLease::Postgres(l) => l.moved(poll).await,
+        }
+    }
+}
+
+/// Most expired tokens removed in one change.
+const EXPIRE_BATCH: usize = 256;
+
+/// The store's upkeep, until the task is dropped: replay records pruned every `every` and
+/// as soon as there are more than the policy keeps; every `often`, expired tokens removed,
+/// each removal a change of its own ([`Change::ExpireTokens`]: it publishes
+/// `token.expired`), and events older than `events`' retention (and sent) pruned.
+pub async fn maintain(store: Store, every: Duration, often: Duration, events: EventPolicy) {
     let mut tick = tokio::time::interval(every);
+    let mut often_tick = tokio::time::interval(often);
     loop {
         tokio::select! {
+            _ = often_tick.tick() => {
+                if let Err(e) = expire_tokens(&store).await {
+                    tracing::warn!(error = %e, "removing expired tokens failed");
+                }
+                let before = crate::unix_ms().saturating_sub(events.retention_ms);
+                match store.prune_events(before).await {
+                    Ok(n) if n > 0 => tracing::debug!(pruned = n, "events pruned"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "pruning events failed"),
+                }
+                continue;
+            }
             _ = tick.tick() => {}
             _ = store.too_many_replays() => {}
         }
@@ -319,6 +437,37 @@ pub async fn prune_replays_every(store: Store, every: Duration) {
             Ok(n) if n > 0 => tracing::debug!(pruned = n, "replay records pruned"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "pruning replay records failed"),
+        }
+    }
+}
+
+/// Removes every token expired now, a batch per change.
+pub async fn expire_tokens(store: &Store) -> Result<usize, StoreError> {
+    let mut removed = 0;
+    loop {
+        let now_ms = crate::unix_ms();
+        let tokens = store.expired_tokens(now_ms / 1000, EXPIRE_BATCH).await?;
+        if tokens.is_empty() {
+            return Ok(removed);
+        }
+        let full = tokens.len() == EXPIRE_BATCH;
+        let request = RequestKey {
+            src: "",
+            id: 0,
+            at_ms: now_ms,
+            binding: None,
+        };
+        if let Applied::Now(Changed::TokensExpired(pairs), _) = store
+            .apply(&request, Change::ExpireTokens { tokens })
+            .await?
+        {
+            removed += pairs.len();
+            if !pairs.is_empty() {
+                tracing::info!(removed = pairs.len(), "expired app tokens removed");
+            }
+        }
+        if !full {
+            return Ok(removed);
         }
     }
 }

@@ -57,6 +57,17 @@ pub struct TokenRecord {
     pub key_id: KeyId,
     /// UNIX seconds.
     pub created: u64,
+    /// UNIX seconds from which the token no longer signs in; `None`: never. (Absent in
+    /// records of tokens made before lifetimes existed.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<u64>,
+}
+
+impl TokenRecord {
+    /// Whether the token has expired at `now` (UNIX seconds).
+    pub fn expired(&self, now: u64) -> bool {
+        self.expires.is_some_and(|at| now >= at)
+    }
 }
 
 /// A live token found by its id: whose it is, for which host.
@@ -188,12 +199,26 @@ pub enum Change {
     AddRule { rule: Rule },
     /// Remove rule `rule_id`, if it exists.
     DeleteRule { rule_id: u64 },
+    /// Remove each listed token that has expired, if it is still the live token of its
+    /// (user, host) (one replaced meanwhile stays). Made by the pruner, never by a request.
+    ExpireTokens { tokens: Vec<ExpiredToken> },
+}
+
+/// A token the pruner found expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredToken {
+    pub user: String,
+    pub host: String,
+    pub token_id: TokenId,
 }
 
 /// What applying a [`Change`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Changed {
-    TokenReplaced,
+    /// `earlier`: the pair had a token, which stopped working.
+    TokenReplaced {
+        earlier: bool,
+    },
     /// `ReplaceToken` for a new host of a user who holds `limit` tokens: nothing was
     /// written, no reply recorded.
     TooManyTokens {
@@ -202,10 +227,12 @@ pub enum Changed {
     TokenRevoked {
         existed: bool,
     },
-    /// `tokens`: app tokens of user `id` removed with it.
+    /// `tokens`: app tokens of user `id` removed with it. `ended`: what the put ended of
+    /// the sessions and permissions the id had ([`Ended::of_put`]).
     EntityPut {
         outcome: PutOutcome,
         tokens: usize,
+        ended: Option<Ended>,
     },
     EntityDeleted {
         existed: bool,
@@ -215,6 +242,46 @@ pub enum Changed {
         rule_id: u64,
     },
     RuleDeleted(Option<Rule>),
+    /// The (user, host) pairs whose expired token was removed.
+    TokensExpired(Vec<(String, String)>),
+}
+
+/// What an `Entity.Put` over an id ended, in the order it is looked for: the one change
+/// event it publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It was enabled and is now disabled.
+    Disabled,
+    /// Its PSK, certificate or kind changed, or user `id`'s app tokens were removed: every
+    /// session signed in with the old credentials is void.
+    CredentialsChanged,
+    /// Its owner changed: the old owner may no longer command it.
+    OwnerChanged,
+}
+
+impl Ended {
+    /// What putting `new` over `old` (`None`: no entity yet) ends, given that `tokens` app
+    /// tokens of the id went with it. Nothing for a new entity that ended no token, nor for
+    /// a put that changes nothing a session or a permission depends on.
+    pub fn of_put(old: Option<&EntityRecord>, new: &EntityRecord, tokens: usize) -> Option<Ended> {
+        let removed_tokens = (tokens > 0).then_some(Ended::CredentialsChanged);
+        let Some(old) = old else {
+            return removed_tokens.map(|e| if new.disabled { Ended::Disabled } else { e });
+        };
+        if new.disabled && !old.disabled {
+            Some(Ended::Disabled)
+        } else if new.psk.is_some()
+            || old.psk.is_some()
+            || new.cert_sha256 != old.cert_sha256
+            || new.kind != old.kind
+        {
+            Some(Ended::CredentialsChanged)
+        } else if new.owner != old.owner {
+            Some(Ended::OwnerChanged)
+        } else {
+            removed_tokens
+        }
+    }
 }
 
 /// What `Change::PutEntity` did.
@@ -375,12 +442,12 @@ impl Default for ReplayPolicy {
 /// ```text
 /// {"record":"entity","id":"dev1","kind":"device","owner":"alice","disabled":false,"created":1700000000,
 ///  "psk":{"key_id":1,"hash":"<64 hex>"},"cert_sha256":"<64 hex>"}
-/// {"record":"token","user":"alice","host":"app1","token_id":"<32 hex>","key_id":1,"created":1700000000}
+/// {"record":"token","user":"alice","host":"app1","token_id":"<32 hex>","key_id":1,"created":1700000000,"expires":1700003600}
 /// {"record":"rule","rule_id":3,"src":"alice","dst":"*","cmd":"On","effect":"allow"}
 /// {"record":"next_rule_id","next_rule_id":7}
 /// ```
 ///
-/// `owner`, `psk` and `cert_sha256` are left out when absent. Reading one checks every
+/// `owner`, `psk`, `cert_sha256` and a token's `expires` are left out when absent. Reading one checks every
 /// field (names as the methods take them, hex lengths, rule ids from 1); an unknown field
 /// is refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -435,6 +502,8 @@ enum RecordLine {
         token_id: String,
         key_id: KeyId,
         created: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires: Option<u64>,
     },
     Rule {
         rule_id: u64,
@@ -477,6 +546,7 @@ impl From<Record> for RecordLine {
                 token_id: hex(&token.token_id),
                 key_id: token.key_id,
                 created: token.created,
+                expires: token.expires,
             },
             Record::Rule { rule_id, rule } => RecordLine::Rule {
                 rule_id,
@@ -538,6 +608,7 @@ impl TryFrom<RecordLine> for Record {
                 token_id,
                 key_id,
                 created,
+                expires,
             } => Record::Token {
                 user: name("user", user)?,
                 host: name("host", host)?,
@@ -545,6 +616,7 @@ impl TryFrom<RecordLine> for Record {
                     token_id: unhex(&token_id).ok_or("token_id: must be 32 hex digits")?,
                     key_id,
                     created,
+                    expires,
                 },
             },
             RecordLine::Rule {

@@ -25,6 +25,7 @@ fn token(n: u8) -> TokenRecord {
         token_id: [n; 16],
         key_id: 1,
         created: 10,
+        expires: None,
     }
 }
 
@@ -145,7 +146,8 @@ async fn added_id(s: &Store, n: u64, change: Change) -> u64 {
 async fn rules_and_their_counter_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let s = Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default()).unwrap();
+        let s =
+            Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default(), true).unwrap();
         assert_eq!(added_id(&s, 1, add_rule("a", Effect::Allow)).await, 1);
         assert_eq!(added_id(&s, 2, add_rule("b", Effect::Deny)).await, 2);
         assert_eq!(added_id(&s, 3, add_rule("c", Effect::Allow)).await, 3);
@@ -170,7 +172,7 @@ async fn rules_and_their_counter_survive_a_reopen() {
         );
         s.flush().await.unwrap();
     }
-    let s = Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default()).unwrap();
+    let s = Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default(), true).unwrap();
     let ids: Vec<u64> = s
         .rules(0, usize::MAX)
         .await
@@ -379,7 +381,7 @@ async fn replay_records_beyond_the_maximum_are_pruned_oldest_first() {
         window_ms: 1_000_000,
         max_records: 3,
     };
-    let s = Store::open_embedded(dir.path(), 1 << 20, false, policy).unwrap();
+    let s = Store::open_embedded(dir.path(), 1 << 20, false, policy, true).unwrap();
     for n in 0..5u8 {
         replace(&s, "u", "h", token(n), req("u", n.into(), n.into())).await;
     }
@@ -409,7 +411,7 @@ fn a_newer_schema_is_refused() {
         db.flush().unwrap();
     }
     assert!(matches!(
-        Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default()),
+        Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default(), true),
         Err(StoreError::Schema { .. })
     ));
 }
@@ -536,11 +538,11 @@ async fn the_token_cap_refuses_only_new_hosts_and_counts_every_removal() {
     let s = Store::temporary().unwrap();
     assert!(matches!(
         issue(&s, "u", "h1", 1, 2).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
     assert!(matches!(
         issue(&s, "u", "h2", 2, 2).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
     let refused = issue(&s, "u", "h3", 3, 2).await;
     assert_eq!(
@@ -557,7 +559,7 @@ async fn the_token_cap_refuses_only_new_hosts_and_counts_every_removal() {
     // Replacing a host's token is always allowed, and counts nothing new.
     assert!(matches!(
         issue(&s, "u", "h1", 4, 2).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
     assert!(matches!(
         issue(&s, "u", "h3", 5, 2).await,
@@ -571,7 +573,7 @@ async fn the_token_cap_refuses_only_new_hosts_and_counts_every_removal() {
     s.apply(&req("backend", 1, 1), revoke).await.unwrap();
     assert!(matches!(
         issue(&s, "u", "h3", 6, 2).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
     assert!(matches!(
         issue(&s, "u", "h4", 7, 2).await,
@@ -580,18 +582,18 @@ async fn the_token_cap_refuses_only_new_hosts_and_counts_every_removal() {
     // A delete empties the count; other users have their own.
     assert!(matches!(
         issue(&s, "v", "h1", 8, 2).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
     s.apply(&req("ops", 2, 1), Change::DeleteEntity { id: "u".into() })
         .await
         .unwrap();
     assert!(matches!(
         issue(&s, "u", "h4", 9, 2).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
     assert!(matches!(
         issue(&s, "u", "h5", 10, 2).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
     assert!(matches!(
         issue(&s, "u", "h6", 11, 2).await,
@@ -599,7 +601,7 @@ async fn the_token_cap_refuses_only_new_hosts_and_counts_every_removal() {
     ));
     assert!(matches!(
         issue(&s, "v", "h2", 12, 2).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
 }
 
@@ -688,7 +690,8 @@ async fn a_disabled_src_or_dst_is_refused_in_the_same_call() {
 #[tokio::test]
 async fn a_schema_1_database_is_upgraded_at_open() {
     let dir = tempfile::tempdir().unwrap();
-    let open = || Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default()).unwrap();
+    let open =
+        || Store::open_embedded(dir.path(), 1 << 20, true, ReplayPolicy::default(), true).unwrap();
     {
         let s = open();
         put_tokens(&s, "dev", psk_entity(EntityKind::Device, 1), false, 1).await;
@@ -739,12 +742,15 @@ async fn a_schema_1_database_is_upgraded_at_open() {
     ));
     assert!(matches!(
         issue(&s, "bob", "b", 11, 2).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
     drop(s);
     let db = open_raw(dir.path());
     let version = db.open_tree("meta").unwrap().get("schema_version").unwrap();
-    assert_eq!(version.as_deref(), Some(&2u64.to_be_bytes()[..]));
+    assert_eq!(
+        version.as_deref(),
+        Some(&crate::store::embedded::SCHEMA_VERSION.to_be_bytes()[..])
+    );
 }
 
 /// The database in `dir` opened with raw sled, once the store that had it has let go of its
@@ -861,7 +867,7 @@ async fn export_then_restore_moves_everything_and_every_index() {
     ));
     assert!(matches!(
         issue(&to, "bob", "app2", 9, 2).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
     assert_eq!(
         added_id(&to, 20, add_rule("y", Effect::Allow)).await,
@@ -885,7 +891,7 @@ async fn restoring_the_same_records_again_changes_nothing() {
     // Still two tokens for alice: a third host fits under a cap of 3.
     assert!(matches!(
         issue(&to, "alice", "app3", 9, 3).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
     assert!(matches!(
         issue(&to, "alice", "app4", 8, 3).await,
@@ -955,7 +961,7 @@ async fn a_restored_record_replaces_what_has_its_key() {
     assert_eq!(owner_of_live(&s, 2).await, Some(("u".into(), "h".into())));
     assert!(matches!(
         issue(&s, "u", "h2", 5, 2).await,
-        Applied::Now(Changed::TokenReplaced, _)
+        Applied::Now(Changed::TokenReplaced { .. }, _)
     ));
     assert_eq!(
         s.authorize("a", "d", "c").await.unwrap(),

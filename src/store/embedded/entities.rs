@@ -11,7 +11,7 @@ use super::tokens;
 use super::writer::{abort, Trees, Tx, TxResult};
 use crate::crypto::KeyId;
 use crate::store::records::{
-    Changed, EntityPage, EntityRecord, ExportError, KeyUsage, PskHash, PutOutcome, Record,
+    Changed, Ended, EntityPage, EntityRecord, ExportError, KeyUsage, PskHash, PutOutcome, Record,
     StoreError, TokenRecord,
 };
 
@@ -137,6 +137,7 @@ pub fn put(
         return Ok(Changed::EntityPut {
             outcome: PutOutcome::Exists,
             tokens: 0,
+            ended: None,
         });
     }
     let tokens = if record.reprovisions(old.as_ref()) {
@@ -162,6 +163,7 @@ pub fn put(
             PutOutcome::Created
         },
         tokens,
+        ended: Ended::of_put(old.as_ref(), &new, tokens),
     })
 }
 

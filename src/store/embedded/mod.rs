@@ -24,14 +24,16 @@ use tokio::sync::oneshot;
 
 use crate::crypto::{KeyId, TokenId};
 use crate::rules::{Decision, Parties, Rule, RuleIndex};
+use crate::store::events::{EventPage, StoredEvent};
 use crate::store::records::{
-    Applied, Change, EntityPage, EntityRecord, ExportError, KeyUsage, LiveToken, PskHash, Record,
-    Recorded, ReplayPolicy, RequestKey, StoreError, TokenPage, TokenRecord,
+    Applied, Change, EntityPage, EntityRecord, ExpiredToken, ExportError, KeyUsage, LiveToken,
+    PskHash, Record, Recorded, ReplayPolicy, RequestKey, StoreError, TokenPage, TokenRecord,
 };
 
 mod disk;
 mod encoding;
 mod entities;
+mod events;
 mod replays;
 mod rules;
 mod tokens;
@@ -48,7 +50,8 @@ use writer::{Job, Shared, Trees, Writer};
 /// |---|---|
 /// | 1 | first versioned layout |
 /// | 2 | entity kind (flag 16 of the entity record; schema-1 records read as devices); `token_counts` |
-pub const SCHEMA_VERSION: u64 = 2;
+/// | 3 | token lifetimes (`expires` in token records, `token_expiry`); change events (`events`, `event_marks`) |
+pub const SCHEMA_VERSION: u64 = 3;
 
 const SCHEMA_KEY: &str = "schema_version";
 
@@ -71,6 +74,8 @@ pub struct EmbeddedStore {
     replay_count: Arc<replays::Count>,
     /// Wakes the pruner early when there are more replay records than the policy keeps.
     prune_now: Arc<tokio::sync::Notify>,
+    /// The last change event on stable storage.
+    durable: Arc<events::Durable>,
     writer: Arc<Writer>,
 }
 
@@ -83,6 +88,7 @@ impl EmbeddedStore {
         cache_bytes: u64,
         flush_on_commit: bool,
         replays: ReplayPolicy,
+        events: bool,
     ) -> Result<EmbeddedStore, StoreError> {
         let config = sled::Config::new().path(dir).cache_capacity(cache_bytes);
         // sled releases its file lock a little after the last handle is dropped (its
@@ -105,14 +111,14 @@ impl EmbeddedStore {
             }
         };
         let disk = Disk::open(db.clone(), dir)?;
-        Self::from_db(db, disk, flush_on_commit, replays)
+        Self::from_db(db, disk, flush_on_commit, replays, events)
     }
 
     /// A throw-away database in a temporary directory (fuzzing, unit tests).
     pub fn temporary() -> Result<EmbeddedStore, StoreError> {
         let db = sled::Config::new().temporary(true).open()?;
         let disk = Disk::temporary(db.clone());
-        Self::from_db(db, disk, false, ReplayPolicy::default())
+        Self::from_db(db, disk, false, ReplayPolicy::default(), true)
     }
 
     fn from_db(
@@ -120,9 +126,11 @@ impl EmbeddedStore {
         disk: Disk,
         flush_on_commit: bool,
         replays: ReplayPolicy,
+        events: bool,
     ) -> Result<EmbeddedStore, StoreError> {
         let trees = Trees::open(&db)?;
         upgrade(&disk, &trees)?;
+        let durable = Arc::new(events::Durable::at_open(&trees)?);
         let rule_index = Arc::new(RwLock::new(rules::load_index(&trees)?));
         let replay_count = Arc::new(replays::Count::at_open(&trees));
         let prune_now = Arc::new(tokio::sync::Notify::new());
@@ -131,6 +139,8 @@ impl EmbeddedStore {
             replays,
             replay_count: replay_count.clone(),
             prune_now: prune_now.clone(),
+            events,
+            durable: durable.clone(),
         };
         let disk = Arc::new(disk);
         let writer = Writer::start(disk.clone(), trees.clone(), shared, flush_on_commit)?;
@@ -141,6 +151,7 @@ impl EmbeddedStore {
             replays,
             replay_count,
             prune_now,
+            durable,
             writer: Arc::new(writer),
         })
     }
@@ -247,6 +258,7 @@ impl EmbeddedStore {
         change: Change,
     ) -> Result<Applied, StoreError> {
         let (done, result) = oneshot::channel();
+        let at_ms = request.at_ms;
         let request = request.binding.as_ref().map(|b| Requester {
             src: request.src.to_owned(),
             id: request.id,
@@ -257,10 +269,45 @@ impl EmbeddedStore {
         });
         self.writer.send(Job::Apply {
             request,
+            at_ms,
             change,
             done,
         })?;
         result.await.map_err(|_| StoreError::Writer)?
+    }
+
+    /// Up to `limit` tokens whose lifetime ended by `now` (UNIX seconds).
+    pub fn expired_tokens(&self, now: u64, limit: usize) -> Result<Vec<ExpiredToken>, StoreError> {
+        tokens::expired(&self.trees, now, limit)
+    }
+
+    /// `Events.Since`: durable events after `after`.
+    pub fn events_since(&self, after: Option<u64>, limit: usize) -> Result<EventPage, StoreError> {
+        events::since(&self.trees, after, self.durable.get(), limit)
+    }
+
+    /// Up to `limit` durable events after `after`, for the publisher.
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        events::after(&self.trees, after, self.durable.get(), limit)
+    }
+
+    /// The last event acknowledged by the broker with all before it.
+    pub fn events_sent(&self) -> Result<u64, StoreError> {
+        events::sent(&self.trees)
+    }
+
+    pub fn mark_events_sent(&self, seq: u64) -> Result<(), StoreError> {
+        events::mark_sent(&self.trees, seq)
+    }
+
+    /// Resolves when new events are durable.
+    pub async fn events_moved(&self) {
+        self.durable.moved.notified().await
+    }
+
+    /// Deletes sent events made before `before_ms`; how many.
+    pub fn prune_events(&self, before_ms: u64) -> Result<u64, StoreError> {
+        events::prune(&self.trees, before_ms)
     }
 
     /// Hands every record to `sink` (see [`crate::store::Store::export`]): one pass over
@@ -345,6 +392,10 @@ fn upgrade(disk: &Disk, trees: &Trees) -> Result<(), StoreError> {
     }
     while version < SCHEMA_VERSION {
         match version {
+            // 2 → 3: new trees only (sled makes them empty); a token record without
+            // `expires` never expires. The version is raised so that an older authd, which
+            // would let expired tokens sign in, refuses the database.
+            2 => {}
             // 1 → 2: entity records gained a kind flag that schema-1 records lack, which
             // reads as `device`, so no entity is rewritten; the per-user token counts are
             // counted from the tokens.

@@ -163,10 +163,11 @@ pub fn replace(
     max_per_user: u64,
 ) -> TxResult<Changed> {
     let key = pair_key(user, host);
-    match tx.tokens.get(key.as_slice())? {
+    let earlier = match tx.tokens.get(key.as_slice())? {
         Some(old) => {
             let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
-            tx.token_ids.remove(&old.token_id[..])?;
+            retire(tx, &key, &old)?;
+            true
         }
         None => {
             let n = count(tx, user.as_bytes())?;
@@ -176,11 +177,84 @@ pub fn replace(
                 });
             }
             set_count(tx, user.as_bytes(), n + 1)?;
+            false
+        }
+    };
+    insert(tx, &key, record)?;
+    Ok(Changed::TokenReplaced { earlier })
+}
+
+/// Writes `record` under `key` with its id and, if it has a lifetime, its expiry entry.
+fn insert(tx: &Tx<'_>, key: &[u8], record: &TokenRecord) -> TxResult<()> {
+    tx.tokens.insert(key, encode(record))?;
+    tx.token_ids.insert(&record.token_id[..], key)?;
+    if let Some(at) = record.expires {
+        tx.token_expiry
+            .insert(expiry_key(at, key), &record.token_id[..])?;
+    }
+    Ok(())
+}
+
+/// Removes the id and the expiry entry of `old`, the record under `key`.
+fn retire(tx: &Tx<'_>, key: &[u8], old: &TokenRecord) -> TxResult<()> {
+    tx.token_ids.remove(&old.token_id[..])?;
+    if let Some(at) = old.expires {
+        tx.token_expiry.remove(expiry_key(at, key))?;
+    }
+    Ok(())
+}
+
+/// `expires ‖ key`: the expiry entry of the token under `key`.
+fn expiry_key(expires: u64, key: &[u8]) -> Vec<u8> {
+    let mut k = expires.to_be_bytes().to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
+/// Up to `limit` tokens whose lifetime ended by `now` (UNIX seconds), soonest first.
+pub fn expired(
+    trees: &Trees,
+    now: u64,
+    limit: usize,
+) -> Result<Vec<crate::store::records::ExpiredToken>, StoreError> {
+    let mut out = Vec::new();
+    for item in trees
+        .token_expiry
+        .range(..(now.saturating_add(1)).to_be_bytes())
+        .take(limit)
+    {
+        let (k, v) = item?;
+        let (user, host) = split_pair_key(&k[8..], "token_expiry")?;
+        let token_id = <TokenId>::try_from(v.as_ref())
+            .map_err(|_| StoreError::corrupt("token_expiry", "bad token id"))?;
+        out.push(crate::store::records::ExpiredToken {
+            user,
+            host,
+            token_id,
+        });
+    }
+    Ok(out)
+}
+
+/// Removes each of `tokens` that is still the live token of its pair and has expired by
+/// `now` (UNIX seconds): the pairs removed.
+pub fn expire(
+    tx: &Tx<'_>,
+    tokens: &[crate::store::records::ExpiredToken],
+    now: u64,
+) -> TxResult<Changed> {
+    let mut removed = Vec::new();
+    for t in tokens {
+        let key = pair_key(&t.user, &t.host);
+        let live = match tx.tokens.get(key.as_slice())? {
+            Some(v) => decode::<TokenRecord>("tokens", &v).map_err(abort)?,
+            None => continue,
+        };
+        if live.token_id == t.token_id && live.expired(now) && remove(tx, &key)? {
+            removed.push((t.user.clone(), t.host.clone()));
         }
     }
-    tx.tokens.insert(key.as_slice(), encode(record))?;
-    tx.token_ids.insert(&record.token_id[..], key.as_slice())?;
-    Ok(Changed::TokenReplaced)
+    Ok(Changed::TokensExpired(removed))
 }
 
 /// Removes the live token of (user, host), if any.
@@ -195,7 +269,7 @@ pub fn remove(tx: &Tx<'_>, key: &[u8]) -> TxResult<bool> {
     match tx.tokens.remove(key)? {
         Some(old) => {
             let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
-            tx.token_ids.remove(&old.token_id[..])?;
+            retire(tx, key, &old)?;
             let user = user_of(key).map_err(abort)?;
             let n = count(tx, user)?;
             set_count(tx, user, n.saturating_sub(1))?;
@@ -237,18 +311,12 @@ pub fn export(
 /// the records are what the store they came from held.
 pub fn restore(tx: &Tx<'_>, user: &str, host: &str, record: &TokenRecord) -> TxResult<()> {
     let key = pair_key(user, host);
-    match tx.tokens.insert(key.as_slice(), encode(record))? {
-        Some(old) => {
-            let old: TokenRecord = decode("tokens", &old).map_err(abort)?;
-            if old.token_id != record.token_id {
-                tx.token_ids.remove(&old.token_id[..])?;
-            }
-        }
+    match tx.tokens.get(key.as_slice())? {
+        Some(old) => retire(tx, &key, &decode("tokens", &old).map_err(abort)?)?,
         None => {
             let n = count(tx, user.as_bytes())?;
             set_count(tx, user.as_bytes(), n + 1)?;
         }
     }
-    tx.token_ids.insert(&record.token_id[..], key.as_slice())?;
-    Ok(())
+    insert(tx, &key, record)
 }

@@ -25,9 +25,11 @@ use sled::Transactional;
 use tokio::sync::oneshot;
 
 use super::disk::Disk;
+use super::events::{self, Durable};
 use super::replays::{self, Requester};
 use super::{entities, rules, tokens};
 use crate::rules::RuleIndex;
+use crate::store::events::EventBody;
 use crate::store::records::{
     Applied, Change, Changed, Record, Recorded, ReplayPolicy, Reply, StoreError,
 };
@@ -53,6 +55,14 @@ pub struct Trees {
     pub replay_times: sled::Tree,
     /// `user` → live tokens of the user (u64 BE); absent for none. Schema 2.
     pub token_counts: sled::Tree,
+    /// `expires` (u64 BE) ‖ `lp(user) ‖ host` → token id: tokens with a lifetime, by the
+    /// end of it, for the pruner. Schema 3.
+    pub token_expiry: sled::Tree,
+    /// `seq` (u64 BE) → `at` (u64 BE) ‖ event JSON: the change events (the outbox). Schema 3.
+    pub events: sled::Tree,
+    /// `sent`, `pruned` (u64 BE): how far the events were published and pruned. Written
+    /// outside transactions.
+    pub event_marks: sled::Tree,
 }
 
 impl Trees {
@@ -67,6 +77,9 @@ impl Trees {
             replays: db.open_tree("replays")?,
             replay_times: db.open_tree("replay_times")?,
             token_counts: db.open_tree("token_counts")?,
+            token_expiry: db.open_tree("token_expiry")?,
+            events: db.open_tree("events")?,
+            event_marks: db.open_tree("event_marks")?,
         })
     }
 
@@ -87,6 +100,8 @@ impl Trees {
             self.replays.clone(),
             self.replay_times.clone(),
             self.token_counts.clone(),
+            self.token_expiry.clone(),
+            self.events.clone(),
         ];
         all.as_slice()
             .transaction(|t| {
@@ -100,6 +115,8 @@ impl Trees {
                     replays: &t[6],
                     replay_times: &t[7],
                     token_counts: &t[8],
+                    token_expiry: &t[9],
+                    events: &t[10],
                 })
             })
             .map_err(|e| match e {
@@ -120,6 +137,8 @@ pub struct Tx<'a> {
     pub replays: &'a TransactionalTree,
     pub replay_times: &'a TransactionalTree,
     pub token_counts: &'a TransactionalTree,
+    pub token_expiry: &'a TransactionalTree,
+    pub events: &'a TransactionalTree,
 }
 
 /// The result type of work inside a transaction.
@@ -138,6 +157,8 @@ pub enum Job {
     /// import), unless a reply is already recorded for it.
     Apply {
         request: Option<Requester>,
+        /// When the change was asked for, UNIX ms (its events' `at`).
+        at_ms: u64,
         change: Change,
         done: oneshot::Sender<Result<Applied, StoreError>>,
     },
@@ -171,6 +192,10 @@ pub struct Shared {
     pub replay_count: Arc<replays::Count>,
     /// Woken when there are more replay records than the policy keeps.
     pub prune_now: Arc<tokio::sync::Notify>,
+    /// Write change events.
+    pub events: bool,
+    /// The last event on stable storage.
+    pub durable: Arc<Durable>,
 }
 
 impl Writer {
@@ -182,8 +207,8 @@ impl Writer {
         flushes: bool,
     ) -> Result<Writer, StoreError> {
         let (jobs, queue) = std::sync::mpsc::channel::<Job>();
-        let (to_syncer, syncer) =
-            Syncer::start(disk, flushes).map_err(|e| StoreError::corrupt("syncer thread", e))?;
+        let (to_syncer, syncer) = Syncer::start(disk, flushes, shared.durable.clone())
+            .map_err(|e| StoreError::corrupt("syncer thread", e))?;
         let thread = std::thread::Builder::new()
             .name("authd-writer".into())
             .spawn(move || {
@@ -247,6 +272,8 @@ enum Synced {
     Applied(oneshot::Sender<Result<Applied, StoreError>>, Applied),
     Restored(oneshot::Sender<Result<(), StoreError>>),
     Barrier(oneshot::Sender<bool>),
+    /// Events up to this one were committed: durable after the sync.
+    Events(u64),
 }
 
 /// The syncer thread: syncs the database once for every answer handed to it so far, then
@@ -254,6 +281,7 @@ enum Synced {
 struct Syncer {
     disk: Arc<Disk>,
     flushes: bool,
+    durable: Arc<Durable>,
     answers: std::sync::mpsc::Receiver<Synced>,
 }
 
@@ -261,11 +289,13 @@ impl Syncer {
     fn start(
         disk: Arc<Disk>,
         flushes: bool,
+        durable: Arc<Durable>,
     ) -> std::io::Result<(std::sync::mpsc::Sender<Synced>, std::thread::JoinHandle<()>)> {
         let (to_syncer, answers) = std::sync::mpsc::channel();
         let syncer = Syncer {
             disk,
             flushes,
+            durable,
             answers,
         };
         let thread = std::thread::Builder::new()
@@ -290,6 +320,8 @@ impl Syncer {
                     Synced::Barrier(done) => {
                         let _ = done.send(ok);
                     }
+                    Synced::Events(seq) if ok => self.durable.advance(seq),
+                    Synced::Events(_) => {}
                 }
             }
         }
@@ -327,9 +359,10 @@ impl Batches {
             match job {
                 Job::Apply {
                     request,
+                    at_ms,
                     change,
                     done,
-                } => changes.push((request, change, done)),
+                } => changes.push(((request, at_ms), change, done)),
                 Job::Restore { records, done } => restores.push((records, done)),
                 Job::Barrier { done } => barriers.push(done),
             }
@@ -392,8 +425,12 @@ impl Batches {
         let _ = self.syncer.send(answer);
     }
 
-    /// Applies `work` in one transaction, then brings the rule index up to date.
-    fn commit(&self, work: &[(&Option<Requester>, &Change)]) -> Result<Vec<Applied>, StoreError> {
+    /// Applies `work` in one transaction, then brings the rule index up to date and hands
+    /// the new events to the syncer (they are published once durable).
+    fn commit(
+        &self,
+        work: &[(&(Option<Requester>, u64), &Change)],
+    ) -> Result<Vec<Applied>, StoreError> {
         // sled transactions cannot scan: the tokens a change may remove (a delete's, a
         // re-provisioning put's) are listed first. Only this thread writes tokens, so the
         // list is exact, given the tokens issued earlier in the same batch.
@@ -407,16 +444,30 @@ impl Batches {
             });
         }
         let policy = &self.shared.replays;
+        let events = self.shared.events;
         let results = self.trees.transaction(|tx| {
             work.iter()
                 .zip(&token_keys)
-                .map(|((request, change), keys)| apply(tx, request.as_ref(), change, keys, policy))
+                .map(|(((request, at_ms), change), keys)| {
+                    apply(tx, request.as_ref(), *at_ms, change, keys, policy, events)
+                })
                 .collect::<TxResult<Vec<_>>>()
         })?;
+        if events {
+            // Only this thread gives numbers: the last one is this batch's.
+            let last = events::last_seq(&self.trees)?;
+            if last > self.shared.durable.get() {
+                if self.flushes {
+                    self.hand_over(Synced::Events(last));
+                } else {
+                    self.shared.durable.advance(last);
+                }
+            }
+        }
         let recorded = work
             .iter()
             .zip(&results)
-            .filter(|((request, change), applied)| match applied {
+            .filter(|(((request, _), change), applied)| match applied {
                 Applied::Now(changed, _) => {
                     request.is_some() && Reply::of(change, changed).is_some()
                 }
@@ -484,9 +535,11 @@ impl Batches {
 fn apply(
     tx: &Tx<'_>,
     request: Option<&Requester>,
+    at_ms: u64,
     change: &Change,
     token_keys: &[Vec<u8>],
     policy: &ReplayPolicy,
+    write_events: bool,
 ) -> TxResult<Applied> {
     if let Some(request) = request {
         match replays::recorded(tx, request, policy)? {
@@ -512,7 +565,11 @@ fn apply(
         Change::DeleteEntity { id } => entities::delete(tx, id, token_keys)?,
         Change::AddRule { rule } => rules::add(tx, rule)?,
         Change::DeleteRule { rule_id } => rules::delete(tx, *rule_id)?,
+        Change::ExpireTokens { tokens } => tokens::expire(tx, tokens, at_ms / 1000)?,
     };
+    if write_events {
+        events::append(tx, &EventBody::of(change, &changed), at_ms)?;
+    }
     let reply = Reply::of(change, &changed);
     if let (Some(request), Some(reply)) = (request, &reply) {
         replays::record(tx, request, reply)?;
@@ -533,7 +590,7 @@ mod tests {
         let db = sled::Config::new().temporary(true).open().unwrap();
         Batches {
             trees: Trees::open(&db).unwrap(),
-            syncer: Syncer::start(Arc::new(Disk::temporary(db)), false)
+            syncer: Syncer::start(Arc::new(Disk::temporary(db)), false, Arc::default())
                 .unwrap()
                 .0,
             shared: Shared {
@@ -541,6 +598,8 @@ mod tests {
                 replays: ReplayPolicy::default(),
                 replay_count: Arc::default(),
                 prune_now: Arc::default(),
+                events: true,
+                durable: Arc::default(),
             },
             flushes: false,
         }
@@ -552,6 +611,7 @@ mod tests {
         (
             Job::Apply {
                 request,
+                at_ms: 1,
                 change,
                 done,
             },
@@ -569,6 +629,7 @@ mod tests {
                 token_id: [n; 16],
                 key_id: 1,
                 created: 1,
+                expires: None,
             },
             max_per_user: 10,
         };
@@ -606,6 +667,7 @@ mod tests {
                 token_id: [n; 16],
                 key_id: 1,
                 created: 1,
+                expires: None,
             },
             max_per_user: 10,
         };

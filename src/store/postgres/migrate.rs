@@ -9,11 +9,18 @@ use crate::crypto::ServerKeys;
 use crate::store::records::StoreError;
 
 /// `(version, name, sql)`, in order.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../../migrations/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../../migrations/0001_initial.sql"),
+    ),
+    (
+        2,
+        "events_and_lifetimes",
+        include_str!("../../../migrations/0002_events_and_lifetimes.sql"),
+    ),
+];
 
 /// The newest schema version this build knows.
 pub const SCHEMA_VERSION: i32 = MIGRATIONS[MIGRATIONS.len() - 1].0;

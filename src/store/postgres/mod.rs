@@ -36,9 +36,10 @@ use tokio_postgres::NoTls;
 
 use crate::crypto::{KeyId, ServerKeys, TokenId};
 use crate::rules::{Decision, Parties, Rule, RuleIndex};
+use crate::store::events::{EventPage, StoredEvent};
 use crate::store::records::{
-    Applied, Change, EntityPage, EntityRecord, KeyUsage, LiveToken, PskHash, Recorded,
-    ReplayPolicy, RequestKey, StoreError, TokenPage, TokenRecord,
+    Applied, Change, EntityPage, EntityRecord, ExpiredToken, KeyUsage, LiveToken, PskHash,
+    Recorded, ReplayPolicy, RequestKey, StoreError, TokenPage, TokenRecord,
 };
 
 mod batch;
@@ -111,6 +112,8 @@ pub struct Options {
     pub replays: ReplayPolicy,
     /// The brute-force guard's rule, applied to the shared counters.
     pub lockout: crate::lockout::LockoutPolicy,
+    /// Changes write their events.
+    pub events: bool,
 }
 
 /// The PostgreSQL store. Cheap to clone.
@@ -124,6 +127,8 @@ pub struct PostgresStore {
     lockout: crate::lockout::LockoutPolicy,
     rules: Arc<Rules>,
     writer: writer::Writer,
+    /// Woken when this worker commits a batch of changes (the event publisher looks).
+    committed: Arc<tokio::sync::Notify>,
 }
 
 /// The pool and what every call shares.
@@ -277,18 +282,32 @@ const AUTHORIZE: &str =
 
 const RULE_LOG: &str =
     "SELECT version, rule_id, rule, deleted FROM rule_log WHERE version > $1 ORDER BY version";
-const LIVE_TOKEN: &str = "SELECT user_id, host, key_id, created FROM tokens WHERE token_id = $1";
+const LIVE_TOKEN: &str =
+    "SELECT user_id, host, token_id, key_id, created, expires FROM tokens WHERE token_id = $1";
 /// The token of the n-th (user, host) of $1, $2, if any.
-const TOKENS: &str = "SELECT k.n, t.token_id, t.key_id, t.created \
+const TOKENS: &str = "SELECT k.n, t.token_id, t.key_id, t.created, t.expires \
      FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(user_id, host, n) \
      JOIN tokens t ON t.user_id = k.user_id COLLATE \"C\" AND t.host = k.host COLLATE \"C\"";
-const TOKENS_OF: &str = "SELECT host, token_id, key_id, created FROM tokens \
+const TOKENS_OF: &str = "SELECT host, token_id, key_id, created, expires FROM tokens \
      WHERE user_id = $1 AND ($2::text IS NULL OR host > $2) ORDER BY host LIMIT $3";
 const ENTITIES: &str = "SELECT id, kind, owner, psk_key_id, psk_hash, cert_sha256, disabled, created \
      FROM entities \
      WHERE ($1::text IS NULL OR owner = $1) AND id >= $2 AND starts_with(id, $2) AND ($3::text IS NULL OR id > $3) \
      ORDER BY id LIMIT $4";
 const RULES: &str = "SELECT id, rule FROM rules WHERE id > $1 ORDER BY id LIMIT $2";
+const EXPIRED: &str = "SELECT user_id, host, token_id FROM tokens \
+     WHERE expires <= $1 ORDER BY expires LIMIT $2";
+/// The head, the pruned mark and up to $2 events after $1 (a row with no event when none).
+const EVENTS_SINCE: &str = "SELECT s.seq, m.pruned, e.seq, e.body \
+     FROM event_seq s CROSS JOIN event_marks m \
+     LEFT JOIN LATERAL (SELECT seq, body FROM events WHERE seq > $1 ORDER BY seq LIMIT $2) e ON true";
+const PRUNE_EVENTS: &str = "WITH gone AS (DELETE FROM events \
+       WHERE seq <= (SELECT sent FROM event_marks) AND at_ms < $1 RETURNING seq), \
+     marked AS (UPDATE event_marks SET pruned = GREATEST(pruned, (SELECT max(seq) FROM gone)) \
+       WHERE EXISTS (SELECT 1 FROM gone)) \
+     SELECT count(*) FROM gone";
+/// Held, as a session lock, by the worker that publishes the events ("authevnt").
+const PUBLISHER_LOCK: i64 = 0x6175_7468_6576_6e74;
 /// The replay record of the n-th (src, id) of $1, $2, if any.
 const REPLAYS: &str = "SELECT k.n, r.at_ms, r.caller, r.method, r.args_digest, r.reply \
      FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY AS k(src, id, n) \
@@ -347,6 +366,75 @@ const REPLACE_PSK: &str = "UPDATE entities SET psk_key_id = $2, psk_hash = $3 \
      AND psk_key_id IS NOT DISTINCT FROM $6 AND psk_hash IS NOT DISTINCT FROM $7 \
      AND cert_sha256 IS NOT DISTINCT FROM $8 AND disabled = $9";
 
+/// The role of publishing the store's events: a connection of its own holding the
+/// publishers' lock. Every call goes through it, so a failed call means the lock may be
+/// gone with the connection: the publisher drops the lease (closing the connection) and
+/// asks for the role again.
+pub struct EventLease {
+    client: deadpool_postgres::ClientWrapper,
+    committed: Arc<tokio::sync::Notify>,
+}
+
+impl EventLease {
+    fn failed(e: tokio_postgres::Error) -> StoreError {
+        Failure::from(e).into_error()
+    }
+
+    pub async fn sent(&mut self) -> Result<u64, StoreError> {
+        let row = self
+            .client
+            .query_one("SELECT sent FROM event_marks", &[])
+            .await
+            .map_err(Self::failed)?;
+        Ok(row.try_get::<_, i64>(0).map_err(Self::failed)? as u64)
+    }
+
+    pub async fn after(
+        &mut self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let (after, limit) = (after.min(i64::MAX as u64) as i64, limit as i64);
+        let stmt = self
+            .client
+            .prepare_cached("SELECT seq, body FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
+            .await
+            .map_err(Self::failed)?;
+        let rows = self
+            .client
+            .query(&stmt, &[&after, &limit])
+            .await
+            .map_err(Self::failed)?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredEvent {
+                    seq: r.try_get::<_, i64>(0)? as u64,
+                    json: r.try_get::<_, String>(1)?.into_bytes(),
+                })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(Self::failed)
+    }
+
+    pub async fn mark_sent(&mut self, seq: u64) -> Result<(), StoreError> {
+        let seq = seq.min(i64::MAX as u64) as i64;
+        self.client
+            .execute("UPDATE event_marks SET sent = GREATEST(sent, $1)", &[&seq])
+            .await
+            .map_err(Self::failed)?;
+        Ok(())
+    }
+
+    /// Resolves when this worker commits a batch, or after `poll` (other workers commit
+    /// too).
+    pub async fn moved(&self, poll: Duration) {
+        tokio::select! {
+            _ = self.committed.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
 impl PostgresStore {
     /// Connects, brings the schema up to date (or refuses a newer one), checks that `keys`
     /// is the server key file the other workers use, and loads the rules.
@@ -400,6 +488,7 @@ impl PostgresStore {
         }
         let (version, index) = rows::load_rules(&db).await?;
         tokio::spawn(watch(Arc::downgrade(&db)));
+        let committed = Arc::new(tokio::sync::Notify::new());
         Ok(PostgresStore {
             sign_ins: batch::Batched::new(lockouts::SignIns {
                 db: db.clone(),
@@ -409,7 +498,8 @@ impl PostgresStore {
             tokens: batch::Batched::new(Rows::new(&db, TOKENS)),
             replay_records: batch::Batched::new(Rows::new(&db, REPLAYS)),
             lockout: options.lockout,
-            writer: writer::Writer::start(db.clone()),
+            writer: writer::Writer::start(db.clone(), options.events, committed.clone()),
+            committed,
             rules: Arc::new(Rules {
                 index: RwLock::new((version, index)),
                 catch_up: tokio::sync::Mutex::new(()),
@@ -568,11 +658,7 @@ impl PostgresStore {
                     Some(row) => Ok(Some(LiveToken {
                         user: row.try_get(0)?,
                         host: row.try_get(1)?,
-                        record: TokenRecord {
-                            token_id: *token_id,
-                            key_id: rows::key_id(row.try_get(2)?)?,
-                            created: row.try_get::<_, i64>(3)? as u64,
-                        },
+                        record: rows::token(&row, 2)?,
                     })),
                 }
             })
@@ -700,6 +786,106 @@ impl PostgresStore {
         change: Change,
     ) -> Result<Applied, StoreError> {
         self.writer.apply(request, change).await
+    }
+
+    /// Up to `limit` tokens whose lifetime ended by `now` (UNIX seconds), soonest first.
+    pub async fn expired_tokens(
+        &self,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<ExpiredToken>, StoreError> {
+        let (now, limit) = (now.min(i64::MAX as u64) as i64, limit as i64);
+        self.db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(EXPIRED).await?;
+                c.query(&stmt, &[&now, &limit])
+                    .await?
+                    .iter()
+                    .map(|r| {
+                        Ok(ExpiredToken {
+                            user: r.try_get(0)?,
+                            host: r.try_get(1)?,
+                            token_id: r
+                                .try_get::<_, Vec<u8>>(2)?
+                                .try_into()
+                                .map_err(|_| StoreError::corrupt("tokens", "bad token id"))?,
+                        })
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    /// `Events.Since`: one statement reads the head, the pruned mark and the events.
+    pub async fn events_since(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<EventPage, StoreError> {
+        let from = after.map_or(0, |a| a.min(i64::MAX as u64) as i64);
+        let limit = if after.is_some() { limit as i64 } else { 0 };
+        self.db
+            .run(1, async |c| {
+                let stmt = c.prepare_cached(EVENTS_SINCE).await?;
+                let rows = c.query(&stmt, &[&from, &limit]).await?;
+                let mut page = EventPage::default();
+                for r in &rows {
+                    page.head = r.try_get::<_, i64>(0)? as u64;
+                    page.pruned_through = r.try_get::<_, i64>(1)? as u64;
+                    if let Some(seq) = r.try_get::<_, Option<i64>>(2)? {
+                        page.events.push(StoredEvent {
+                            seq: seq as u64,
+                            json: r.try_get::<_, String>(3)?.into_bytes(),
+                        });
+                    }
+                }
+                Ok(page)
+            })
+            .await
+    }
+
+    /// Deletes sent events made before `before_ms`; how many.
+    pub async fn prune_events(&self, before_ms: u64) -> Result<u64, StoreError> {
+        let before = before_ms.min(i64::MAX as u64) as i64;
+        self.db
+            .run(1, async |c| {
+                let n: i64 = c.query_one(PRUNE_EVENTS, &[&before]).await?.try_get(0)?;
+                Ok(n as u64)
+            })
+            .await
+    }
+
+    /// Waits until this worker holds the publishers' lock (a session lock on a connection
+    /// of its own), and returns the lease. Another worker holds it while it lives: its
+    /// lock goes with its connection, and a worker asking every second takes over.
+    pub async fn lead_events(&self) -> Result<EventLease, StoreError> {
+        loop {
+            let got = self
+                .db
+                .run(1, async |c| {
+                    let locked: bool = c
+                        .query_one("SELECT pg_try_advisory_lock($1)", &[&PUBLISHER_LOCK])
+                        .await?
+                        .try_get(0)?;
+                    // Not given back to the pool while it holds the lock: closed with the
+                    // lease instead, which releases it.
+                    Ok(locked.then_some(deadpool_postgres::Object::take(c)))
+                })
+                .await;
+            match got {
+                Ok(Some(client)) => {
+                    tracing::info!("publishing this store's change events");
+                    return Ok(EventLease {
+                        client,
+                        committed: self.committed.clone(),
+                    });
+                }
+                Ok(None) | Err(StoreError::Unavailable) => {
+                    tokio::time::sleep(Duration::from_secs(1)).await
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Deletes replay records older than the window, then the oldest beyond the policy's

@@ -9,8 +9,8 @@ use super::{Db, Failure};
 use crate::crypto::KeyId;
 use crate::rules::{Rule, RuleIndex};
 use crate::store::records::{
-    Change, Changed, EntityKind, EntityRecord, PskHash, PutOutcome, Reply, RequestKey, StoreError,
-    TokenRecord,
+    Change, Changed, Ended, EntityKind, EntityRecord, PskHash, PutOutcome, Reply, RequestKey,
+    StoreError, TokenRecord,
 };
 
 pub fn kind_code(kind: EntityKind) -> i16 {
@@ -59,7 +59,7 @@ pub fn entity(row: &Row, at: usize) -> Result<EntityRecord, Failure> {
     })
 }
 
-/// The token in columns `at..at + 3` (token_id, key_id, created).
+/// The token in columns `at..at + 4` (token_id, key_id, created, expires).
 pub fn token(row: &Row, at: usize) -> Result<TokenRecord, Failure> {
     let id: Vec<u8> = row.try_get(at)?;
     Ok(TokenRecord {
@@ -68,6 +68,7 @@ pub fn token(row: &Row, at: usize) -> Result<TokenRecord, Failure> {
             .map_err(|_| StoreError::corrupt("tokens", "bad token id"))?,
         key_id: key_id(row.try_get(at + 1)?)?,
         created: row.try_get::<_, i64>(at + 2)? as u64,
+        expires: row.try_get::<_, Option<i64>>(at + 3)?.map(|e| e as u64),
     })
 }
 
@@ -103,10 +104,10 @@ fn b64(bytes: &[u8]) -> String {
     B64.encode(bytes)
 }
 
-/// The JSON of one change for `authd_apply_one`, with its request (if it records a reply)
-/// and the reply to record when the change is made (the function fills in a new rule's
-/// id itself).
-pub fn change_json(request: &RequestKey<'_>, change: &Change) -> Value {
+/// The JSON of one change for `authd_apply_one`, with its request (if it records a reply),
+/// the reply to record when the change is made (the function fills in a new rule's id
+/// itself), when it was asked for (its events' `at`) and whether it writes events.
+pub fn change_json(request: &RequestKey<'_>, change: &Change, events: bool) -> Value {
     let mut c = match change {
         Change::ReplaceToken {
             user,
@@ -117,6 +118,7 @@ pub fn change_json(request: &RequestKey<'_>, change: &Change) -> Value {
             "kind": "replace_token", "user": user, "host": host,
             "token_id": b64(&record.token_id), "key_id": record.key_id,
             "created": record.created as i64, "max": (*max_per_user).min(i64::MAX as u64) as i64,
+            "expires": record.expires.map(|e| e.min(i64::MAX as u64) as i64),
         }),
         Change::RevokeToken { user, host } => {
             json!({"kind": "revoke_token", "user": user, "host": host})
@@ -140,7 +142,15 @@ pub fn change_json(request: &RequestKey<'_>, change: &Change) -> Value {
         Change::DeleteRule { rule_id } => {
             json!({"kind": "delete_rule", "rule_id": (*rule_id).min(i64::MAX as u64) as i64})
         }
+        Change::ExpireTokens { tokens } => json!({
+            "kind": "expire_tokens", "now": (request.at_ms / 1000) as i64,
+            "tokens": tokens.iter().map(|t| json!({
+                "user": t.user, "host": t.host, "token_id": b64(&t.token_id),
+            })).collect::<Vec<_>>(),
+        }),
     };
+    c["at"] = json!(request.at_ms as i64);
+    c["events"] = json!(events);
     if let Some(b) = &request.binding {
         c["req"] = json!({
             "src": request.src, "id": request.id as i64, "at": request.at_ms as i64,
@@ -148,11 +158,12 @@ pub fn change_json(request: &RequestKey<'_>, change: &Change) -> Value {
         });
         // What Reply::of answers once the change is made; a new rule's id is not known yet.
         let made = match change {
-            Change::ReplaceToken { .. } => Some(Changed::TokenReplaced),
+            Change::ReplaceToken { .. } => Some(Changed::TokenReplaced { earlier: false }),
             Change::RevokeToken { .. } => Some(Changed::TokenRevoked { existed: true }),
             Change::PutEntity { .. } => Some(Changed::EntityPut {
                 outcome: PutOutcome::Created,
                 tokens: 0,
+                ended: None,
             }),
             Change::DeleteEntity { .. } => Some(Changed::EntityDeleted {
                 existed: true,
@@ -160,6 +171,7 @@ pub fn change_json(request: &RequestKey<'_>, change: &Change) -> Value {
             }),
             Change::DeleteRule { .. } => Some(Changed::RuleDeleted(None)),
             Change::AddRule { .. } => None,
+            Change::ExpireTokens { .. } => Some(Changed::TokensExpired(Vec::new())),
         };
         if let Some(reply) = made.and_then(|m| Reply::of(change, &m)) {
             c["reply"] = serde_json::to_value(reply).unwrap_or(Value::Null);
@@ -175,7 +187,9 @@ pub fn changed(v: &Value) -> Result<Changed, StoreError> {
     let n = |k: &str| obj.get(k).and_then(Value::as_u64).ok_or_else(bad);
     let b = |k: &str| obj.get(k).and_then(Value::as_bool).ok_or_else(bad);
     Ok(if obj.contains_key("token_replaced") {
-        Changed::TokenReplaced
+        Changed::TokenReplaced {
+            earlier: b("token_replaced")?,
+        }
     } else if obj.contains_key("too_many_tokens") {
         Changed::TooManyTokens {
             limit: n("too_many_tokens")?,
@@ -188,6 +202,7 @@ pub fn changed(v: &Value) -> Result<Changed, StoreError> {
         Changed::EntityPut {
             outcome: PutOutcome::Exists,
             tokens: 0,
+            ended: None,
         }
     } else if let Some(put) = obj.get("entity_put") {
         Changed::EntityPut {
@@ -197,6 +212,13 @@ pub fn changed(v: &Value) -> Result<Changed, StoreError> {
                 _ => return Err(bad()),
             },
             tokens: n("tokens")? as usize,
+            ended: match obj.get("ended").and_then(Value::as_str) {
+                None => None,
+                Some("disabled") => Some(Ended::Disabled),
+                Some("credentials_changed") => Some(Ended::CredentialsChanged),
+                Some("owner_changed") => Some(Ended::OwnerChanged),
+                Some(_) => return Err(bad()),
+            },
         }
     } else if obj.contains_key("entity_deleted") {
         Changed::EntityDeleted {
@@ -212,6 +234,10 @@ pub fn changed(v: &Value) -> Result<Changed, StoreError> {
             Value::Null => None,
             r => Some(serde_json::from_value(r.clone()).map_err(|_| bad())?),
         })
+    } else if let Some(pairs) = obj.get("tokens_expired") {
+        Changed::TokensExpired(
+            serde_json::from_value::<Vec<(String, String)>>(pairs.clone()).map_err(|_| bad())?,
+        )
     } else {
         return Err(bad());
     })

@@ -12,7 +12,7 @@ const PAGE: i64 = 1000;
 const ENTITIES_AFTER: &str =
     "SELECT id, kind, owner, psk_key_id, psk_hash, cert_sha256, disabled, created \
      FROM entities WHERE id > $1 ORDER BY id LIMIT $2";
-const TOKENS_AFTER: &str = "SELECT user_id, host, token_id, key_id, created FROM tokens \
+const TOKENS_AFTER: &str = "SELECT user_id, host, token_id, key_id, created, expires FROM tokens \
      WHERE (user_id, host) > ($1, $2) ORDER BY user_id, host LIMIT $3";
 const RULES_AFTER: &str = "SELECT id, rule FROM rules WHERE id > $1 ORDER BY id LIMIT $2";
 const NEXT_RULE_ID: &str =
@@ -23,10 +23,11 @@ const RESTORE_ENTITIES: &str = "INSERT INTO entities (id, kind, owner, psk_key_i
      ON CONFLICT (id) DO UPDATE SET kind = EXCLUDED.kind, owner = EXCLUDED.owner, \
        psk_key_id = EXCLUDED.psk_key_id, psk_hash = EXCLUDED.psk_hash, \
        cert_sha256 = EXCLUDED.cert_sha256, disabled = EXCLUDED.disabled, created = EXCLUDED.created";
-const RESTORE_TOKENS: &str = "INSERT INTO tokens (user_id, host, token_id, key_id, created) \
-     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[], $5::int8[]) \
+const RESTORE_TOKENS: &str =
+    "INSERT INTO tokens (user_id, host, token_id, key_id, created, expires) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::int8[], $5::int8[], $6::int8[]) \
      ON CONFLICT (user_id, host) DO UPDATE SET token_id = EXCLUDED.token_id, \
-       key_id = EXCLUDED.key_id, created = EXCLUDED.created";
+       key_id = EXCLUDED.key_id, created = EXCLUDED.created, expires = EXCLUDED.expires";
 /// Rules under their ids, each logged under a new rules version so that running workers'
 /// indexes catch up.
 const RESTORE_RULES: &str =
@@ -174,6 +175,10 @@ impl PostgresStore {
         let t_ids: Vec<&[u8]> = tokens.values().map(|t| &t.token_id[..]).collect();
         let t_keys: Vec<i64> = tokens.values().map(|t| i64::from(t.key_id)).collect();
         let t_created: Vec<i64> = tokens.values().map(|t| t.created as i64).collect();
+        let t_expires: Vec<Option<i64>> = tokens
+            .values()
+            .map(|t| t.expires.map(|e| e.min(i64::MAX as u64) as i64))
+            .collect();
         let r_ids: Vec<i64> = rules.keys().map(|id| *id as i64).collect();
         let r_rules: Vec<serde_json::Value> = rules
             .values()
@@ -202,7 +207,7 @@ impl PostgresStore {
                 if !t_users.is_empty() {
                     tx.execute(
                         RESTORE_TOKENS,
-                        &[&t_users, &t_hosts, &t_ids, &t_keys, &t_created],
+                        &[&t_users, &t_hosts, &t_ids, &t_keys, &t_created, &t_expires],
                     )
                     .await?;
                 }

@@ -36,13 +36,17 @@ struct Job {
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::UnboundedSender<Job>,
+    /// Changes write their events.
+    events: bool,
 }
 
 impl Writer {
-    pub fn start(db: Arc<Db>) -> Writer {
+    /// Starts the batching task; `committed` is woken after each batch commits (the
+    /// event publisher looks at once).
+    pub fn start(db: Arc<Db>, events: bool, committed: Arc<tokio::sync::Notify>) -> Writer {
         let (jobs, queue) = mpsc::unbounded_channel();
-        tokio::spawn(run(db, queue));
-        Writer { jobs }
+        tokio::spawn(run(db, queue, committed));
+        Writer { jobs, events }
     }
 
     pub async fn apply(
@@ -52,7 +56,7 @@ impl Writer {
     ) -> Result<Applied, StoreError> {
         let (done, answer) = oneshot::channel();
         let job = Job {
-            json: rows::change_json(request, &change),
+            json: rows::change_json(request, &change, self.events),
             locks: locks(request, &change),
             change,
             done,
@@ -86,18 +90,23 @@ fn locks(request: &RequestKey<'_>, change: &Change) -> Vec<i64> {
             &request.id.to_be_bytes(),
         ]));
     }
-    let subject = match change {
-        Change::ReplaceToken { user, .. } | Change::RevokeToken { user, .. } => Some(user),
-        Change::PutEntity { id, .. } | Change::DeleteEntity { id } => Some(id),
-        Change::AddRule { .. } | Change::DeleteRule { .. } => None,
+    let subjects: Vec<&String> = match change {
+        Change::ReplaceToken { user, .. } | Change::RevokeToken { user, .. } => vec![user],
+        Change::PutEntity { id, .. } | Change::DeleteEntity { id } => vec![id],
+        Change::AddRule { .. } | Change::DeleteRule { .. } => Vec::new(),
+        Change::ExpireTokens { tokens } => tokens.iter().map(|t| &t.user).collect(),
     };
-    if let Some(subject) = subject {
+    for subject in subjects {
         locks.push(lock_key(&[b"subject", subject.as_bytes()]));
     }
     locks
 }
 
-async fn run(db: Arc<Db>, mut queue: mpsc::UnboundedReceiver<Job>) {
+async fn run(
+    db: Arc<Db>,
+    mut queue: mpsc::UnboundedReceiver<Job>,
+    committed: Arc<tokio::sync::Notify>,
+) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -114,8 +123,11 @@ async fn run(db: Arc<Db>, mut queue: mpsc::UnboundedReceiver<Job>) {
             }
         }
         let db = db.clone();
+        let committed = committed.clone();
         tokio::spawn(async move {
             commit(&db, batch).await;
+            // Whether or not it wrote events: a look costs the publisher one statement.
+            committed.notify_one();
             drop(slot);
         });
     }
