@@ -1,6 +1,8 @@
-//! An RPC client for authd over MQTT: used by `authd call`, `authd ctl`, `authd bench` and
-//! the tests. It subscribes to its own reply topic `{src}/rpc`, sends request frames and
-//! matches responses to requests by `id`.
+//! An RPC client for authd over MQTT: used by `authd call`, `authd ctl`, `authd watch`,
+//! `authd bench` and the tests. It subscribes to its own reply topic `{src}/rpc`, sends
+//! request frames and matches responses to requests by `id`. It can subscribe to more topics
+//! (`authd watch`: the change events), whose messages it hands out apart from the replies
+//! ([`Client::next_message`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BrokerAddress, DEFAULT_SERVICE_ID};
 use crate::frame::{Response, MAX_ID};
+use tokio::sync::watch;
+
 use crate::mqtt::{BrokerState, Message, Publisher, Session, SessionOptions, Tls};
 
 /// Where and as whom to call.
@@ -38,6 +42,9 @@ pub struct ClientOptions {
     pub persistent: bool,
     /// TLS for an `mqtts://` broker ([`Tls::for_broker`]).
     pub tls: Option<Tls>,
+    /// More topic filters to subscribe to (QoS 1), besides the reply topic. Their messages
+    /// come out of [`Client::next_message`], never as responses.
+    pub subscriptions: Vec<String>,
 }
 
 impl ClientOptions {
@@ -53,6 +60,7 @@ impl ClientOptions {
             client_id: None,
             persistent: false,
             tls: None,
+            subscriptions: Vec::new(),
         }
     }
 }
@@ -75,14 +83,20 @@ pub struct Client {
     publisher: Publisher,
     pending: Pending,
     unmatched: tokio::sync::Mutex<mpsc::UnboundedReceiver<Bytes>>,
+    messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, Bytes)>>,
+    broker: watch::Receiver<BrokerState>,
     next_id: AtomicU64,
     close: CancellationToken,
     session: Option<JoinHandle<()>>,
 }
 
 impl Client {
-    /// Connects and subscribes to the reply topic; fails if that takes longer than `within`.
+    /// Connects and subscribes to the reply topic (and [`ClientOptions::subscriptions`]);
+    /// fails if that takes longer than `within`.
     pub async fn connect(options: ClientOptions, within: Duration) -> Result<Client, CallError> {
+        let reply_topic = format!("{}/rpc", options.src);
+        let mut subscriptions = vec![reply_topic.clone()];
+        subscriptions.extend(options.subscriptions.iter().cloned());
         let (session, publisher, mut broker) = Session::new(SessionOptions {
             broker: options.broker.clone(),
             client_id: options
@@ -92,23 +106,34 @@ impl Client {
             credentials: options.credentials.clone(),
             persistent: options.persistent,
             manual_acks: false,
-            subscriptions: vec![format!("{}/rpc", options.src)],
+            subscriptions,
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: options.max_packet_bytes,
             tls: options.tls.clone(),
         });
         let pending: Pending = Arc::default();
         let (unmatched_tx, unmatched) = mpsc::unbounded_channel();
+        let (messages_tx, messages) = mpsc::unbounded_channel();
         let on_message = {
             let pending = pending.clone();
-            move |msg: Message| deliver(&pending, &unmatched_tx, msg.payload)
+            // By topic, not by content: a message on another subscription is never taken for
+            // a response, whatever it looks like.
+            move |msg: Message| {
+                if msg.topic == reply_topic {
+                    deliver(&pending, &unmatched_tx, msg.payload)
+                } else {
+                    let _ = messages_tx.send((msg.topic, msg.payload));
+                }
+            }
         };
         let close = CancellationToken::new();
         let session =
             tokio::spawn(session.run(on_message, CancellationToken::new(), close.clone(), |_| {}));
-        let ready =
-            tokio::time::timeout(within, broker.wait_for(|b| *b == BrokerState::Ready)).await;
-        if !matches!(ready, Ok(Ok(_))) {
+        let ready = matches!(
+            tokio::time::timeout(within, broker.wait_for(|b| *b == BrokerState::Ready)).await,
+            Ok(Ok(_))
+        );
+        if !ready {
             close.cancel();
             return Err(CallError::Connect(format!(
                 "{}:{}",
@@ -123,6 +148,8 @@ impl Client {
             publisher,
             pending,
             unmatched: tokio::sync::Mutex::new(unmatched),
+            messages: tokio::sync::Mutex::new(messages),
+            broker,
             next_id: AtomicU64::new(start),
             close,
             session: Some(session),
@@ -224,6 +251,21 @@ impl Client {
             .await
             .ok()
             .flatten()
+    }
+
+    /// The next message on one of [`ClientOptions::subscriptions`] (topic, payload), in the
+    /// order they arrived; `None` once the connection is closed for good. Cancel-safe.
+    pub async fn next_message(&self) -> Option<(String, Bytes)> {
+        self.messages.lock().await.recv().await
+    }
+
+    /// The connection's state, to learn when it comes back: after a lost connection it goes
+    /// [`BrokerState::Down`], then [`BrokerState::Ready`] once every subscription is granted
+    /// again. Messages published while we were away are lost (the session is not kept, but
+    /// with [`ClientOptions::persistent`]). The value seen at connect is marked seen, so
+    /// `changed()` fires at the first change after it.
+    pub fn broker_state(&self) -> watch::Receiver<BrokerState> {
+        self.broker.clone()
     }
 
     pub fn request_topic(&self) -> &str {

@@ -34,6 +34,7 @@ mod import;
 mod key;
 pub mod progress;
 mod serve;
+mod watch;
 
 /// The `authd` command line (`Cli::parse()`, then [`run`]). Also what shell completions
 /// and the man page are generated from (`clap::CommandFactory`).
@@ -73,6 +74,9 @@ enum Command {
     /// list` shows what each key still signs.
     #[command(subcommand)]
     Key(key::KeyCommand),
+    /// Follow the change events: each once, as a JSON line on stdout, in seq order, across
+    /// broker restarts (exit 3: the events to follow on from are no longer retained).
+    Watch(watch::WatchArgs),
     /// Load generator: authd beside the null-worker ceiling, on the same broker, in one run
     /// (runs `authd-bench`, built beside authd; `authd bench --help` shows its options).
     Bench(bench::BenchArgs),
@@ -94,6 +98,7 @@ impl Command {
             Command::Import(_) => "import",
             Command::Export(_) => "export",
             Command::Key(command) => command.name(),
+            Command::Watch(_) => "watch",
             Command::Bench(_) => "bench",
             Command::Completions(_) => "completions",
             Command::Man(_) => "man",
@@ -118,6 +123,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Import(args) => one_shot(log_format, import::run(args)),
         Command::Export(args) => one_shot(log_format, export::run(args)),
         Command::Key(command) => one_shot(log_format, key::run(command)),
+        Command::Watch(args) => one_shot(log_format, watch::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -139,6 +145,10 @@ pub enum Failure {
     /// Exit 1: the worker stopped on an error once running. Reported through its log, which
     /// is what stderr carries by then (JSON lines with `--log-format json`).
     Stopped(anyhow::Error),
+    /// Exit 3: what the command was to continue from is gone (`watch`: the events after
+    /// the seq it follows on from were pruned, or the store is not the one it followed);
+    /// the caller must start over from a full read.
+    Resync(String),
     /// Exit with this status and print nothing more: the output already says what went
     /// wrong (`call`'s error frame, `import`'s refused lines, `authd-bench`'s messages).
     Reported(u8),
@@ -155,13 +165,14 @@ impl Failure {
         match self {
             Failure::Unable(_) => 2,
             Failure::Refused(_) | Failure::Stopped(_) => 1,
+            Failure::Resync(_) => 3,
             Failure::Reported(code) => *code,
         }
     }
 
     fn report(&self, command: &str) {
         match self {
-            Failure::Unable(message) | Failure::Refused(message) => {
+            Failure::Unable(message) | Failure::Refused(message) | Failure::Resync(message) => {
                 eprintln!("authd {command}: {message}")
             }
             Failure::Stopped(e) => tracing::error!("{e:#}"),
@@ -245,7 +256,7 @@ fn read_text(path: &Path) -> Result<String, Failure> {
     std::fs::read_to_string(path).map_err(|e| Failure::Unable(format!("{}: {e}", path.display())))
 }
 
-/// TLS to an `mqtts://` broker (`call` and `ctl`).
+/// TLS to an `mqtts://` broker (`call`, `ctl` and `watch`).
 #[derive(Args)]
 struct TlsArgs {
     /// PEM CA certificate(s) that sign the broker's certificate [default: system roots].
@@ -271,8 +282,8 @@ struct TlsArgs {
     broker_key: Option<PathBuf>,
 }
 
-/// Where the worker is and which key to call it with (`call` and `ctl`). A client has no
-/// configuration file: clap reads these flags' variables itself.
+/// Where the worker is and which key to call it with (`call`, `ctl` and `watch`). A client
+/// has no configuration file: clap reads these flags' variables itself.
 #[derive(Args)]
 #[command(next_help_heading = "Connection")]
 struct Connection {
@@ -314,6 +325,16 @@ struct Connection {
 impl Connection {
     /// Connects as these flags say; returns the client and the per-call timeout.
     async fn connect(self) -> Result<(Client, Duration), Failure> {
+        let (options, timeout) = self.client_options()?;
+        let client = Client::connect(options, timeout)
+            .await
+            .map_err(Failure::unable)?;
+        Ok((client, timeout))
+    }
+
+    /// The client's options as these flags say, and the per-call timeout (for a command
+    /// that adds to them, e.g. `watch` its subscription).
+    fn client_options(self) -> Result<(ClientOptions, Duration), Failure> {
         let broker = BrokerAddress::parse(&self.broker).map_err(Failure::unable)?;
         let key = match (self.key, self.key_file) {
             (Some(k), _) => Some(k),
@@ -348,9 +369,6 @@ impl Connection {
             .broker_username
             .map(|u| (u, self.broker_password.unwrap_or_default()));
         let timeout = Duration::from_secs_f64(self.timeout.max(0.0));
-        let client = Client::connect(options, timeout)
-            .await
-            .map_err(Failure::unable)?;
-        Ok((client, timeout))
+        Ok((options, timeout))
     }
 }
