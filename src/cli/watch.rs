@@ -37,10 +37,8 @@ use serde_json::{json, Value};
 
 use super::{Connection, Failure};
 use crate::client::{CallError, Client};
+use crate::frame::ErrorCode;
 use crate::mqtt::{Backoff, BrokerState};
-
-/// `Events.Since`'s error when the events asked for are gone (docs/protocol.md#error-codes).
-const GONE: u16 = 410;
 
 /// How often a catch-up is tried again when a live event is ahead of the store's head (a
 /// worker that has not yet seen the commit, with several workers), before concluding that
@@ -336,7 +334,7 @@ impl Watcher {
             }
         };
         if let Some(e) = response.error {
-            return Err(if e.code == GONE {
+            return Err(if e.code == ErrorCode::Gone.number() {
                 Failure::Resync(format!(
                     "events after {} are no longer retained (or the store changed): resynchronise in full, then watch from the head",
                     after.unwrap_or(0)
