@@ -372,7 +372,8 @@ fn every_worker_account_has_the_workers_rights_and_a_password() {
         [
             "topic read //api.mongoose-iot.com/rpc",
             "topic read //api.mongoose-iot.com/rpc/#",
-            "topic write +/rpc"
+            "topic write +/rpc",
+            "topic write //api.mongoose-iot.com/events"
         ]
     );
     for account in ["authd", "authd-2"] {
@@ -382,6 +383,13 @@ fn every_worker_account_has_the_workers_rights_and_a_password() {
                 .lines()
                 .any(|l| l.starts_with(&format!("{account}:"))),
             "{account} not in mosquitto/passwd"
+        );
+    }
+    // The backend accounts may follow the change events; nobody else reads them.
+    for account in ["backend", "relay", "ops"] {
+        assert!(
+            acl_rules(&acl, account).contains(&"topic read //api.mongoose-iot.com/events"),
+            "{account} reads the events"
         );
     }
     // Devices have no rules of their own (only `pattern read %u/rpc`).

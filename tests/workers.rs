@@ -423,3 +423,132 @@ async fn failures_on_three_workers_lock_the_id_everywhere() {
     tokio::time::sleep(Duration::from_millis(1300)).await;
     assert!(authenticate(&clients[1], "dev9", json!({"psk": "right psk"})).await);
 }
+
+/// Two workers in a share group take changes at once (the broker splits the requests
+/// between them). The change events are numbered 1..N with none missing, each published,
+/// and in commit order: for every user, whose changes were made one after another (each
+/// sent once the previous was answered), the events come in the order the changes were
+/// made. One worker publishes at a time, so live events first arrive in `seq` order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_number_events_in_commit_order_with_none_missing() {
+    let broker = Broker::start();
+    let fleet = Fleet::new(&broker, 2);
+    let workers: Vec<WorkerProcess> = (0..2)
+        .map(|i| {
+            WorkerProcess::start(
+                &broker,
+                &fleet.store,
+                fleet.dir(i),
+                &format!("authd-ev-{i}"),
+                SERVICE_ID,
+                Some(GROUP),
+            )
+        })
+        .collect();
+    let mut spy = Spy::start(&broker, &[&format!("{SERVICE_ID}/events")]).await;
+
+    const USERS: usize = 12;
+    const ROUNDS: usize = 5;
+    let mut chains = Vec::new();
+    for u in 0..USERS {
+        let broker_url = broker.address();
+        chains.push(tokio::spawn(async move {
+            let mut options = ClientOptions::new(broker_url);
+            options.key = Some(SERVICE_KEY.to_owned());
+            options.src = format!("user{u}");
+            let user = Client::connect(options, TIMEOUT).await.expect("connects");
+            for _ in 0..ROUNDS {
+                // New (no event), replaced (token.replaced), revoked (token.revoked).
+                for method in [
+                    "Auth.GenerateToken",
+                    "Auth.GenerateToken",
+                    "Auth.RevokeToken",
+                ] {
+                    let r = user
+                        .call(method, json!({"host": "app"}), Duration::from_secs(30))
+                        .await
+                        .expect("answered");
+                    assert!(r.error.is_none(), "{method}: {:?}", r.error);
+                }
+            }
+        }));
+    }
+    for chain in chains {
+        chain.await.unwrap();
+    }
+    let total = USERS * ROUNDS * 2;
+    assert!(
+        workers.iter().all(|w| w.answered() > 0.0),
+        "both workers made changes"
+    );
+
+    // Every event arrives live (a repeat carries the same event), first in seq order.
+    let mut first_seen: Vec<u64> = Vec::new();
+    let mut by_seq: std::collections::BTreeMap<u64, Value> = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while by_seq.len() < total {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (_, payload) = spy
+            .next(left)
+            .await
+            .unwrap_or_else(|| panic!("{} of {total} events arrived", by_seq.len()));
+        let event: Value = serde_json::from_slice(&payload).unwrap();
+        let seq = event["seq"].as_u64().unwrap();
+        match by_seq.get(&seq) {
+            Some(earlier) => assert_eq!(earlier, &event, "a repeat is the same event"),
+            None => {
+                first_seen.push(seq);
+                by_seq.insert(seq, event);
+            }
+        }
+    }
+    let want: Vec<u64> = (1..=total as u64).collect();
+    assert_eq!(
+        by_seq.keys().copied().collect::<Vec<_>>(),
+        want,
+        "1..N, none missing"
+    );
+    assert!(
+        first_seen.windows(2).all(|w| w[0] < w[1]),
+        "published in seq order: {first_seen:?}"
+    );
+    for u in 0..USERS {
+        let user = format!("user{u}");
+        let mine: Vec<&str> = by_seq
+            .values()
+            .filter(|e| e["user"] == user.as_str())
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        let expected: Vec<&str> = (0..ROUNDS)
+            .flat_map(|_| ["token.replaced", "token.revoked"])
+            .collect();
+        assert_eq!(
+            mine, expected,
+            "{user}'s events in the order its changes committed"
+        );
+    }
+
+    // Events.Since, asked of either worker, agrees.
+    let reader = client_as(&broker, SERVICE_KEY, SERVICE_ID, "reader").await;
+    let mut after = 0;
+    let mut read = Vec::new();
+    loop {
+        let r = reader
+            .call(
+                "Events.Since",
+                json!({"after": after, "limit": 50}),
+                TIMEOUT,
+            )
+            .await
+            .unwrap();
+        let page = r.result.unwrap();
+        assert_eq!(page["head"], total);
+        let events = page["events"].as_array().unwrap().clone();
+        if events.is_empty() {
+            break;
+        }
+        after = events.last().unwrap()["seq"].as_u64().unwrap();
+        read.extend(events);
+    }
+    assert_eq!(read, by_seq.into_values().collect::<Vec<_>>());
+}

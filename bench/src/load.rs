@@ -82,6 +82,10 @@ impl Stats {
 /// One authd deployment under measure: its processes' ids and metrics addresses.
 struct AuthdTarget {
     label: String,
+    /// Its service id: requests on `{id}/rpc`, events on `{id}/events`.
+    id: String,
+    /// Change events on.
+    events: bool,
     target: Target,
     pids: Vec<u32>,
     metrics: Vec<String>,
@@ -145,71 +149,85 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         setup::move_in(&options.authd, &work, &data, &db.url)?;
     }
 
+    // (label, on PostgreSQL, workers, change events on). The `-noev` targets (events off)
+    // are measured only when --only names them: they are the baseline of what events cost.
+    let mut plans: Vec<(String, bool, usize, bool)> = vec![
+        ("sled".into(), false, 1, true),
+        ("sled-noev".into(), false, 1, false),
+    ];
+    if database.is_some() {
+        plans.push(("pg".into(), true, 1, true));
+        if options.pg_workers > 1 {
+            plans.push((
+                format!("pg{}", options.pg_workers),
+                true,
+                options.pg_workers,
+                true,
+            ));
+        }
+        plans.push(("pg-noev".into(), true, 1, false));
+    }
     let mut targets: Vec<AuthdTarget> = Vec::new();
-    if wanted("sled") {
-        let id = format!("bench-sled-{}", &run_id[..8]);
+    for (label, on_pg, n, events) in plans {
+        let chosen = if events {
+            wanted(&label)
+        } else {
+            options.only.contains(&label)
+        };
+        if !chosen {
+            continue;
+        }
+        let id = format!("bench-{label}-{}", &run_id[..8]);
+        let group = (n > 1).then(|| format!("g{}", &run_id[..8]));
+        let store = if on_pg {
+            database.as_ref().map(|db| db.url.as_str())
+        } else {
+            None
+        };
         let spawned = Instant::now();
-        let (p, metrics) = setup::start_authd(
-            &options.authd,
-            &broker_url,
-            &id,
-            &id,
-            &data,
-            &key,
-            None,
-            None,
-        )?;
-        let pid = p.id();
-        processes.push(p);
-        let target = Target::connect("authd (sled)", connect(&id)).await?;
+        let (mut pids, mut metrics) = (Vec::new(), Vec::new());
+        for w in 0..n {
+            // The embedded store's worker runs on `data` (loaded with --scale); each
+            // PostgreSQL worker has a data directory of its own with the same server key.
+            let dir = match (on_pg, label.as_str()) {
+                (false, "sled") => data.clone(),
+                (false, _) => work.join(&label),
+                (true, _) => {
+                    let dir = work.join(format!("{label}-{w}"));
+                    setup::share_key(&data, &dir)?;
+                    dir
+                }
+            };
+            let (p, m) = setup::start_authd(
+                &options.authd,
+                &broker_url,
+                &id,
+                &format!("{id}-{w}"),
+                &dir,
+                &key,
+                store,
+                group.as_deref(),
+                events,
+            )?;
+            pids.push(p.id());
+            metrics.push(m);
+            processes.push(p);
+        }
+        let name = if on_pg {
+            "authd (PostgreSQL)"
+        } else {
+            "authd (sled)"
+        };
+        let target = Target::connect(name, connect(&id)).await?;
         targets.push(AuthdTarget {
-            label: "sled".into(),
+            label,
+            id,
+            events,
             target,
-            pids: vec![pid],
-            metrics: vec![metrics],
+            pids,
+            metrics,
             cold_start: spawned.elapsed(),
         });
-    }
-    if let Some(db) = &database {
-        let groups = [
-            (1usize, "pg".to_owned()),
-            (options.pg_workers, format!("pg{}", options.pg_workers)),
-        ];
-        for (n, label) in groups {
-            if n == 0 || (n == 1 && label != "pg") || !wanted(&label) {
-                continue;
-            }
-            let id = format!("bench-{label}-{}", &run_id[..8]);
-            let group = (n > 1).then(|| format!("g{}", &run_id[..8]));
-            let spawned = Instant::now();
-            let (mut pids, mut metrics) = (Vec::new(), Vec::new());
-            for w in 0..n {
-                // Each worker its own data directory with the same server key.
-                let dir = work.join(format!("{label}-{w}"));
-                setup::share_key(&data, &dir)?;
-                let (p, m) = setup::start_authd(
-                    &options.authd,
-                    &broker_url,
-                    &id,
-                    &format!("{id}-{w}"),
-                    &dir,
-                    &key,
-                    Some(&db.url),
-                    group.as_deref(),
-                )?;
-                pids.push(p.id());
-                metrics.push(m);
-                processes.push(p);
-            }
-            let target = Target::connect("authd (PostgreSQL)", connect(&id)).await?;
-            targets.push(AuthdTarget {
-                label,
-                target,
-                pids,
-                metrics,
-                cold_start: spawned.elapsed(),
-            });
-        }
     }
     processes.push(setup::start_null_worker(&broker_url, &null_id)?);
     let null = Target::connect("ceiling", connect(&null_id)).await?;
@@ -220,7 +238,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         options.requests,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("targets: ceiling = the null worker; sled = authd on the embedded store; pg = one authd on PostgreSQL; pgN = N workers on PostgreSQL in one share group. trips = database round trips per request. cpu = authd's CPU time per request (all its workers).");
+    println!("targets: ceiling = the null worker; sled = authd on the embedded store; pg = one authd on PostgreSQL; pgN = N workers on PostgreSQL in one share group; -noev = change events off. trips = database round trips per request. cpu = authd's CPU time per request (all its workers).");
     println!(
         "{:<15} {:>3} {:<7} | {:>8} {:>6} | {:>8} {:>6} | {:>8} {:>8} | {:>5} {:>7}",
         "scenario", "W", "target", "req/s", "ratio", "p50", "ratio", "p99", "max", "trips", "cpu"
@@ -272,6 +290,29 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
                     "", w, t.label, a.rate, a.rate / c.rate, a.p50_us, a.p50_us / c.p50_us, a.p99_us, a.max_us, trips, cpu[i] / measured * 1e6
                 );
             }
+        }
+    }
+    if !targets.is_empty() && options.scenarios.iter().any(|s| s == "generate-token") {
+        println!(
+            "revocation -> event: RevokeToken's reply to the token.revoked event's arrival on {{id}}/events (a subscriber on the same broker), {} revocations per row",
+            REVOCATIONS
+        );
+        println!(
+            "{:<7} {:>3} | {:>8} {:>8} {:>8} | {:>12} {:>12} | {:>14}",
+            "target", "W", "p50", "p99", "max", "p50 from req", "p99 from req", "event first"
+        );
+    }
+    for t in targets.iter().filter(|t| t.events) {
+        if !options.scenarios.iter().any(|s| s == "generate-token") {
+            break;
+        }
+        for w in [1usize, 16] {
+            let l = revocation_latency(&connect(&t.id), &t.id, REVOCATIONS, w).await?;
+            println!(
+                "{:<7} {:>3} | {:>6.0}us {:>6.0}us {:>6.0}us | {:>10.0}us {:>10.0}us | {:>6} of {:>5}",
+                t.label, w, l.from_reply.p50_us, l.from_reply.p99_us, l.from_reply.max_us,
+                l.from_request.p50_us, l.from_request.p99_us, l.early, REVOCATIONS
+            );
         }
     }
     for t in &targets {
@@ -385,5 +426,122 @@ async fn load(
         requests: n,
         seconds: start.elapsed().as_secs_f64(),
         latencies: all,
+    })
+}
+
+/// Revocations timed per row of the revocation-to-event table.
+const REVOCATIONS: usize = 2000;
+
+/// How long after a revocation its event arrived.
+struct EventLatency {
+    /// From RevokeToken's reply (0 when the event came first).
+    from_reply: Stats,
+    /// From sending the RevokeToken.
+    from_request: Stats,
+    /// Events that arrived before the reply.
+    early: usize,
+}
+
+/// Issues and revokes `n` tokens, `w` at a time, on a connection that also follows the
+/// target's events, and times each `token.revoked` from the revocation's reply and request.
+async fn revocation_latency(
+    options: &ClientOptions,
+    id: &str,
+    n: usize,
+    w: usize,
+) -> anyhow::Result<EventLatency> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use tokio::sync::oneshot;
+
+    let mut o = options.clone();
+    o.src = format!("bench-revoker-{}", uuid::Uuid::new_v4().simple());
+    o.subscriptions = vec![format!("{id}/events")];
+    let client = Arc::new(Client::connect(o, Duration::from_secs(10)).await?);
+    type Waiting = Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>>;
+    let waiting: Waiting = Arc::default();
+    let reader = {
+        let (client, waiting) = (client.clone(), waiting.clone());
+        let user = client.src().to_owned();
+        tokio::spawn(async move {
+            while let Some((_, payload)) = client.next_message().await {
+                let at = Instant::now();
+                let Ok(event) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+                    continue;
+                };
+                if event["type"] == "token.revoked" && event["user"] == user.as_str() {
+                    let host = event["host"].as_str().unwrap_or_default();
+                    let found = waiting
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(host);
+                    if let Some(tx) = found {
+                        let _ = tx.send(at);
+                    }
+                }
+            }
+        })
+    };
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..w {
+        let (client, waiting, next) = (client.clone(), waiting.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return Ok::<_, anyhow::Error>(out);
+                }
+                let host = format!("revoke-{i}");
+                let args = json!({ "host": host });
+                let timeout = Duration::from_secs(10);
+                let r = client
+                    .call("Auth.GenerateToken", args.clone(), timeout)
+                    .await?;
+                if r.error.is_some() {
+                    bail!("GenerateToken {i}: {:?}", r.error);
+                }
+                let (tx, rx) = oneshot::channel();
+                waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(host, tx);
+                let sent = Instant::now();
+                let r = client.call("Auth.RevokeToken", args, timeout).await?;
+                let replied = Instant::now();
+                if r.error.is_some() {
+                    bail!("RevokeToken {i}: {:?}", r.error);
+                }
+                let arrived = tokio::time::timeout(timeout, rx)
+                    .await
+                    .with_context(|| format!("no token.revoked event for revocation {i}"))??;
+                out.push((sent, replied, arrived));
+            }
+        }));
+    }
+    let mut times = Vec::with_capacity(n);
+    for t in tasks {
+        times.extend(t.await.context("revocation task")??);
+    }
+    reader.abort();
+    let early = times.iter().filter(|(_, r, a)| a < r).count();
+    let run = |latencies: Vec<Duration>| Run {
+        requests: latencies.len(),
+        seconds: 1.0,
+        latencies,
+    };
+    let from_reply = times
+        .iter()
+        .map(|(_, r, a)| a.saturating_duration_since(*r))
+        .collect();
+    let from_request = times.iter().map(|(s, _, a)| *a - *s).collect();
+    if let Ok(client) = Arc::try_unwrap(client) {
+        client.close().await;
+    }
+    Ok(EventLatency {
+        from_reply: Stats::of(vec![run(from_reply)]),
+        from_request: Stats::of(vec![run(from_request)]),
+        early,
     })
 }

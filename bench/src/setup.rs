@@ -167,8 +167,9 @@ fn write_scale_file(path: &Path, entities: usize, rules: usize) -> anyhow::Resul
 }
 
 /// `authd serve` with service id `id` and client id `client_id`, on `data`, accepting
-/// admin key `key`, on the PostgreSQL `store` if given, in share `group` if given; with
-/// its metrics endpoint on a free port (returned).
+/// admin key `key`, on the PostgreSQL `store` if given, in share `group` if given, with
+/// change events off if `events` is false; with its metrics endpoint on a free port
+/// (returned).
 #[allow(clippy::too_many_arguments)]
 pub fn start_authd(
     authd: &Path,
@@ -179,6 +180,7 @@ pub fn start_authd(
     key: &str,
     store: Option<&str>,
     group: Option<&str>,
+    events: bool,
 ) -> anyhow::Result<(Process, String)> {
     let metrics = format!(
         "127.0.0.1:{}",
@@ -207,6 +209,9 @@ pub fn start_authd(
     }
     if let Some(group) = group {
         command.env("AUTHD_SHARE_GROUP", group);
+    }
+    if !events {
+        command.env("AUTHD_EVENTS", "false");
     }
     let child = command.spawn().context("starting authd serve")?;
     Ok((Process(child), metrics))

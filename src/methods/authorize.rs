@@ -168,6 +168,9 @@ mod tests {
         {
             // One thread (current_thread runtime): the subscriber sees every line.
             let _logging = tracing::subscriber::set_default(subscriber);
+            // Another test's thread may have cached a callsite's interest while no
+            // subscriber of this thread wanted it: ask every callsite again.
+            tracing::callsite::rebuild_interest_cache();
             let ctx = f.ctx("Auth.AuthorizeCommand", 41);
             ask(&ctx, "bob", "lamp", "On").await;
             ask(&ctx, "bob", "lamp", "Reboot").await;

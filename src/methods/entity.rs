@@ -316,6 +316,9 @@ mod tests {
             .with_writer(move || sink.clone())
             .finish();
         let _logging = tracing::subscriber::set_default(subscriber);
+        // Another test's thread may have cached a callsite's interest while no
+        // subscriber of this thread wanted it: ask every callsite again.
+        tracing::callsite::rebuild_interest_cache();
         let mut user = f.ctx("Auth.GenerateToken", 1);
         user.request.binding = None;
         user.request.src = "u1";
