@@ -110,6 +110,7 @@ impl Client {
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: options.max_packet_bytes,
             tls: options.tls.clone(),
+            outbox: None,
         });
         let pending: Pending = Arc::default();
         let (unmatched_tx, unmatched) = mpsc::unbounded_channel();

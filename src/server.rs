@@ -157,11 +157,11 @@ impl Worker {
             keep_alive: Duration::from_secs(config.keep_alive_secs),
             max_packet_bytes: config.max_packet_bytes,
             tls,
+            outbox: (store.is_some() && config.events).then(|| config.events_topic()),
         });
 
         let mut background = background;
-        if let Some(store) = store.as_ref().filter(|_| config.events) {
-            let (outbox, receipts) = session.outbox(config.events_topic());
+        if let (Some(store), Some((outbox, receipts))) = (&store, session.outbox()) {
             background.push(tokio::spawn(crate::events::publish(
                 store.clone(),
                 outbox,

@@ -209,6 +209,7 @@ async fn a_device_in_the_share_group_reads_nothing_but_takes_turns() {
         keep_alive: Duration::from_secs(30),
         max_packet_bytes: 1 << 20,
         tls: None,
+        outbox: None,
     });
     let (tx, mut read) = tokio::sync::mpsc::unbounded_channel();
     let close = tokio_util::sync::CancellationToken::new();

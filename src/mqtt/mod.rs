@@ -33,7 +33,7 @@ mod outbox;
 mod publisher;
 mod tls;
 
-use outbox::Tracker;
+use outbox::{Order, Tracker};
 pub use outbox::{Outbox, Receipt};
 use publisher::{lock, AckQueue};
 pub use publisher::{Ack, Closed, Publisher};
@@ -56,6 +56,8 @@ pub struct SessionOptions {
     pub max_packet_bytes: usize,
     /// TLS (`mqtts://`); `None` is plain TCP.
     pub tls: Option<Tls>,
+    /// Publish with receipts on this topic ([`Session::outbox`]); `None`: no outbox.
+    pub outbox: Option<String>,
 }
 
 /// Bytes a QoS 1 PUBLISH adds to its topic and payload: packet type, up to 4 bytes of
@@ -156,8 +158,10 @@ pub struct Session {
     client: AsyncClient,
     acks: Arc<Mutex<AckQueue>>,
     state: watch::Sender<BrokerState>,
-    /// Publishes with receipts ([`Session::outbox`]).
+    /// Publishes with receipts ([`SessionOptions::outbox`]).
     outbox: Option<Tracker>,
+    /// Its handle, until [`Session::outbox`] takes it.
+    outbox_handle: Option<(Outbox, tokio::sync::mpsc::UnboundedReceiver<Receipt>)>,
 }
 
 /// Publishes rumqttc lets wait for their PUBACK.
@@ -194,9 +198,19 @@ impl Session {
         eventloop.set_network_options(net);
         let acks = Arc::new(Mutex::new(AckQueue::default()));
         let (state, state_rx) = watch::channel(BrokerState::Down);
+        let order = options.outbox.as_ref().map(|_| Arc::new(Order::default()));
         let publisher = Publisher {
             client: client.clone(),
             acks: acks.clone(),
+            order: order.clone(),
+        };
+        let (outbox, outbox_handle) = match (&options.outbox, order) {
+            (Some(topic), Some(order)) => {
+                let (tracker, outbox, receipts) =
+                    Tracker::new(topic.clone(), client.clone(), order);
+                (Some(tracker), Some((outbox, receipts)))
+            }
+            _ => (None, None),
         };
         (
             Session {
@@ -205,22 +219,19 @@ impl Session {
                 client,
                 acks,
                 state,
-                outbox: None,
+                outbox,
+                outbox_handle,
             },
             publisher,
             state_rx,
         )
     }
 
-    /// Publishing on `topic` with a receipt for each message: the broker's PUBACK, or the
-    /// loss of the connection ([`outbox`]). Before [`Session::run`].
-    pub fn outbox(
-        &mut self,
-        topic: String,
-    ) -> (Outbox, tokio::sync::mpsc::UnboundedReceiver<Receipt>) {
-        let (tracker, outbox, receipts) = Tracker::new(topic, self.client.clone(), MAX_INFLIGHT);
-        self.outbox = Some(tracker);
-        (outbox, receipts)
+    /// With [`SessionOptions::outbox`]: the handle that publishes on its topic with a
+    /// receipt for each message (the broker's PUBACK, or the loss of the connection), and
+    /// the receipts. Once; before [`Session::run`].
+    pub fn outbox(&mut self) -> Option<(Outbox, tokio::sync::mpsc::UnboundedReceiver<Receipt>)> {
+        self.outbox_handle.take()
     }
 
     /// Drives the connection until a clean disconnect ([`Publisher::disconnect`]) or until
@@ -247,9 +258,6 @@ impl Session {
         // Connection attempts that failed since the last connection was lost.
         let mut failed_attempts = 0u32;
         loop {
-            if let Some(outbox) = &mut self.outbox {
-                outbox.feed(&mut self.eventloop);
-            }
             let pending_before = self.eventloop.pending.len();
             let event = tokio::select! {
                 event = self.eventloop.poll() => event,
@@ -262,8 +270,7 @@ impl Session {
                         outbox.saw_outgoing(o, pending_before, self.eventloop.pending.len())
                     }
                     Ok(Event::Incoming(Packet::PubAck(ack))) => outbox.acked(ack.pkid),
-                    Err(_) => outbox.lost(),
-                    Ok(_) => {}
+                    _ => {}
                 }
             }
             match event {
@@ -343,7 +350,11 @@ impl Session {
                         // between: bump the epoch, then drop any such ack rumqttc still holds.
                         let mut q = lock(&self.acks);
                         q.reset();
-                        self.eventloop.clean();
+                        match &mut self.outbox {
+                            // The same, and the outbox's notes with the channel.
+                            Some(outbox) => outbox.lost(&mut self.eventloop),
+                            None => self.eventloop.clean(),
+                        }
                     }
                     if let Some(size) = refused_packet_size(&e) {
                         // The MQTT client refuses a packet above the limit before reading it,

@@ -20,6 +20,8 @@ pub struct Ack {
 pub struct Publisher {
     pub(super) client: AsyncClient,
     pub(super) acks: Arc<Mutex<AckQueue>>,
+    /// On a connection with an outbox, every publish is noted in order (`outbox.rs`).
+    pub(super) order: Option<Arc<super::outbox::Order>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,10 +32,14 @@ impl Publisher {
     /// Queues a QoS 1 publish on the connection. Returns once the connection task has it:
     /// from then on rumqttc resends it until the broker acknowledges it.
     pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), Closed> {
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .map_err(|_| Closed)
+        match &self.order {
+            Some(order) => order.publish(&self.client, topic, payload, None).await,
+            None => self
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .map_err(|_| Closed),
+        }
     }
 
     /// Marks a message handled; sends every ack that is now due, in arrival order.

@@ -412,6 +412,7 @@ impl Spy {
             keep_alive: Duration::from_secs(30),
             max_packet_bytes: 16 * 1024 * 1024,
             tls: None,
+            outbox: None,
         });
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let close = tokio_util::sync::CancellationToken::new();

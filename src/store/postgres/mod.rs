@@ -867,9 +867,15 @@ impl PostgresStore {
                         .query_one("SELECT pg_try_advisory_lock($1)", &[&PUBLISHER_LOCK])
                         .await?
                         .try_get(0)?;
+                    if !locked {
+                        return Ok(None);
+                    }
+                    // The `sent` mark need not wait for the disk: losing its last moves to a
+                    // crash publishes those events again, which consumers recognise.
+                    c.batch_execute("SET synchronous_commit = off").await?;
                     // Not given back to the pool while it holds the lock: closed with the
                     // lease instead, which releases it.
-                    Ok(locked.then_some(deadpool_postgres::Object::take(c)))
+                    Ok(Some(deadpool_postgres::Object::take(c)))
                 })
                 .await;
             match got {
