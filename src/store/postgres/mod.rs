@@ -373,20 +373,32 @@ const REPLACE_PSK: &str = "UPDATE entities SET psk_key_id = $2, psk_hash = $3 \
 pub struct EventLease {
     client: deadpool_postgres::ClientWrapper,
     committed: Arc<tokio::sync::Notify>,
+    /// Longest a call may take (`store_timeout_ms`): a connection that went silent (no
+    /// reset) fails the lease rather than holding the role.
+    timeout: Duration,
 }
 
 impl EventLease {
-    fn failed(e: tokio_postgres::Error) -> StoreError {
-        Failure::from(e).into_error()
+    /// `call` on the lease's connection, failed past the deadline.
+    async fn run<T>(
+        &self,
+        call: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map_err(|e| Failure::from(e).into_error()),
+            Err(_) => Err(StoreError::Unavailable),
+        }
     }
 
     pub async fn sent(&mut self) -> Result<u64, StoreError> {
-        let row = self
-            .client
-            .query_one("SELECT sent FROM event_marks", &[])
-            .await
-            .map_err(Self::failed)?;
-        Ok(row.try_get::<_, i64>(0).map_err(Self::failed)? as u64)
+        let client = &self.client;
+        self.run(async {
+            let row = client
+                .query_one("SELECT sent FROM event_marks", &[])
+                .await?;
+            Ok(row.try_get::<_, i64>(0)? as u64)
+        })
+        .await
     }
 
     pub async fn after(
@@ -395,34 +407,36 @@ impl EventLease {
         limit: usize,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let (after, limit) = (after.min(i64::MAX as u64) as i64, limit as i64);
-        let stmt = self
-            .client
-            .prepare_cached("SELECT seq, body FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
-            .await
-            .map_err(Self::failed)?;
-        let rows = self
-            .client
-            .query(&stmt, &[&after, &limit])
-            .await
-            .map_err(Self::failed)?;
-        rows.iter()
-            .map(|r| {
-                Ok(StoredEvent {
-                    seq: r.try_get::<_, i64>(0)? as u64,
-                    json: r.try_get::<_, String>(1)?.into_bytes(),
+        let client = &self.client;
+        self.run(async {
+            let stmt = client
+                .prepare_cached("SELECT seq, body FROM events WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .await?;
+            client
+                .query(&stmt, &[&after, &limit])
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(StoredEvent {
+                        seq: r.try_get::<_, i64>(0)? as u64,
+                        json: r.try_get::<_, String>(1)?.into_bytes(),
+                    })
                 })
-            })
-            .collect::<Result<_, tokio_postgres::Error>>()
-            .map_err(Self::failed)
+                .collect()
+        })
+        .await
     }
 
     pub async fn mark_sent(&mut self, seq: u64) -> Result<(), StoreError> {
         let seq = seq.min(i64::MAX as u64) as i64;
-        self.client
-            .execute("UPDATE event_marks SET sent = GREATEST(sent, $1)", &[&seq])
-            .await
-            .map_err(Self::failed)?;
-        Ok(())
+        let client = &self.client;
+        self.run(async {
+            client
+                .execute("UPDATE event_marks SET sent = GREATEST(sent, $1)", &[&seq])
+                .await
+                .map(|_| ())
+        })
+        .await
     }
 
     /// Resolves when this worker commits a batch, or after `poll` (other workers commit
@@ -884,6 +898,7 @@ impl PostgresStore {
                     return Ok(EventLease {
                         client,
                         committed: self.committed.clone(),
+                        timeout: self.db.timeout,
                     });
                 }
                 Ok(None) | Err(StoreError::Unavailable) => {
