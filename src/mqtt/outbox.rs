@@ -191,3 +191,80 @@ impl Tracker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::MqttOptions;
+
+    /// A tracker and its outbox on a client whose event loop never runs: publishes only
+    /// queue in its channel, and the test plays the loop's reports.
+    fn setup() -> (
+        Tracker,
+        Outbox,
+        mpsc::UnboundedReceiver<Receipt>,
+        AsyncClient,
+        EventLoop,
+    ) {
+        let (client, eventloop) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), 16);
+        let (tracker, outbox, receipts) =
+            Tracker::new("ev".into(), client.clone(), Arc::new(Order::default()));
+        (tracker, outbox, receipts, client, eventloop)
+    }
+
+    #[tokio::test]
+    async fn each_written_packet_id_is_paired_with_its_publish_in_channel_order() {
+        let (mut t, outbox, mut receipts, client, mut eventloop) = setup();
+        let reply = |c: &AsyncClient, order: Arc<Order>| {
+            let c = c.clone();
+            async move {
+                order
+                    .publish(&c, "r/rpc".into(), b"{}".to_vec(), None)
+                    .await
+            }
+        };
+        let order = outbox.order.clone();
+        reply(&client, order.clone()).await.unwrap();
+        outbox.send(1, b"e1".to_vec()).await.unwrap();
+        reply(&client, order.clone()).await.unwrap();
+        outbox.send(2, b"e2".to_vec()).await.unwrap();
+
+        t.saw_outgoing(&Outgoing::Publish(1), 0, 0); // the reply
+        t.saw_outgoing(&Outgoing::Publish(2), 0, 0); // event 1
+        t.saw_outgoing(&Outgoing::AwaitAck(3), 0, 0); // the second reply, held on id 3
+        t.acked(1);
+        t.acked(3); // the earlier publish under id 3 (not ours)
+        t.saw_outgoing(&Outgoing::Publish(3), 0, 0); // the held reply written: no note
+        t.saw_outgoing(&Outgoing::Publish(4), 0, 0); // event 2
+                                                     // A publish from the pending queue (a retransmission) takes no note.
+        t.saw_outgoing(&Outgoing::Publish(5), 1, 0);
+        assert!(receipts.try_recv().is_err(), "no event acknowledged yet");
+        t.acked(4);
+        t.acked(2);
+        t.acked(5);
+        assert_eq!(receipts.try_recv(), Ok(Receipt::Acked(2)));
+        assert_eq!(receipts.try_recv(), Ok(Receipt::Acked(1)));
+        assert!(receipts.try_recv().is_err());
+
+        // An event written and not acknowledged when the connection goes: lost, and the
+        // notes of what was still in the channel go with it.
+        outbox.send(3, b"e3".to_vec()).await.unwrap();
+        t.saw_outgoing(&Outgoing::Publish(6), 0, 0);
+        outbox.send(4, b"e4".to_vec()).await.unwrap();
+        t.lost(&mut eventloop);
+        assert_eq!(receipts.try_recv(), Ok(Receipt::Lost));
+        t.acked(6);
+        assert!(
+            receipts.try_recv().is_err(),
+            "a receipt of the old connection"
+        );
+        assert!(order.lock().is_empty());
+        // What the channel held is now the loop's pending queue (here all six publishes: the
+        // loop never ran), resent after a reconnect without a note.
+        assert_eq!(eventloop.pending.len(), 6);
+        reply(&client, order).await.unwrap();
+        t.saw_outgoing(&Outgoing::Publish(7), 0, 0);
+        t.acked(7);
+        assert!(receipts.try_recv().is_err());
+    }
+}

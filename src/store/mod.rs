@@ -419,6 +419,10 @@ pub async fn maintain(store: Store, every: Duration, often: Duration, events: Ev
     loop {
         tokio::select! {
             _ = often_tick.tick() => {
+                if !store.available() {
+                    // A database known to be down: the watch says when it is back.
+                    continue;
+                }
                 if let Err(e) = expire_tokens(&store).await {
                     tracing::warn!(error = %e, "removing expired tokens failed");
                 }
