@@ -111,10 +111,13 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     // Stopped in reverse order however the run ends: the broker last, so the workers
     // stop while it can still take their goodbyes.
     let mut processes = setup::Processes::default();
+    // The broker's process, when the run started it: its CPU per request is measured too.
+    let mut broker_pid: Vec<u32> = Vec::new();
     let broker_url = match &options.broker {
         Some(url) => url.clone(),
         None => {
             let (mosquitto, url) = setup::start_mosquitto(&work).await?;
+            broker_pid.push(mosquitto.id());
             processes.push(mosquitto);
             url
         }
@@ -229,7 +232,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             cold_start: spawned.elapsed(),
         });
     }
-    processes.push(setup::start_null_worker(&broker_url, &null_id)?);
+    let null_worker = setup::start_null_worker(&broker_url, &null_id)?;
+    let null_pid = [null_worker.id()];
+    processes.push(null_worker);
     let null = Target::connect("ceiling", connect(&null_id)).await?;
 
     println!(
@@ -238,10 +243,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         options.requests,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("targets: ceiling = the null worker; sled = authd on the embedded store; pg = one authd on PostgreSQL; pgN = N workers on PostgreSQL in one share group; -noev = change events off. trips = database round trips per request. cpu = authd's CPU time per request (all its workers).");
+    println!("targets: ceiling = the null worker; sled = authd on the embedded store; pg = one authd on PostgreSQL; pgN = N workers on PostgreSQL in one share group; -noev = change events off. trips = database round trips per request. cpu = the target's CPU time (user + system) per request: authd's (all its workers), or the null worker's on the ceiling row. broker = the broker's CPU time per request during that target's runs (when the run started the broker).");
     println!(
-        "{:<15} {:>3} {:<7} | {:>8} {:>6} | {:>8} {:>6} | {:>8} {:>8} | {:>5} {:>7}",
-        "scenario", "W", "target", "req/s", "ratio", "p50", "ratio", "p99", "max", "trips", "cpu"
+        "{:<15} {:>3} {:<9} | {:>8} {:>6} | {:>8} {:>6} | {:>8} {:>8} | {:>5} {:>7} {:>7}",
+        "scenario", "W", "target", "req/s", "ratio", "p50", "ratio", "p99", "max", "trips", "cpu", "broker"
     );
     for scenario in &options.scenarios {
         // Each target provisions its own store; the scenario is the same for all.
@@ -264,30 +269,50 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
             let mut trips = vec![0.0; targets.len()];
             let mut cpu = vec![0.0; targets.len()];
+            let mut broker_cpu = vec![0.0; targets.len()];
+            let (mut null_cpu, mut null_broker_cpu) = (0.0, 0.0);
             for _ in 0..options.rounds {
+                let (cpu0, broker0) = (
+                    setup::cpu_seconds(&null_pid),
+                    setup::cpu_seconds(&broker_pid),
+                );
                 ceiling_runs.push(load(&null, &scenario, options.requests, w, true).await?);
+                null_cpu += setup::cpu_seconds(&null_pid) - cpu0;
+                null_broker_cpu += setup::cpu_seconds(&broker_pid) - broker0;
                 for (i, t) in targets.iter().enumerate() {
-                    let (trips0, cpu0) = (t.round_trips().await, setup::cpu_seconds(&t.pids));
+                    let (trips0, cpu0, broker0) = (
+                        t.round_trips().await,
+                        setup::cpu_seconds(&t.pids),
+                        setup::cpu_seconds(&broker_pid),
+                    );
                     runs[i].push(load(&t.target, &scenario, options.requests, w, false).await?);
                     trips[i] += t.round_trips().await - trips0;
                     cpu[i] += setup::cpu_seconds(&t.pids) - cpu0;
+                    broker_cpu[i] += setup::cpu_seconds(&broker_pid) - broker0;
                 }
             }
             let c = Stats::of(ceiling_runs);
             let measured = (options.rounds * options.requests) as f64;
+            let per_request = |seconds: f64| format!("{:.1}us", seconds / measured * 1e6);
+            let broker = |seconds: f64| match broker_pid.is_empty() {
+                true => String::from("-"),
+                false => per_request(seconds),
+            };
             println!(
-                "{:<15} {:>3} {:<7} | {:>8.0} {:>6} | {:>6.0}us {:>6} | {:>6.0}us {:>6.0}us | {:>5} {:>7}",
-                scenario.name, w, "ceiling", c.rate, "1.00", c.p50_us, "1.00", c.p99_us, c.max_us, "", ""
+                "{:<15} {:>3} {:<9} | {:>8.0} {:>6} | {:>6.0}us {:>6} | {:>6.0}us {:>6.0}us | {:>5} {:>7} {:>7}",
+                scenario.name, w, "ceiling", c.rate, "1.00", c.p50_us, "1.00", c.p99_us, c.max_us, "",
+                per_request(null_cpu), broker(null_broker_cpu)
             );
             for (i, t) in targets.iter().enumerate() {
                 let a = Stats::of(std::mem::take(&mut runs[i]));
-                let trips = match t.label.as_str() {
-                    "sled" => String::from("-"),
-                    _ => format!("{:.2}", trips[i] / measured),
+                let trips = match t.label.starts_with("sled") {
+                    true => String::from("-"),
+                    false => format!("{:.2}", trips[i] / measured),
                 };
                 println!(
-                    "{:<15} {:>3} {:<7} | {:>8.0} {:>6.2} | {:>6.0}us {:>6.2} | {:>6.0}us {:>6.0}us | {:>5} {:>5.1}us",
-                    "", w, t.label, a.rate, a.rate / c.rate, a.p50_us, a.p50_us / c.p50_us, a.p99_us, a.max_us, trips, cpu[i] / measured * 1e6
+                    "{:<15} {:>3} {:<9} | {:>8.0} {:>6.2} | {:>6.0}us {:>6.2} | {:>6.0}us {:>6.0}us | {:>5} {:>7} {:>7}",
+                    "", w, t.label, a.rate, a.rate / c.rate, a.p50_us, a.p50_us / c.p50_us, a.p99_us, a.max_us, trips,
+                    per_request(cpu[i]), broker(broker_cpu[i])
                 );
             }
         }

@@ -160,17 +160,9 @@ mod tests {
         add(&f.store, 3, "bob", "off", "On", Effect::Allow).await;
 
         let capture = Capture::default();
-        let sink = capture.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(move || sink.clone())
-            .finish();
         {
-            // One thread (current_thread runtime): the subscriber sees every line.
-            let _logging = tracing::subscriber::set_default(subscriber);
-            // Another test's thread may have cached a callsite's interest while no
-            // subscriber of this thread wanted it: ask every callsite again.
-            tracing::callsite::rebuild_interest_cache();
+            // One thread (current_thread runtime): the capture sees every line.
+            let _logging = capture.start();
             let ctx = f.ctx("Auth.AuthorizeCommand", 41);
             ask(&ctx, "bob", "lamp", "On").await;
             ask(&ctx, "bob", "lamp", "Reboot").await;

@@ -310,15 +310,7 @@ mod tests {
     async fn the_audit_line_counts_the_tokens_removed() {
         let f = Fixture::new(LockoutPolicy::default());
         let capture = Capture::default();
-        let sink = capture.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_writer(move || sink.clone())
-            .finish();
-        let _logging = tracing::subscriber::set_default(subscriber);
-        // Another test's thread may have cached a callsite's interest while no
-        // subscriber of this thread wanted it: ask every callsite again.
-        tracing::callsite::rebuild_interest_cache();
+        let _logging = capture.start();
         let mut user = f.ctx("Auth.GenerateToken", 1);
         user.request.binding = None;
         user.request.src = "u1";

@@ -261,7 +261,54 @@ pub(crate) mod testing {
         }
     }
 
+    thread_local! {
+        static CAPTURING: std::cell::RefCell<Option<Capture>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// Writes to the capture of the thread that logs, if it has one.
+    struct ThreadSink;
+
+    impl std::io::Write for ThreadSink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            CAPTURING.with(|c| {
+                if let Some(capture) = c.borrow_mut().as_mut() {
+                    capture.write_all(buf)?;
+                }
+                Ok(buf.len())
+            })
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Clears the thread's capture when dropped.
+    pub struct Capturing;
+
+    impl Drop for Capturing {
+        fn drop(&mut self) {
+            CAPTURING.with(|c| c.borrow_mut().take());
+        }
+    }
+
     impl Capture {
+        /// Captures this thread's log lines (JSON) until the guard drops (a
+        /// `current_thread` test runs on one thread). Through one process-wide subscriber
+        /// installed once: a subscriber set per thread races tracing's cache of which
+        /// callsites anyone wants with the other tests' threads, and can miss lines.
+        pub fn start(&self) -> Capturing {
+            static INSTALL: std::sync::Once = std::sync::Once::new();
+            INSTALL.call_once(|| {
+                let subscriber = tracing_subscriber::fmt()
+                    .json()
+                    .with_writer(|| ThreadSink)
+                    .finish();
+                let _ = tracing::subscriber::set_global_default(subscriber);
+            });
+            CAPTURING.with(|c| *c.borrow_mut() = Some(self.clone()));
+            Capturing
+        }
+
         /// The `fields` of every `authd::audit` line written so far (JSON logs).
         pub fn audit_fields(&self) -> Vec<Value> {
             let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
