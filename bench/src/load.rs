@@ -246,7 +246,18 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     println!("targets: ceiling = the null worker; sled = authd on the embedded store; pg = one authd on PostgreSQL; pgN = N workers on PostgreSQL in one share group; -noev = change events off. trips = database round trips per request. cpu = the target's CPU time (user + system) per request: authd's (all its workers), or the null worker's on the ceiling row. broker = the broker's CPU time per request during that target's runs (when the run started the broker).");
     println!(
         "{:<15} {:>3} {:<9} | {:>8} {:>6} | {:>8} {:>6} | {:>8} {:>8} | {:>5} {:>7} {:>7}",
-        "scenario", "W", "target", "req/s", "ratio", "p50", "ratio", "p99", "max", "trips", "cpu", "broker"
+        "scenario",
+        "W",
+        "target",
+        "req/s",
+        "ratio",
+        "p50",
+        "ratio",
+        "p99",
+        "max",
+        "trips",
+        "cpu",
+        "broker"
     );
     for scenario in &options.scenarios {
         // Each target provisions its own store; the scenario is the same for all.
