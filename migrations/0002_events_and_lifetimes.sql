@@ -46,6 +46,7 @@ DECLARE
     rid bigint;
     old_rule jsonb;
     ended text;
+    creds boolean;
     t jsonb;
     pairs jsonb;
 BEGIN
@@ -91,11 +92,14 @@ BEGIN
             RETURN '{"changed": {"exists": true}}';
         END IF;
         n := 0;
-        -- The same test as EntityRecord::reprovisions: a new id, any PSK given or dropped,
-        -- the pin changed, the kind changed, or disabled: user id's tokens go.
-        IF old.id IS NULL OR c->>'psk_hash' IS NOT NULL OR old.psk_hash IS NOT NULL
+        -- EntityRecord::changes_credentials: any PSK given or dropped, the pin changed,
+        -- the kind changed.
+        creds := old.id IS NOT NULL AND (c->>'psk_hash' IS NOT NULL OR old.psk_hash IS NOT NULL
            OR old.cert_sha256 IS DISTINCT FROM decode(c->>'cert_sha256', 'base64')
-           OR old.kind <> (c->>'kind_code')::smallint OR (c->>'disabled')::boolean THEN
+           OR old.kind <> (c->>'kind_code')::smallint);
+        -- EntityRecord::reprovisions: a new id, new credentials, or disabled: user id's
+        -- tokens go.
+        IF old.id IS NULL OR creds OR (c->>'disabled')::boolean THEN
             DELETE FROM tokens WHERE user_id = c->>'id';
             GET DIAGNOSTICS n = ROW_COUNT;
         END IF;
@@ -106,9 +110,7 @@ BEGIN
             END IF;
         ELSIF (c->>'disabled')::boolean AND NOT old.disabled THEN
             ended := 'disabled';
-        ELSIF c->>'psk_hash' IS NOT NULL OR old.psk_hash IS NOT NULL
-           OR old.cert_sha256 IS DISTINCT FROM decode(c->>'cert_sha256', 'base64')
-           OR old.kind <> (c->>'kind_code')::smallint THEN
+        ELSIF creds THEN
             ended := 'credentials_changed';
         ELSIF old.owner IS DISTINCT FROM c->>'owner' THEN
             ended := 'owner_changed';

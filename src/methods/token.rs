@@ -86,11 +86,7 @@ pub async fn get(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>
     Ok(Some(match record {
         Some(r) if !r.expired(ctx.now_secs()) => {
             let token = token_string(ctx.keys, r.key_id, &r.token_id, user, &host)?;
-            let mut found = json!({ "exist": true, "token": token });
-            if let Some(at) = r.expires {
-                found["expires"] = json!(at);
-            }
-            found
+            with_expires(json!({ "exist": true, "token": token }), &r)
         }
         _ => json!({ "exist": false }),
     }))
@@ -120,13 +116,7 @@ pub async fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value
             page.tokens
                 .into_iter()
                 .filter(|(_, r)| !r.expired(now))
-                .map(|(host, r)| {
-                    let mut item = json!({ "host": host, "created": r.created });
-                    if let Some(at) = r.expires {
-                        item["expires"] = json!(at);
-                    }
-                    item
-                }),
+                .map(|(host, r)| with_expires(json!({ "host": host, "created": r.created }), &r)),
         );
         if !page.more {
             break;
@@ -170,6 +160,14 @@ fn token_changed(
         }
         other => super::reply_of(other),
     }
+}
+
+/// `view` with the token's `expires` (UNIX seconds) when it has a lifetime.
+fn with_expires(mut view: Value, record: &TokenRecord) -> Value {
+    if let Some(at) = record.expires {
+        view["expires"] = json!(at);
+    }
+    view
 }
 
 /// The token string of a recorded token id.

@@ -104,14 +104,18 @@ impl EntityRecord {
     pub fn reprovisions(&self, old: Option<&EntityRecord>) -> bool {
         match old {
             None => true,
-            Some(old) => {
-                self.psk.is_some()
-                    || old.psk.is_some()
-                    || self.cert_sha256 != old.cert_sha256
-                    || self.kind != old.kind
-                    || self.disabled
-            }
+            Some(old) => self.changes_credentials(old) || self.disabled,
         }
+    }
+
+    /// Whether putting `self` over `old` changes what signs in as the id: a PSK given (a
+    /// PSK is never compared with the old one: giving one is provisioning it) or dropped,
+    /// a pinned certificate added, dropped or changed, or a change of kind.
+    pub fn changes_credentials(&self, old: &EntityRecord) -> bool {
+        self.psk.is_some()
+            || old.psk.is_some()
+            || self.cert_sha256 != old.cert_sha256
+            || self.kind != old.kind
     }
 }
 
@@ -270,11 +274,7 @@ impl Ended {
         };
         if new.disabled && !old.disabled {
             Some(Ended::Disabled)
-        } else if new.psk.is_some()
-            || old.psk.is_some()
-            || new.cert_sha256 != old.cert_sha256
-            || new.kind != old.kind
-        {
+        } else if new.changes_credentials(old) {
             Some(Ended::CredentialsChanged)
         } else if new.owner != old.owner {
             Some(Ended::OwnerChanged)
