@@ -74,6 +74,14 @@ fn what(e: &Value) -> (String, String) {
     (t, subject)
 }
 
+/// GenerateToken with `args`: the token.
+async fn generate(user: &authd::client::Client, args: Value) -> String {
+    let result = ok(user, "Auth.GenerateToken", args)
+        .await
+        .expect("a result");
+    result["token"].as_str().expect("token").to_owned()
+}
+
 fn pair(t: &str, subject: &str) -> (String, String) {
     (t.to_owned(), subject.to_owned())
 }
@@ -136,8 +144,7 @@ async fn each_change_that_ends_something_publishes_one_event_with_no_secret() {
 
     // App tokens: a first token ends nothing; a second replaces it; revoking twice.
     for _ in 0..2 {
-        let t = ok(&alice, "Auth.GenerateToken", json!({"host": "app1"})).await;
-        secrets.push(t.unwrap()["token"].as_str().unwrap().to_owned());
+        secrets.push(generate(&alice, json!({"host": "app1"})).await);
     }
     ok(&alice, "Auth.RevokeToken", json!({"host": "app1"})).await;
     ok(&alice, "Auth.RevokeToken", json!({"host": "app1"})).await;
@@ -154,8 +161,7 @@ async fn each_change_that_ends_something_publishes_one_event_with_no_secret() {
     ok(&admin, "ACL.Delete", json!({"rule_id": rule_id})).await;
 
     // A user entity created over the user's app tokens ends them.
-    let t = ok(&alice, "Auth.GenerateToken", json!({"host": "app2"})).await;
-    secrets.push(t.unwrap()["token"].as_str().unwrap().to_owned());
+    secrets.push(generate(&alice, json!({"host": "app2"})).await);
     ok(
         &admin,
         "Entity.Put",
@@ -367,26 +373,8 @@ async fn a_token_with_a_lifetime_stops_signing_in_and_its_expiry_is_published() 
     let mut spy = Spy::start(&s.broker, &[&events_topic()]).await;
     let alice = s.service("alice").await;
     let before = authd::unix_ms() / 1000;
-    let token = ok(
-        &alice,
-        "Auth.GenerateToken",
-        json!({"host": "short", "ttl": 2}),
-    )
-    .await
-    .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let forever = ok(
-        &alice,
-        "Auth.GenerateToken",
-        json!({"host": "long", "ttl": 0}),
-    )
-    .await
-    .unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = generate(&alice, json!({"host": "short", "ttl": 2})).await;
+    let forever = generate(&alice, json!({"host": "long", "ttl": 0})).await;
     let got = ok(&alice, "Auth.GetToken", json!({"host": "short"}))
         .await
         .unwrap();
@@ -498,12 +486,7 @@ async fn an_event_committed_before_a_kill_is_published_after_the_restart() {
             command.env("AUTHD_FAULT_KILL_BEFORE_PUBLISH", "1");
         }
         let mut worker = Killed(command.spawn().expect("authd serve"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http_get(metrics, "/ready").0 != 200 {
-            assert!(worker.0.try_wait().unwrap().is_none(), "the worker exited");
-            assert!(Instant::now() < deadline, "the worker is not ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_ready(metrics, &mut worker.0, "authd-crash");
         worker
     };
     let mut worker = start(true);
@@ -548,16 +531,5 @@ impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the worker did not exit");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -173,6 +173,18 @@ async fn since(client: &authd::client::Client, after: Option<u64>) -> (Vec<Value
     (events, page["head"].as_u64().expect("head"))
 }
 
+/// The `seq` of each printed line.
+fn seqs(lines: &[String]) -> Vec<u64> {
+    lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
 fn consecutive(seqs: &[u64]) -> bool {
     seqs.windows(2).all(|w| w[1] == w[0] + 1)
 }
@@ -265,15 +277,7 @@ async fn a_broker_restart_costs_no_event_and_repeats_none() {
     add_rule(&admin, 6).await;
     let (status, lines) = watch.finish().await;
     assert!(status.success(), "{status}");
-    let seqs: Vec<u64> = lines
-        .iter()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(seqs, [head + 5, head + 6]);
+    assert_eq!(seqs(&lines), [head + 5, head + 6]);
 }
 
 #[tokio::test]
@@ -410,15 +414,7 @@ async fn duplicates_late_copies_and_gaps_are_each_printed_once_in_order() {
     publish(7).await;
     let (status, lines) = watch.finish().await;
     assert!(status.success(), "{status}");
-    let seqs: Vec<u64> = lines
-        .iter()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["seq"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(seqs, [7, 8]);
+    assert_eq!(seqs(&lines), [7, 8]);
     worker.abort();
 }
 

@@ -72,19 +72,8 @@ impl WorkerProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start authd serve");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http_get(self.metrics, "/ready").0 != 200 {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("worker {} exited: {status}", self.data.display());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "worker {} not ready",
-                self.data.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let child = self.child.insert(child);
+        wait_ready(self.metrics, child, &self.data.display().to_string());
     }
 
     /// SIGKILL: no drain, no goodbye.

@@ -64,14 +64,21 @@ impl Stats {
     fn of(runs: Vec<Run>) -> Stats {
         let mut rates: Vec<f64> = runs.iter().map(|r| r.requests as f64 / r.seconds).collect();
         rates.sort_by(f64::total_cmp);
-        let mut all: Vec<Duration> = runs.into_iter().flat_map(|r| r.latencies).collect();
+        Stats {
+            rate: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+            ..Stats::of_latencies(runs.into_iter().flat_map(|r| r.latencies).collect())
+        }
+    }
+
+    /// Latency quantiles alone (`rate` 0).
+    fn of_latencies(mut all: Vec<Duration>) -> Stats {
         all.sort();
         let us = |q: f64| {
             all.get(((all.len() as f64 - 1.0) * q) as usize)
                 .map_or(0.0, |d| d.as_secs_f64() * 1e6)
         };
         Stats {
-            rate: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+            rate: 0.0,
             p50_us: us(0.5),
             p99_us: us(0.99),
             max_us: us(1.0),
@@ -562,11 +569,6 @@ async fn revocation_latency(
     }
     reader.abort();
     let early = times.iter().filter(|(_, r, a)| a < r).count();
-    let run = |latencies: Vec<Duration>| Run {
-        requests: latencies.len(),
-        seconds: 1.0,
-        latencies,
-    };
     let from_reply = times
         .iter()
         .map(|(_, r, a)| a.saturating_duration_since(*r))
@@ -576,8 +578,8 @@ async fn revocation_latency(
         client.close().await;
     }
     Ok(EventLatency {
-        from_reply: Stats::of(vec![run(from_reply)]),
-        from_request: Stats::of(vec![run(from_request)]),
+        from_reply: Stats::of_latencies(from_reply),
+        from_request: Stats::of_latencies(from_request),
         early,
     })
 }

@@ -384,6 +384,34 @@ pub fn shorten(text: &str) -> String {
     }
 }
 
+/// Waits until the process exits, at most `limit`; its status.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the worker process `child` says ready on its metrics endpoint `metrics`;
+/// panics if it exits first or is not ready within 20 s. `what` names it in the panic.
+pub fn wait_ready(metrics: std::net::SocketAddr, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(metrics, "/ready").0 != 200 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("worker {what} exited: {status}");
+        }
+        assert!(Instant::now() < deadline, "worker {what} not ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The built `authd` binary (for crash and CLI tests).
 pub fn authd_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_authd"))
