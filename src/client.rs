@@ -223,7 +223,6 @@ impl Client {
         let result = async {
             self.publisher
                 .publish(topic.to_owned(), payload)
-                .await
                 .map_err(|_| CallError::Closed)?;
             match tokio::time::timeout(timeout, rx).await {
                 Ok(Ok(r)) => Ok(r),
@@ -240,7 +239,6 @@ impl Client {
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), CallError> {
         self.publisher
             .publish(topic.to_owned(), payload)
-            .await
             .map_err(|_| CallError::Closed)
     }
 
@@ -275,7 +273,7 @@ impl Client {
 
     /// Disconnects cleanly.
     pub async fn close(mut self) {
-        self.publisher.disconnect().await;
+        self.publisher.disconnect();
         self.close.cancel();
         if let Some(session) = self.session.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), session).await;

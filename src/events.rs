@@ -85,7 +85,7 @@ async fn serve(
             for event in events {
                 #[cfg(feature = "fault-injection")]
                 fault_kill_before_publish();
-                if outbox.send(event.seq, event.json).await.is_err() {
+                if outbox.send(event.seq, event.json).is_err() {
                     // The connection is gone for good (the worker is stopping).
                     return Ok(());
                 }

@@ -1,5 +1,6 @@
-//! Wiring: open the store and keys, start the broker session, hand each request to a task
-//! of its own, and shut down in order (stop intake, drain, flush, disconnect).
+//! Wiring: open the store and keys, start the broker session, answer each request (on the
+//! connection's task until it has to wait, then in a task of its own), and shut down in
+//! order (stop intake, drain, flush, disconnect).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -195,7 +196,7 @@ impl Worker {
                         return;
                     }
                 };
-                tracker.spawn(serving.clone().answer(msg, permit));
+                run_or_spawn(tracker.track_future(serving.clone().answer(msg, permit)));
             }
         };
         let on_reconnect = {
@@ -297,7 +298,7 @@ impl Worker {
             None => Ok(()),
         };
         // A connected session ends on the Disconnect; an unreachable broker on `close`.
-        self.publisher.disconnect().await;
+        self.publisher.disconnect();
         self.close.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session).await;
         if self.failed.is_cancelled() {
@@ -413,7 +414,7 @@ impl<R: Responder> Serving<R> {
             }
         };
         if let Some((topic, payload)) = outcome.reply {
-            if self.publisher.publish(topic, payload).await.is_err() {
+            if self.publisher.publish(topic, payload).is_err() {
                 return;
             }
         }
@@ -421,8 +422,22 @@ impl<R: Responder> Serving<R> {
             self.metrics.answered(label, msg.arrived.elapsed());
         }
         if let Some(ack) = msg.ack {
-            self.publisher.complete(ack).await;
+            self.publisher.complete(ack);
         }
+    }
+}
+
+/// Runs `task` on the calling task until it first has to wait, and makes it a task of its
+/// own only then. A request answered from memory (the reads, on the embedded store) is
+/// answered, its reply and ack queued, without a task, a wake-up or a thread hop; one
+/// that waits (a write, the network store) goes on in its own task. Polling it first with
+/// a waker that does nothing is safe because the spawned task polls it again at once,
+/// registering its real waker with whatever it waits on.
+fn run_or_spawn(task: impl Future<Output = ()> + Send + 'static) {
+    let mut task = Box::pin(task);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if task.as_mut().poll(&mut cx).is_pending() {
+        tokio::spawn(task);
     }
 }
 

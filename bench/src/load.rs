@@ -41,6 +41,8 @@ pub struct BenchOptions {
     pub pg_workers: usize,
     /// Targets to measure besides the ceiling: `sled`, `pg`, `pgN` (default: all there are).
     pub only: Vec<String>,
+    /// Another build's `authd-bench`, whose null worker is measured too (row `baseline`).
+    pub baseline: Option<PathBuf>,
 }
 
 /// One measured run: how long it took, and each request's round trip.
@@ -48,6 +50,36 @@ struct Run {
     requests: usize,
     seconds: f64,
     latencies: Vec<Duration>,
+}
+
+/// One target's measured runs in a table row, and the CPU time they cost: the target's
+/// processes, the broker's and this load generator's (seconds).
+#[derive(Default)]
+struct Tally {
+    runs: Vec<Run>,
+    cpu: f64,
+    broker: f64,
+    generator: f64,
+    /// Database round trips.
+    trips: f64,
+}
+
+impl Tally {
+    /// Runs `run`, adding it and the CPU time of `(target, broker, generator)` processes
+    /// during it.
+    async fn measure(
+        &mut self,
+        (target, broker, generator): (&[u32], &[u32], &[u32]),
+        run: impl std::future::Future<Output = anyhow::Result<Run>>,
+    ) -> anyhow::Result<()> {
+        let before = [target, broker, generator].map(setup::cpu_seconds);
+        self.runs.push(run.await?);
+        let after = [target, broker, generator].map(setup::cpu_seconds);
+        self.cpu += after[0] - before[0];
+        self.broker += after[1] - before[1];
+        self.generator += after[2] - before[2];
+        Ok(())
+    }
 }
 
 /// Several runs of one target, summarised: the median of the runs' rates (a shared
@@ -239,10 +271,21 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             cold_start: spawned.elapsed(),
         });
     }
-    let null_worker = setup::start_null_worker(&broker_url, &null_id)?;
+    let null_worker = setup::start_null_worker(None, &broker_url, &null_id)?;
     let null_pid = [null_worker.id()];
     processes.push(null_worker);
     let null = Target::connect("ceiling", connect(&null_id)).await?;
+    let baseline = match &options.baseline {
+        Some(binary) => {
+            let id = format!("bench-baseline-{}", &run_id[..8]);
+            let worker = setup::start_null_worker(Some(binary), &broker_url, &id)?;
+            let pid = [worker.id()];
+            processes.push(worker);
+            Some((Target::connect("baseline", connect(&id)).await?, pid))
+        }
+        None => None,
+    };
+    let own_pid = [std::process::id()];
 
     println!(
         "authd bench: {} rounds of {} requests per target (rates: median round; latency: all requests), broker {broker_url}, {} cores",
@@ -250,9 +293,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         options.requests,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("targets: ceiling = the null worker; sled = authd on the embedded store; pg = one authd on PostgreSQL; pgN = N workers on PostgreSQL in one share group; -noev = change events off. trips = database round trips per request. cpu = the target's CPU time (user + system) per request: authd's (all its workers), or the null worker's on the ceiling row. broker = the broker's CPU time per request during that target's runs (when the run started the broker).");
+    println!("targets: ceiling = the null worker; baseline = another build's null worker (--baseline); sled = authd on the embedded store; pg = one authd on PostgreSQL; pgN = N workers on PostgreSQL in one share group; -noev = change events off. trips = database round trips per request. cpu = the target's CPU time (user + system) per request: authd's (all its workers), or the null worker's on the ceiling row. broker = the broker's CPU time per request during that target's runs (when the run started the broker). gen = this load generator's.");
     println!(
-        "{:<15} {:>3} {:<9} | {:>8} {:>6} | {:>8} {:>6} | {:>8} {:>8} | {:>5} {:>7} {:>7}",
+        "{:<15} {:>3} {:<9} | {:>8} {:>6} | {:>8} {:>6} | {:>8} {:>8} | {:>5} {:>7} {:>7} {:>7}",
         "scenario",
         "W",
         "target",
@@ -264,7 +307,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         "max",
         "trips",
         "cpu",
-        "broker"
+        "broker",
+        "gen"
     );
     for scenario in &options.scenarios {
         // Each target provisions its own store; the scenario is the same for all.
@@ -280,57 +324,62 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             // noisy spell on the shared machine falls on all.
             let warm = (options.requests / 10).max(w);
             load(&null, &scenario, warm, w, true).await?;
+            if let Some((b, _)) = &baseline {
+                load(b, &scenario, warm, w, true).await?;
+            }
             for t in &targets {
                 load(&t.target, &scenario, warm, w, false).await?;
             }
-            let mut ceiling_runs = Vec::new();
-            let mut runs: Vec<Vec<Run>> = targets.iter().map(|_| Vec::new()).collect();
-            let mut trips = vec![0.0; targets.len()];
-            let mut cpu = vec![0.0; targets.len()];
-            let mut broker_cpu = vec![0.0; targets.len()];
-            let (mut null_cpu, mut null_broker_cpu) = (0.0, 0.0);
+            let mut ceiling = Tally::default();
+            let mut base = Tally::default();
+            let mut tallies: Vec<Tally> = targets.iter().map(|_| Tally::default()).collect();
             for _ in 0..options.rounds {
-                let (cpu0, broker0) = (
-                    setup::cpu_seconds(&null_pid),
-                    setup::cpu_seconds(&broker_pid),
-                );
-                ceiling_runs.push(load(&null, &scenario, options.requests, w, true).await?);
-                null_cpu += setup::cpu_seconds(&null_pid) - cpu0;
-                null_broker_cpu += setup::cpu_seconds(&broker_pid) - broker0;
+                let pids = (&null_pid[..], &broker_pid[..], &own_pid[..]);
+                ceiling
+                    .measure(pids, load(&null, &scenario, options.requests, w, true))
+                    .await?;
+                if let Some((b, pid)) = &baseline {
+                    let pids = (&pid[..], &broker_pid[..], &own_pid[..]);
+                    base.measure(pids, load(b, &scenario, options.requests, w, true))
+                        .await?;
+                }
                 for (i, t) in targets.iter().enumerate() {
-                    let (trips0, cpu0, broker0) = (
-                        t.round_trips().await,
-                        setup::cpu_seconds(&t.pids),
-                        setup::cpu_seconds(&broker_pid),
-                    );
-                    runs[i].push(load(&t.target, &scenario, options.requests, w, false).await?);
-                    trips[i] += t.round_trips().await - trips0;
-                    cpu[i] += setup::cpu_seconds(&t.pids) - cpu0;
-                    broker_cpu[i] += setup::cpu_seconds(&broker_pid) - broker0;
+                    let trips0 = t.round_trips().await;
+                    let pids = (&t.pids[..], &broker_pid[..], &own_pid[..]);
+                    let run = load(&t.target, &scenario, options.requests, w, false);
+                    tallies[i].measure(pids, run).await?;
+                    tallies[i].trips += t.round_trips().await - trips0;
                 }
             }
-            let c = Stats::of(ceiling_runs);
             let measured = (options.rounds * options.requests) as f64;
             let per_request = |seconds: f64| format!("{:.1}us", seconds / measured * 1e6);
             let broker = |seconds: f64| match broker_pid.is_empty() {
                 true => String::from("-"),
                 false => per_request(seconds),
             };
+            let c = Stats::of(std::mem::take(&mut ceiling.runs));
             println!(
-                "{:<15} {:>3} {:<9} | {:>8.0} {:>6} | {:>6.0}us {:>6} | {:>6.0}us {:>6.0}us | {:>5} {:>7} {:>7}",
+                "{:<15} {:>3} {:<9} | {:>8.0} {:>6} | {:>6.0}us {:>6} | {:>6.0}us {:>6.0}us | {:>5} {:>7} {:>7} {:>7}",
                 scenario.name, w, "ceiling", c.rate, "1.00", c.p50_us, "1.00", c.p99_us, c.max_us, "",
-                per_request(null_cpu), broker(null_broker_cpu)
+                per_request(ceiling.cpu), broker(ceiling.broker), per_request(ceiling.generator)
             );
-            for (i, t) in targets.iter().enumerate() {
-                let a = Stats::of(std::mem::take(&mut runs[i]));
+            let mut rows: Vec<(&str, Tally, String)> = Vec::new();
+            if baseline.is_some() {
+                rows.push(("baseline", base, String::new()));
+            }
+            for (t, tally) in targets.iter().zip(tallies) {
                 let trips = match t.label.starts_with("sled") {
                     true => String::from("-"),
-                    false => format!("{:.2}", trips[i] / measured),
+                    false => format!("{:.2}", tally.trips / measured),
                 };
+                rows.push((&t.label, tally, trips));
+            }
+            for (label, tally, trips) in rows {
+                let a = Stats::of(tally.runs);
                 println!(
-                    "{:<15} {:>3} {:<9} | {:>8.0} {:>6.2} | {:>6.0}us {:>6.2} | {:>6.0}us {:>6.0}us | {:>5} {:>7} {:>7}",
-                    "", w, t.label, a.rate, a.rate / c.rate, a.p50_us, a.p50_us / c.p50_us, a.p99_us, a.max_us, trips,
-                    per_request(cpu[i]), broker(broker_cpu[i])
+                    "{:<15} {:>3} {:<9} | {:>8.0} {:>6.2} | {:>6.0}us {:>6.2} | {:>6.0}us {:>6.0}us | {:>5} {:>7} {:>7} {:>7}",
+                    "", w, label, a.rate, a.rate / c.rate, a.p50_us, a.p50_us / c.p50_us, a.p99_us, a.max_us, trips,
+                    per_request(tally.cpu), broker(tally.broker), per_request(tally.generator)
                 );
             }
         }

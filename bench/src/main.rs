@@ -70,6 +70,11 @@ struct BenchArgs {
     /// Scenarios, comma separated.
     #[arg(long, value_delimiter = ',', default_values_t = scenario::NAMES.map(String::from))]
     scenarios: Vec<String>,
+    /// Also measure the null worker of another build, in the same run (row `baseline`):
+    /// that build's authd-bench binary, e.g. one of the commit before a change to the
+    /// serving path.
+    #[arg(long, value_name = "AUTHD_BENCH")]
+    baseline: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -119,6 +124,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         store: args.store,
         pg_workers: args.pg_workers,
         only: args.only,
+        baseline: args.baseline,
     };
     runtime()?.block_on(load::run(options))
 }
@@ -132,7 +138,8 @@ fn null_worker(args: NullWorkerArgs) -> anyhow::Result<()> {
         id: args.id,
         ..Config::default()
     };
-    runtime()?.block_on(null_worker::run(config, authd::cli::shutdown_signal()))
+    // The same runtime as `authd serve`.
+    authd::cli::serve_runtime()?.block_on(null_worker::run(config, authd::cli::shutdown_signal()))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -352,14 +352,23 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
         .sum()
 }
 
-/// `authd-bench null-worker` (this binary) with service id `id`.
-pub fn start_null_worker(broker_url: &str, id: &str) -> anyhow::Result<Process> {
-    let child = Command::new(std::env::current_exe()?)
+/// `authd-bench null-worker` with service id `id`: of this binary, or of `binary` (another
+/// build's).
+pub fn start_null_worker(
+    binary: Option<&Path>,
+    broker_url: &str,
+    id: &str,
+) -> anyhow::Result<Process> {
+    let exe = match binary {
+        Some(b) => b.to_path_buf(),
+        None => std::env::current_exe()?,
+    };
+    let child = Command::new(&exe)
         .args(["null-worker", "--broker", broker_url, "--id", id])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
-        .context("starting authd-bench null-worker")?;
+        .with_context(|| format!("starting {} null-worker", exe.display()))?;
     Ok(Process(child))
 }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Serialize;
 
-use super::{init_logging, runtime, shutdown_signal, Failure};
+use super::{init_logging, shutdown_signal, Failure};
 use crate::config::{Config, LogFormat};
 use crate::secret::Secret;
 
@@ -98,7 +98,9 @@ pub(super) fn run(mut args: ServeArgs, log_format: Option<LogFormat>) -> Result<
         return Ok(());
     }
     init_logging(config.log_format, &config.log_filter);
-    runtime()?.block_on(async {
+    let runtime = super::serve_runtime()
+        .map_err(|e| Failure::Unable(format!("cannot start the async runtime: {e}")))?;
+    runtime.block_on(async {
         let worker = crate::Worker::start(config)
             .await
             .map_err(Failure::unable)?;

@@ -1,9 +1,11 @@
-//! The broker session. The only module that sees rumqttc.
+//! The broker session. The only module that sees rumqttc (whose MQTT 3.1.1 codec it uses).
 //!
-//! One task owns the connection ([`Session::run`]): it drives rumqttc's event loop, hands
-//! each incoming message to a callback that must not block, subscribes after every CONNACK,
-//! and reconnects with capped exponential backoff and jitter. Everything else talks to the
-//! connection through a [`Publisher`]: publish a reply, then complete the message's [`Ack`].
+//! One task owns the connection ([`Session::run`]): it drives the connection
+//! ([`connection`]: many packets per read, everything due in one write), hands each
+//! incoming message to a callback that must not block, subscribes after every CONNACK, and
+//! reconnects with capped exponential backoff and jitter. Everything else talks to the
+//! connection through a [`Publisher`]: publish a reply, then complete the message's [`Ack`];
+//! neither waits.
 //!
 //! Subscribing again on every connection, even when the broker kept our session, is what
 //! keeps a session that someone else took over (another client connecting with our client
@@ -20,20 +22,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet,
-    QoS, StateError, SubscribeReasonCode, TlsConfiguration, Transport,
-};
-use tokio::sync::watch;
+use rumqttc::{Connect, Packet, QoS, SubscribeReasonCode};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerAddress;
 
+mod connection;
 mod outbox;
 mod publisher;
 mod tls;
 
-use outbox::{Order, Tracker};
+use connection::{Ended, Wire};
 pub use outbox::{Outbox, Receipt};
 use publisher::{lock, AckQueue};
 pub use publisher::{Ack, Closed, Publisher};
@@ -154,72 +154,53 @@ impl Backoff {
 /// The connection task's half.
 pub struct Session {
     options: SessionOptions,
-    eventloop: EventLoop,
-    client: AsyncClient,
+    /// CONNECT, with the credentials: sent at every (re)connect.
+    connect: Connect,
+    wire: Wire,
     acks: Arc<Mutex<AckQueue>>,
     state: watch::Sender<BrokerState>,
-    /// Publishes with receipts ([`SessionOptions::outbox`]).
-    outbox: Option<Tracker>,
-    /// Its handle, until [`Session::outbox`] takes it.
-    outbox_handle: Option<(Outbox, tokio::sync::mpsc::UnboundedReceiver<Receipt>)>,
+    /// The handle publishing with receipts ([`SessionOptions::outbox`]), until
+    /// [`Session::outbox`] takes it.
+    outbox_handle: Option<(Outbox, mpsc::UnboundedReceiver<Receipt>)>,
 }
-
-/// Publishes rumqttc lets wait for their PUBACK.
-const MAX_INFLIGHT: u16 = 256;
 
 impl Session {
     /// Prepares a session; nothing connects until [`Session::run`].
     pub fn new(mut options: SessionOptions) -> (Session, Publisher, watch::Receiver<BrokerState>) {
-        let mut mqtt = MqttOptions::new(
-            options.client_id.clone(),
-            options.broker.host.clone(),
-            options.broker.port,
-        );
-        mqtt.set_clean_session(!options.persistent)
-            .set_manual_acks(options.manual_acks)
-            .set_keep_alive(options.keep_alive)
-            .set_max_packet_size(options.max_packet_bytes, options.max_packet_bytes)
-            .set_inflight(MAX_INFLIGHT);
-        // Moved, not copied: the MQTT client's options keep the one copy of the password
-        // (it is sent at every reconnect); the session keeps none.
+        let mut connect = Connect::new(options.client_id.clone());
+        connect.clean_session = !options.persistent;
+        connect.keep_alive = options.keep_alive.as_secs().min(u16::MAX.into()) as u16;
+        // Moved, not copied: CONNECT keeps the one copy of the password (it is sent at every
+        // reconnect); the options keep none.
         if let Some((user, pass)) = options.credentials.take() {
-            mqtt.set_credentials(user, pass);
+            connect.set_login(user, pass);
         }
-        if let Some(tls) = &options.tls {
-            mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                tls.config.clone(),
-            )));
-        }
-        let (client, mut eventloop) = AsyncClient::new(mqtt, 1024);
-        let mut net = NetworkOptions::new();
-        // Without it a lone request waits ~40-90 ms for Nagle's algorithm.
-        net.set_tcp_nodelay(true);
-        net.set_connection_timeout(5);
-        eventloop.set_network_options(net);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (receipts, outbox_handle) = match &options.outbox {
+            Some(topic) => {
+                let (receipts, receipts_rx) = mpsc::unbounded_channel();
+                let outbox = Outbox {
+                    topic: topic.clone(),
+                    tx: tx.clone(),
+                };
+                (Some(receipts), Some((outbox, receipts_rx)))
+            }
+            None => (None, None),
+        };
+        let wire = Wire::new(rx, !options.manual_acks, receipts, options.max_packet_bytes);
         let acks = Arc::new(Mutex::new(AckQueue::default()));
         let (state, state_rx) = watch::channel(BrokerState::Down);
-        let order = options.outbox.as_ref().map(|_| Arc::new(Order::default()));
         let publisher = Publisher {
-            client: client.clone(),
+            tx,
             acks: acks.clone(),
-            order: order.clone(),
-        };
-        let (outbox, outbox_handle) = match (&options.outbox, order) {
-            (Some(topic), Some(order)) => {
-                let (tracker, outbox, receipts) =
-                    Tracker::new(topic.clone(), client.clone(), order);
-                (Some(tracker), Some((outbox, receipts)))
-            }
-            _ => (None, None),
         };
         (
             Session {
                 options,
-                eventloop,
-                client,
+                connect,
+                wire,
                 acks,
                 state,
-                outbox,
                 outbox_handle,
             },
             publisher,
@@ -230,16 +211,17 @@ impl Session {
     /// With [`SessionOptions::outbox`]: the handle that publishes on its topic with a
     /// receipt for each message (the broker's PUBACK, or the loss of the connection), and
     /// the receipts. Once; before [`Session::run`].
-    pub fn outbox(&mut self) -> Option<(Outbox, tokio::sync::mpsc::UnboundedReceiver<Receipt>)> {
+    pub fn outbox(&mut self) -> Option<(Outbox, mpsc::UnboundedReceiver<Receipt>)> {
         self.outbox_handle.take()
     }
 
     /// Drives the connection until a clean disconnect ([`Publisher::disconnect`]) or until
     /// `close` fires while the broker is unreachable. `on_message` runs on this task: it
-    /// must hand work elsewhere and return at once. Once `intake` fires, new messages are
-    /// no longer delivered (nor acked: the broker keeps them for our next start).
-    /// `on_reconnect` is called each time a lost connection is re-established, with the
-    /// signs of a takeover (logged here at error level).
+    /// must not block, and what it queues on a [`Publisher`] is written with the rest of
+    /// what is due after the packets read with its message. Once `intake` fires, new
+    /// messages are no longer delivered (nor acked: the broker keeps them for our next
+    /// start). `on_reconnect` is called each time a lost connection is re-established,
+    /// with the signs of a takeover (logged here at error level).
     pub async fn run(
         mut self,
         mut on_message: impl FnMut(Message),
@@ -248,41 +230,24 @@ impl Session {
         mut on_reconnect: impl FnMut(Reconnected),
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
-        let mut connected = false;
         let mut ever_connected = false;
-        // When the broker accepted the current connection.
-        let mut connected_at: Option<Instant> = None;
         // The last connection was closed by the broker within TAKEOVER_WINDOW, and how
         // long it had lived.
         let mut lost_early: Option<Duration> = None;
         // Connection attempts that failed since the last connection was lost.
         let mut failed_attempts = 0u32;
+        // Raised for one connection to read a packet refused as too large.
+        let mut max_in = self.options.max_packet_bytes;
         loop {
-            let pending_before = self.eventloop.pending.len();
-            let event = tokio::select! {
-                event = self.eventloop.poll() => event,
+            let attempt = tokio::select! {
+                c = connection::connect(&self.options, &self.connect, &mut self.wire.rbuf, max_in) => c,
                 // Connecting is safe to abandon; a live connection is closed by a Disconnect.
-                _ = close.cancelled(), if !connected => return,
+                _ = close.cancelled() => return,
             };
-            if let Some(outbox) = &mut self.outbox {
-                match &event {
-                    Ok(Event::Outgoing(o)) => {
-                        outbox.saw_outgoing(o, pending_before, self.eventloop.pending.len())
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => outbox.acked(ack.pkid),
-                    _ => {}
-                }
-            }
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    connected = true;
-                    connected_at = Some(Instant::now());
+            let ended = match attempt {
+                Ok((mut io, ack)) => {
+                    let connected_at = Instant::now();
                     backoff.reset();
-                    // A limit raised to read one refused packet lasts this connection only.
-                    self.eventloop.mqtt_options.set_max_packet_size(
-                        self.options.max_packet_bytes,
-                        self.options.max_packet_bytes,
-                    );
                     tracing::info!(session_present = ack.session_present, broker = %self.options.broker.host, port = self.options.broker.port, tls = self.options.tls.is_some(), "connected to broker");
                     if ever_connected {
                         let signs = Reconnected {
@@ -292,108 +257,95 @@ impl Session {
                         self.report_takeover(&signs, lost_early);
                         on_reconnect(signs);
                     }
-                    lost_early = None;
-                    failed_attempts = 0;
-                    // Every time, session present or not: a session we got back may not be
-                    // the one we left (someone connecting with our id can unsubscribe it),
-                    // and the topics may have changed since it was made. Ready comes with
-                    // the SUBACK.
-                    self.subscribe();
                     ever_connected = true;
-                }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    if self.grants_all(&ack.return_codes) {
-                        let _ = self.state.send(BrokerState::Ready);
-                    } else {
-                        tracing::error!(
-                            topics = ?self.options.subscriptions,
-                            granted = ?ack.return_codes,
-                            "the broker refused a subscription or granted less than QoS 1 (check its ACL and max_qos): not ready, requests would be lost"
-                        );
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if intake.is_cancelled() {
-                        continue;
-                    }
-                    let ack = (self.options.manual_acks && p.qos != QoS::AtMostOnce)
-                        .then(|| lock(&self.acks).register(p.pkid));
-                    on_message(Message {
-                        topic: p.topic,
-                        payload: p.payload,
-                        arrived_ms: crate::unix_ms(),
-                        arrived: Instant::now(),
-                        ack,
-                    });
-                }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    failed_attempts = 0;
+                    // Subscribe every time, session present or not: a session we got back
+                    // may not be the one we left (someone connecting with our id can
+                    // unsubscribe it), and the topics may have changed since it was made.
+                    // Ready comes with the SUBACK.
+                    self.wire
+                        .resume(ack.session_present, &self.options.subscriptions);
+                    let Session {
+                        options,
+                        wire,
+                        acks,
+                        state,
+                        ..
+                    } = &mut self;
+                    let keep_alive = options.keep_alive;
+                    let incoming = |packet| match packet {
+                        Packet::SubAck(ack) => {
+                            if grants_all(&options.subscriptions, &ack.return_codes) {
+                                let _ = state.send(BrokerState::Ready);
+                            } else {
+                                tracing::error!(
+                                    topics = ?options.subscriptions,
+                                    granted = ?ack.return_codes,
+                                    "the broker refused a subscription or granted less than QoS 1 (check its ACL and max_qos): not ready, requests would be lost"
+                                );
+                            }
+                            Ok(())
+                        }
+                        Packet::Publish(p) => {
+                            if !intake.is_cancelled() {
+                                let ack = (options.manual_acks && p.qos != QoS::AtMostOnce)
+                                    .then(|| lock(acks).register(p.pkid));
+                                on_message(Message {
+                                    topic: p.topic,
+                                    payload: p.payload,
+                                    arrived_ms: crate::unix_ms(),
+                                    arrived: Instant::now(),
+                                    ack,
+                                });
+                            }
+                            Ok(())
+                        }
+                        _ => Ok(()),
+                    };
+                    let ended = wire.serve(&mut *io, keep_alive, max_in, incoming).await;
+                    // A limit raised to read one refused packet lasts one connection.
+                    max_in = self.options.max_packet_bytes;
                     let _ = self.state.send(BrokerState::Down);
-                    return;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = self.state.send(BrokerState::Down);
-                    if close.is_cancelled() {
+                    if matches!(ended, Ended::Disconnected) {
                         return;
                     }
-                    match connected_at.take() {
-                        Some(at) => {
-                            let lived = at.elapsed();
-                            lost_early =
-                                (closed_by_broker(&e) && lived < TAKEOVER_WINDOW).then_some(lived);
-                        }
-                        None => failed_attempts += 1,
-                    }
-                    connected = false;
-                    {
-                        // Under the ack lock, so no ack of the old connection can slip in
-                        // between: bump the epoch, then drop any such ack rumqttc still holds.
-                        let mut q = lock(&self.acks);
-                        q.reset();
-                        match &mut self.outbox {
-                            // The same, and the outbox's notes with the channel.
-                            Some(outbox) => outbox.lost(&mut self.eventloop),
-                            None => self.eventloop.clean(),
-                        }
-                    }
-                    if let Some(size) = refused_packet_size(&e) {
-                        // The MQTT client refuses a packet above the limit before reading it,
-                        // so it is never acknowledged, and on our persistent session the
-                        // broker delivers it again first thing after every reconnect: one
-                        // oversized request would keep the worker off the broker for good.
-                        // Read packets up to its size on the next connection instead; it is
-                        // then answered (413) and acknowledged like any oversized frame.
-                        tracing::error!(
-                            bytes = size,
-                            limit = self.options.max_packet_bytes,
-                            "the broker delivered a packet larger than max_packet_bytes; reading it on the next connection. Cap message size at the broker (mosquitto: max_packet_size)"
-                        );
-                        self.eventloop.mqtt_options.set_max_packet_size(
-                            size.max(self.options.max_packet_bytes),
-                            self.options.max_packet_bytes,
-                        );
-                    }
-                    let delay = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "broker connection lost or refused");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = close.cancelled() => return,
-                    }
+                    let lived = connected_at.elapsed();
+                    lost_early =
+                        (ended.closed_by_broker() && lived < TAKEOVER_WINDOW).then_some(lived);
+                    ended
                 }
+                Err(e) => {
+                    failed_attempts += 1;
+                    e
+                }
+            };
+            // No ack of the old connection may be sent on the next: a new epoch.
+            self.wire.epoch = lock(&self.acks).reset();
+            self.wire.lost();
+            if close.is_cancelled() {
+                return;
+            }
+            if let Ended::TooLarge(size) = ended {
+                // The MQTT client refuses a packet above the limit before reading it, so it
+                // is never acknowledged, and on our persistent session the broker delivers
+                // it again first thing after every reconnect: one oversized request would
+                // keep the worker off the broker for good. Read packets up to its size on
+                // the next connection instead; it is then answered (413) and acknowledged
+                // like any oversized frame.
+                tracing::error!(
+                    bytes = size,
+                    limit = self.options.max_packet_bytes,
+                    "the broker delivered a packet larger than max_packet_bytes; reading it on the next connection. Cap message size at the broker (mosquitto: max_packet_size)"
+                );
+                max_in = size.max(self.options.max_packet_bytes);
+            }
+            let delay = backoff.next_delay();
+            tracing::warn!(error = %ended, retry_in_ms = delay.as_millis() as u64, "broker connection lost or refused");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = close.cancelled() => return,
             }
         }
-    }
-
-    /// Whether a SUBACK grants every topic we asked for at QoS 1 or more. A refusal or a
-    /// grant at QoS 0 (mosquitto's `max_qos`) would lose requests: not ready.
-    fn grants_all(&self, codes: &[SubscribeReasonCode]) -> bool {
-        codes.len() == self.options.subscriptions.len()
-            && codes.iter().all(|c| {
-                matches!(
-                    c,
-                    SubscribeReasonCode::Success(QoS::AtLeastOnce | QoS::ExactlyOnce)
-                )
-            })
     }
 
     fn report_takeover(&self, signs: &Reconnected, lived: Option<Duration>) {
@@ -412,46 +364,18 @@ impl Session {
             );
         }
     }
-
-    fn subscribe(&self) {
-        let topics = self
-            .options
-            .subscriptions
-            .iter()
-            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
-        // try_: this is the connection task; awaiting the request channel here deadlocks.
-        if let Err(e) = self.client.try_subscribe_many(topics) {
-            tracing::error!(error = %e, "could not queue the subscription");
-        }
-    }
 }
 
-/// Whether the broker ended the connection (closed or reset it), rather than our side
-/// giving up on it (a keep-alive or network timeout, a packet we refused).
-fn closed_by_broker(e: &ConnectionError) -> bool {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-    let io_closed = |e: &std::io::Error| {
-        matches!(
-            e.kind(),
-            ConnectionReset | ConnectionAborted | UnexpectedEof | BrokenPipe
-        )
-    };
-    match e {
-        ConnectionError::MqttState(StateError::ConnectionAborted) => true,
-        ConnectionError::MqttState(StateError::Io(e)) | ConnectionError::Io(e) => io_closed(e),
-        _ => false,
-    }
-}
-
-/// The size of an incoming packet the MQTT client refused as too large, if that is what
-/// ended the connection.
-fn refused_packet_size(e: &ConnectionError) -> Option<usize> {
-    match e {
-        ConnectionError::MqttState(StateError::Deserialization(
-            rumqttc::Error::PayloadSizeLimitExceeded(size),
-        )) => Some(*size),
-        _ => None,
-    }
+/// Whether a SUBACK grants every topic we asked for at QoS 1 or more. A refusal or a grant
+/// at QoS 0 (mosquitto's `max_qos`) would lose requests: not ready.
+fn grants_all(asked: &[String], codes: &[SubscribeReasonCode]) -> bool {
+    codes.len() == asked.len()
+        && codes.iter().all(|c| {
+            matches!(
+                c,
+                SubscribeReasonCode::Success(QoS::AtLeastOnce | QoS::ExactlyOnce)
+            )
+        })
 }
 
 #[cfg(test)]

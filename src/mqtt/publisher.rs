@@ -3,9 +3,11 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use rumqttc::{AsyncClient, ClientError, Publish, QoS};
+use rumqttc::{Publish, QoS};
+use tokio::sync::mpsc;
+
+use super::connection::Out;
 
 /// A message's place in the ack order.
 #[derive(Debug)]
@@ -15,13 +17,12 @@ pub struct Ack {
     seq: u64,
 }
 
-/// The send side of a session. Cheap to clone.
+/// The send side of a session. Cheap to clone. Nothing here waits: what is asked is
+/// queued for the connection task, which writes it with whatever else is due.
 #[derive(Clone)]
 pub struct Publisher {
-    pub(super) client: AsyncClient,
+    pub(super) tx: mpsc::UnboundedSender<Out>,
     pub(super) acks: Arc<Mutex<AckQueue>>,
-    /// On a connection with an outbox, every publish is noted in order (`outbox.rs`).
-    pub(super) order: Option<Arc<super::outbox::Order>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -29,37 +30,30 @@ pub struct Publisher {
 pub struct Closed;
 
 impl Publisher {
-    /// Queues a QoS 1 publish on the connection. Returns once the connection task has it:
-    /// from then on rumqttc resends it until the broker acknowledges it.
-    pub async fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), Closed> {
-        match &self.order {
-            Some(order) => order.publish(&self.client, topic, payload, None).await,
-            None => self
-                .client
-                .publish(topic, QoS::AtLeastOnce, false, payload)
-                .await
-                .map_err(|_| Closed),
-        }
+    /// Queues a QoS 1 publish on the connection: from then on it is written, and resent
+    /// after a reconnect on a resumed session, until the broker acknowledges it. `Err` once
+    /// the session has ended.
+    pub fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), Closed> {
+        let publish = Publish::new(topic, QoS::AtLeastOnce, payload);
+        self.tx
+            .send(Out::Publish {
+                publish,
+                receipt: None,
+            })
+            .map_err(|_| Closed)
     }
 
-    /// Marks a message handled; sends every ack that is now due, in arrival order.
-    pub async fn complete(&self, ack: Ack) {
-        let mut retry = {
-            let mut q = lock(&self.acks);
-            q.mark_done(&ack);
-            q.release(&self.client)
-        };
-        // The request channel was full: wait for the connection task to drain it. We never
-        // block while holding the lock, which the connection task also takes.
-        while retry {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            retry = lock(&self.acks).release(&self.client);
-        }
+    /// Marks a message handled; queues every ack that is now due, in arrival order.
+    pub fn complete(&self, ack: Ack) {
+        let mut q = lock(&self.acks);
+        q.mark_done(&ack);
+        q.release(&self.tx);
     }
 
-    /// Asks the connection task to disconnect cleanly; [`Session::run`] then returns.
-    pub async fn disconnect(&self) {
-        let _ = self.client.disconnect().await;
+    /// Asks the connection task to disconnect cleanly once what was asked before is
+    /// written; [`super::Session::run`] then returns.
+    pub fn disconnect(&self) {
+        let _ = self.tx.send(Out::Disconnect);
     }
 }
 
@@ -97,29 +91,26 @@ impl AckQueue {
         }
     }
 
-    /// Sends the acks of the handled messages at the front. Returns true if the request
-    /// channel was full and some remain.
-    fn release(&mut self, client: &AsyncClient) -> bool {
+    /// Queues the acks of the handled messages at the front.
+    fn release(&mut self, tx: &mpsc::UnboundedSender<Out>) {
         while let Some(&(pkid, true)) = self.slots.front() {
-            let mut publish = Publish::new("", QoS::AtLeastOnce, Vec::new());
-            publish.pkid = pkid;
-            match client.try_ack(&publish) {
-                Ok(()) => {
-                    self.slots.pop_front();
-                    self.base += 1;
-                }
-                Err(ClientError::TryRequest(_)) => return true,
-                // The event loop is gone; nothing more can be sent.
-                Err(_) => return false,
-            }
+            self.slots.pop_front();
+            self.base += 1;
+            let _ = tx.send(Out::Ack {
+                epoch: self.epoch,
+                pkid,
+            });
         }
-        false
     }
 
-    pub(super) fn reset(&mut self) {
+    /// The connection was lost: acks of its messages are never sent (the broker
+    /// redelivers those, and their packet ids may by then name other messages). Returns
+    /// the new connection's epoch.
+    pub(super) fn reset(&mut self) -> u64 {
         self.epoch += 1;
         self.base += self.slots.len() as u64;
         self.slots.clear();
+        self.epoch
     }
 }
 
