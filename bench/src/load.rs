@@ -34,8 +34,8 @@ pub struct BenchOptions {
     pub authd: PathBuf,
     /// Load this many entities and rules (`authd import`) before starting authd.
     pub scale: Option<(usize, usize)>,
-    /// Also measure authd on this PostgreSQL store (a database of its own is made there
-    /// for the run and dropped after): one worker, and `pg_workers` in a share group.
+    /// Also measure authd on this PostgreSQL server (a database for each target is made
+    /// there for the run and dropped after): one worker, and `pg_workers` in a share group.
     pub store: Option<String>,
     /// Workers on the PostgreSQL store for the share-group target (0 or 1: none).
     pub pg_workers: usize,
@@ -174,22 +174,16 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     };
     let wanted = |label: &str| options.only.is_empty() || options.only.iter().any(|o| o == label);
 
-    // The embedded store's data directory, loaded first when a scale is asked for; the
-    // PostgreSQL database gets the same records through `authd export` and `authd import`
-    // (moving in, as an operator would).
+    // The embedded store's data directory, loaded first when a scale is asked for; each
+    // PostgreSQL target's database gets the same records through `authd export` and
+    // `authd import` (moving in, as an operator would).
     let data = work.join("authd-data");
     if let Some(scale) = options.scale {
         setup::import_scale(&options.authd, &work, &data, scale)?;
     }
-    let database = match &options.store {
-        Some(server) => {
-            Some(setup::Database::create(server, &format!("authd_bench_{}", &run_id[..12])).await?)
-        }
-        None => None,
-    };
-    if let (Some(db), Some(_)) = (&database, options.scale) {
-        setup::move_in(&options.authd, &work, &data, &db.url)?;
-    }
+    // One database per PostgreSQL target: workers of one database are one deployment (one
+    // event publisher among them, one seq), whatever their service ids.
+    let mut databases: Vec<setup::Database> = Vec::new();
 
     // (label, on PostgreSQL, workers, change events on). The `-noev` targets (events off)
     // are measured only when --only names them: they are the baseline of what events cost.
@@ -197,7 +191,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         ("sled".into(), false, 1, true),
         ("sled-noev".into(), false, 1, false),
     ];
-    if database.is_some() {
+    if options.store.is_some() {
         plans.push(("pg".into(), true, 1, true));
         if options.pg_workers > 1 {
             plans.push((
@@ -221,10 +215,17 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         }
         let id = format!("bench-{label}-{}", &run_id[..8]);
         let group = (n > 1).then(|| format!("g{}", &run_id[..8]));
-        let store = if on_pg {
-            database.as_ref().map(|db| db.url.as_str())
-        } else {
-            None
+        let store = match (&options.store, on_pg) {
+            (Some(server), true) => {
+                let name = format!("authd_bench_{}_{}", &run_id[..12], label.replace('-', "_"));
+                let db = setup::Database::create(server, &name).await?;
+                if options.scale.is_some() {
+                    setup::move_in(&options.authd, &work, &data, &db.url)?;
+                }
+                databases.push(db);
+                databases.last().map(|db| db.url.as_str())
+            }
+            _ => None,
         };
         let spawned = Instant::now();
         let (mut pids, mut metrics) = (Vec::new(), Vec::new());
@@ -425,7 +426,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     }
     null.close().await;
     drop(processes);
-    if let Some(db) = database {
+    for db in databases {
         db.drop_database().await?;
     }
     let _ = std::fs::remove_dir_all(&work);

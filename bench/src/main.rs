@@ -58,7 +58,7 @@ struct BenchArgs {
     #[arg(long, value_name = "ENTITIES,RULES", value_parser = parse_scale)]
     scale: Option<(usize, usize)>,
     /// Also measure authd on PostgreSQL: the server, postgres://USER@HOST:PORT (the run
-    /// makes a database of its own there and drops it after).
+    /// makes a database there for each PostgreSQL target and drops them after).
     #[arg(long, value_name = "URL")]
     store: Option<String>,
     /// Workers in one share group on PostgreSQL for the `pgN` target (with --store).
