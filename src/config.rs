@@ -226,7 +226,7 @@ pub fn default_data_dir() -> PathBuf {
 pub struct Secrets {
     /// The caller keys; the worker keeps their digests and drops these.
     pub callers: Vec<CallerKeyConfig>,
-    /// The broker password; the worker moves it into the MQTT client's options.
+    /// The broker password; the worker moves it into its broker session's CONNECT packet.
     pub broker_password: Option<Secret>,
     /// The store's URL (it may hold the database password); the worker opens the store
     /// with it and drops it.

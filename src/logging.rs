@@ -4,7 +4,7 @@
 //! one; other crates' events are not ours to vouch for (an MQTT client or a database logging
 //! packets or pages at `trace`). So a bare level in `RUST_LOG` (`trace`, `debug`, …) sets
 //! authd's level, and every other crate logs at most at `info` — `RUST_LOG=trace` means
-//! authd's trace. A directive that names a crate (`RUST_LOG=trace,rumqttc=trace`) is obeyed
+//! authd's trace. A directive that names a crate (`RUST_LOG=trace,tokio_postgres=trace`) is obeyed
 //! as written: that is an explicit choice to see that crate's internals, outside the promise.
 
 use tracing_subscriber::filter::LevelFilter;

@@ -3,8 +3,8 @@
 //!
 //! The configuration is shared for the life of the worker, so the worker takes its secrets
 //! out first ([`crate::config::Config::take_secrets`]): caller keys become digests and are
-//! wiped; the broker password moves, uncopied, into the MQTT client's options, which need it
-//! for every reconnect (SECURITY.md, "Secrets in memory").
+//! wiped; the broker password moves, uncopied, into the broker session's CONNECT packet,
+//! which is sent at every reconnect (SECURITY.md, "Secrets in memory").
 
 use std::fmt;
 use std::str::FromStr;

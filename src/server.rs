@@ -56,8 +56,8 @@ impl Worker {
     /// Opens the store and keys in `config.data` and starts serving.
     ///
     /// The secrets are taken out of `config` first ([`Config::take_secrets`]): the caller
-    /// keys are kept as digests and wiped, the broker password moves into the MQTT client's
-    /// options. The configuration shared for the worker's life ([`Worker::config`]) holds
+    /// keys are kept as digests and wiped, the broker password moves into the broker
+    /// session's CONNECT packet. The configuration shared for the worker's life ([`Worker::config`]) holds
     /// none.
     pub async fn start(mut config: Config) -> anyhow::Result<Worker> {
         config.validate()?;
@@ -144,8 +144,8 @@ impl Worker {
         let (mut session, publisher, broker_state) = Session::new(SessionOptions {
             broker,
             client_id: config.client_id.clone(),
-            // The password moves (uncopied) into the MQTT client's options, which keep it for
-            // every reconnect; without a username it is dropped, and so wiped.
+            // The password moves (uncopied) into the session's CONNECT packet, which keeps it
+            // for every reconnect; without a username it is dropped, and so wiped.
             credentials: config.broker_username.clone().map(|u| {
                 (
                     u,

@@ -328,15 +328,19 @@ async fn no_secret_in_the_log_at_trace_in_text_or_json() {
         }
         if format == "json" {
             for line in text.lines() {
-                serde_json::from_str::<Value>(line)
+                let line: Value = serde_json::from_str(line)
                     .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+                // Other crates (sled, the PostgreSQL client) stay at info under
+                // RUST_LOG=trace: their debug and trace lines are not ours to vouch for.
+                let target = line["target"].as_str().unwrap_or_default();
+                if !target.starts_with("authd") {
+                    assert!(
+                        matches!(line["level"].as_str(), Some("INFO" | "WARN" | "ERROR")),
+                        "another crate's line below info: {line}"
+                    );
+                }
             }
         }
-        // Other crates stay at info under RUST_LOG=trace (rumqttc logs packets at debug).
-        assert!(
-            !text.contains("Pkid"),
-            "rumqttc's debug lines are capped:\n{text}"
-        );
     }
 }
 

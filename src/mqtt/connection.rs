@@ -22,11 +22,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout, Instant};
+use zeroize::Zeroize;
 
 use super::{Receipt, SessionOptions};
 
 /// Publishes written and not yet acknowledged, at most. Beyond it, what is queued waits.
 pub(super) const MAX_INFLIGHT: usize = 256;
+
+/// Bytes of room to read into, at least.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// How long connecting (TCP, TLS, CONNECT to CONNACK) and each write may take.
 pub(super) const NETWORK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -112,7 +116,10 @@ pub(super) async fn connect(
         packet
             .write(&mut buf)
             .map_err(|e| Ended::Protocol(e.to_string()))?;
-        io.write_all(&buf).await?;
+        let written = io.write_all(&buf).await;
+        // It holds the password.
+        buf[..].zeroize();
+        written?;
         io.flush().await?;
         rbuf.clear();
         let connack = loop {
@@ -390,8 +397,20 @@ impl Wire {
                 let _ = io.shutdown().await;
                 return ended;
             }
+            // Room to read into: reclaimed in place once the payloads handed out are
+            // dropped, else a new buffer (never a read of a few bytes at a time).
+            self.rbuf.reserve(READ_CHUNK);
             tokio::select! {
+                // The ping first: a connection that always has something to read still pings.
                 biased;
+                _ = &mut ping => {
+                    if awaiting_pong {
+                        return Ended::Timeout(keep_alive);
+                    }
+                    let _ = PingReq.write(&mut self.wbuf);
+                    awaiting_pong = true;
+                    ping.as_mut().reset(Instant::now() + keep_alive);
+                }
                 read = io.read_buf(&mut self.rbuf) => {
                     match read {
                         Ok(0) => return Ended::Closed,
@@ -437,14 +456,6 @@ impl Wire {
                     Some(out) => self.queue.push_back(out),
                     None => self.queue.push_back(Out::Disconnect),
                 },
-                _ = &mut ping => {
-                    if awaiting_pong {
-                        return Ended::Timeout(keep_alive);
-                    }
-                    let _ = PingReq.write(&mut self.wbuf);
-                    awaiting_pong = true;
-                    ping.as_mut().reset(Instant::now() + keep_alive);
-                }
             }
         }
     }

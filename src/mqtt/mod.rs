@@ -44,7 +44,7 @@ pub use tls::{Tls, TlsError};
 pub struct SessionOptions {
     pub broker: BrokerAddress,
     pub client_id: String,
-    /// Account name and password; moved into the MQTT client's options by [`Session::new`].
+    /// Account name and password; moved into the session's CONNECT packet by [`Session::new`].
     pub credentials: Option<(String, String)>,
     /// Keep the session (and queued messages) across disconnects.
     pub persistent: bool,
@@ -309,6 +309,9 @@ impl Session {
                     if matches!(ended, Ended::Disconnected) {
                         return;
                     }
+                    // No ack of the old connection may be sent on the next: a new epoch.
+                    self.wire.epoch = lock(&self.acks).reset();
+                    self.wire.lost();
                     let lived = connected_at.elapsed();
                     lost_early =
                         (ended.closed_by_broker() && lived < TAKEOVER_WINDOW).then_some(lived);
@@ -319,9 +322,6 @@ impl Session {
                     e
                 }
             };
-            // No ack of the old connection may be sent on the next: a new epoch.
-            self.wire.epoch = lock(&self.acks).reset();
-            self.wire.lost();
             if close.is_cancelled() {
                 return;
             }

@@ -63,7 +63,7 @@ impl Store {
     pub async fn entity(&self, id: &str) -> Result<Option<EntityRecord>, StoreError> {
         match self {
             Store::Embedded(s) => s.entity(id),
-            Store::Postgres(s) => s.entity(id).await,
+            Store::Postgres(s) => Box::pin(s.entity(id)).await,
         }
     }
 
@@ -76,7 +76,7 @@ impl Store {
     ) -> Result<(Option<EntityRecord>, SignInState), StoreError> {
         match self {
             Store::Embedded(s) => Ok((s.entity(id)?, SignInState::default())),
-            Store::Postgres(s) => s.sign_in(id, now_ms).await,
+            Store::Postgres(s) => Box::pin(s.sign_in(id, now_ms)).await,
         }
     }
 
@@ -92,7 +92,7 @@ impl Store {
     ) -> Result<Option<Duration>, StoreError> {
         match self {
             Store::Embedded(_) => Ok(None),
-            Store::Postgres(s) => s.count_sign_in(id, ok, seen, now_ms).await,
+            Store::Postgres(s) => Box::pin(s.count_sign_in(id, ok, seen, now_ms)).await,
         }
     }
 
@@ -124,7 +124,7 @@ impl Store {
     ) -> Result<EntityPage, StoreError> {
         match self {
             Store::Embedded(s) => s.list_entities(owner, prefix, after, limit),
-            Store::Postgres(s) => s.list_entities(owner, prefix, after, limit).await,
+            Store::Postgres(s) => Box::pin(s.list_entities(owner, prefix, after, limit)).await,
         }
     }
 
@@ -139,7 +139,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         match self {
             Store::Embedded(s) => s.replace_psk_hash(id, seen, psk),
-            Store::Postgres(s) => s.replace_psk_hash(id, seen, psk).await,
+            Store::Postgres(s) => Box::pin(s.replace_psk_hash(id, seen, psk)).await,
         }
     }
 
@@ -148,7 +148,7 @@ impl Store {
     pub async fn key_usage(&self) -> Result<BTreeMap<KeyId, KeyUsage>, StoreError> {
         match self {
             Store::Embedded(s) => s.key_usage(),
-            Store::Postgres(s) => s.key_usage().await,
+            Store::Postgres(s) => Box::pin(s.key_usage()).await,
         }
     }
 
@@ -156,7 +156,7 @@ impl Store {
     pub async fn token(&self, user: &str, host: &str) -> Result<Option<TokenRecord>, StoreError> {
         match self {
             Store::Embedded(s) => s.token(user, host),
-            Store::Postgres(s) => s.token(user, host).await,
+            Store::Postgres(s) => Box::pin(s.token(user, host)).await,
         }
     }
 
@@ -169,7 +169,7 @@ impl Store {
     ) -> Result<TokenPage, StoreError> {
         match self {
             Store::Embedded(s) => s.tokens_of(user, after, limit),
-            Store::Postgres(s) => s.tokens_of(user, after, limit).await,
+            Store::Postgres(s) => Box::pin(s.tokens_of(user, after, limit)).await,
         }
     }
 
@@ -177,7 +177,7 @@ impl Store {
     pub async fn live_token(&self, token_id: &TokenId) -> Result<Option<LiveToken>, StoreError> {
         match self {
             Store::Embedded(s) => s.live_token(token_id),
-            Store::Postgres(s) => s.live_token(token_id).await,
+            Store::Postgres(s) => Box::pin(s.live_token(token_id)).await,
         }
     }
 
@@ -185,7 +185,7 @@ impl Store {
     pub async fn rules(&self, after: u64, limit: usize) -> Result<Vec<(u64, Rule)>, StoreError> {
         match self {
             Store::Embedded(s) => s.rules(after, limit),
-            Store::Postgres(s) => s.rules(after, limit).await,
+            Store::Postgres(s) => Box::pin(s.rules(after, limit)).await,
         }
     }
 
@@ -194,7 +194,7 @@ impl Store {
     pub async fn authorize(&self, src: &str, dst: &str, cmd: &str) -> Result<Decision, StoreError> {
         match self {
             Store::Embedded(s) => s.authorize(src, dst, cmd),
-            Store::Postgres(s) => s.authorize(src, dst, cmd).await,
+            Store::Postgres(s) => Box::pin(s.authorize(src, dst, cmd)).await,
         }
     }
 
@@ -209,7 +209,7 @@ impl Store {
     ) -> Result<Applied, StoreError> {
         match self {
             Store::Embedded(s) => s.apply(request, change).await,
-            Store::Postgres(s) => s.apply(request, change).await,
+            Store::Postgres(s) => Box::pin(s.apply(request, change)).await,
         }
     }
 
@@ -218,7 +218,7 @@ impl Store {
     pub async fn recorded(&self, request: &RequestKey<'_>) -> Result<Recorded, StoreError> {
         match self {
             Store::Embedded(s) => s.recorded(request),
-            Store::Postgres(s) => s.recorded(request).await,
+            Store::Postgres(s) => Box::pin(s.recorded(request)).await,
         }
     }
 
@@ -232,7 +232,7 @@ impl Store {
                     .await
                     .map_err(|_| StoreError::Writer)?
             }
-            Store::Postgres(s) => s.prune_replays(now_ms).await,
+            Store::Postgres(s) => Box::pin(s.prune_replays(now_ms)).await,
         }
     }
 
@@ -245,7 +245,7 @@ impl Store {
     ) -> Result<Vec<ExpiredToken>, StoreError> {
         match self {
             Store::Embedded(s) => s.expired_tokens(now, limit),
-            Store::Postgres(s) => s.expired_tokens(now, limit).await,
+            Store::Postgres(s) => Box::pin(s.expired_tokens(now, limit)).await,
         }
     }
 
@@ -258,7 +258,7 @@ impl Store {
     ) -> Result<EventPage, StoreError> {
         match self {
             Store::Embedded(s) => s.events_since(after, limit),
-            Store::Postgres(s) => s.events_since(after, limit).await,
+            Store::Postgres(s) => Box::pin(s.events_since(after, limit)).await,
         }
     }
 
@@ -268,7 +268,7 @@ impl Store {
     pub async fn lead_events(&self) -> Result<EventLease, StoreError> {
         match self {
             Store::Embedded(s) => Ok(EventLease::Embedded(s.clone())),
-            Store::Postgres(s) => s.lead_events().await.map(EventLease::Postgres),
+            Store::Postgres(s) => Box::pin(s.lead_events()).await.map(EventLease::Postgres),
         }
     }
 
@@ -281,7 +281,7 @@ impl Store {
                     .await
                     .map_err(|_| StoreError::Writer)?
             }
-            Store::Postgres(s) => s.prune_events(before_ms).await,
+            Store::Postgres(s) => Box::pin(s.prune_events(before_ms)).await,
         }
     }
 
@@ -326,7 +326,7 @@ impl Store {
     ) -> Result<u64, ExportError> {
         match self {
             Store::Embedded(s) => s.export(sink),
-            Store::Postgres(s) => s.export(sink).await,
+            Store::Postgres(s) => Box::pin(s.export(sink)).await,
         }
     }
 
@@ -340,7 +340,7 @@ impl Store {
     pub async fn restore(&self, records: Vec<Record>) -> Result<(), StoreError> {
         match self {
             Store::Embedded(s) => s.restore(records).await,
-            Store::Postgres(s) => s.restore(records).await,
+            Store::Postgres(s) => Box::pin(s.restore(records)).await,
         }
     }
 
