@@ -9,8 +9,8 @@
 //! |---|---|
 //! | [`config`] | file + `AUTHD_*` env + flags → [`config::Config`] |
 //! | [`frame`] | the wire format: request/response types, parsing with limits, error codes |
-//! | [`mqtt`] | the broker session: subscribe, poll, publish, ordered manual acks, backoff |
-//! | [`server`] | wiring and shutdown: one task per request, drain, flush, disconnect |
+//! | [`mqtt`] | the broker session: the connection loop over rumqttc's codec, subscribe, publish, ordered manual acks, backoff |
+//! | [`server`] | wiring and shutdown: requests answered on the connection's task until they wait, drain, flush, disconnect |
 //! | [`dispatch`] | envelope checks, caller keys, method lookup, deadline, redelivery record |
 //! | [`methods`] | the method table; one file per method family, typed args → typed result against the store |
 //! | [`cert`] | X.509 certificates: PEM parsing, SHA-256 fingerprint, validity |

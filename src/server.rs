@@ -105,8 +105,8 @@ impl Worker {
         )
     }
 
-    /// Serves `responder` on the bus with everything but the store: the same session, task
-    /// per request, ordered acks and shutdown as authd. The benchmark's null worker (the
+    /// Serves `responder` on the bus with everything but the store: the same session,
+    /// requests answered inline until they wait, ordered acks and shutdown as authd. The benchmark's null worker (the
     /// ceiling) is this with a responder that answers `true`.
     pub fn start_with_responder<R: Responder>(
         mut config: Config,
@@ -538,4 +538,45 @@ pub async fn open_data(
         tracing::warn!(path = %db.display(), entries = tightened, "the database had files group or others could read; made them owner-only");
     }
     Ok((store, keys))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_that_never_waits_is_done_at_once_and_one_that_waits_finishes_in_a_task() {
+        let answered = Arc::new(AtomicBool::new(false));
+        run_or_spawn({
+            let answered = answered.clone();
+            async move { answered.store(true, Relaxed) }
+        });
+        assert!(
+            answered.load(Relaxed),
+            "done before returning, with no task"
+        );
+
+        // Polled first with a waker that does nothing, then spawned: the task's own poll
+        // must register the real waker, or it would never be woken.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let finished = Arc::new(AtomicBool::new(false));
+        run_or_spawn({
+            let finished = finished.clone();
+            async move {
+                let _ = rx.await;
+                finished.store(true, Relaxed);
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!finished.load(Relaxed), "waits for its store");
+        tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !finished.load(Relaxed) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the spawned request is woken and finishes");
+    }
 }

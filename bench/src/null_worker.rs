@@ -1,6 +1,6 @@
 //! The ceiling `authd-bench` measures authd against: the same serving path as authd
-//! (session, a task per request, ordered manual acks, metrics), with a responder that parses
-//! `src` and `id` and answers `true`.
+//! (session, requests answered on the connection's task, ordered manual acks, metrics, one
+//! runtime thread), with a responder that parses `src` and `id` and answers `true`.
 
 use std::borrow::Cow;
 use std::sync::Arc;
