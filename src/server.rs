@@ -57,8 +57,8 @@ impl Worker {
     ///
     /// The secrets are taken out of `config` first ([`Config::take_secrets`]): the caller
     /// keys are kept as digests and wiped, the broker password moves into the broker
-    /// session's CONNECT packet. The configuration shared for the worker's life ([`Worker::config`]) holds
-    /// none.
+    /// session's CONNECT packet. The configuration shared for the worker's life
+    /// ([`Worker::config`]) holds none.
     pub async fn start(mut config: Config) -> anyhow::Result<Worker> {
         config.validate()?;
         let secrets = config.take_secrets();
@@ -106,8 +106,8 @@ impl Worker {
     }
 
     /// Serves `responder` on the bus with everything but the store: the same session,
-    /// requests answered inline until they wait, ordered acks and shutdown as authd. The benchmark's null worker (the
-    /// ceiling) is this with a responder that answers `true`.
+    /// requests answered inline until they wait, ordered acks and shutdown as authd. The
+    /// benchmark's null worker (the ceiling) is this with a responder that answers `true`.
     pub fn start_with_responder<R: Responder>(
         mut config: Config,
         responder: Arc<R>,

@@ -378,7 +378,8 @@ impl Wire {
 
     /// Serves a connection until it ends: writes what is asked, reads what comes (PUBACKs
     /// and PINGRESPs are handled here, every other packet by `incoming`), and pings every
-    /// `keep_alive`. A ping still unanswered when the next is due ends the connection.
+    /// `keep_alive` (0: never). A ping still unanswered when the next is due ends the
+    /// connection.
     pub(super) async fn serve(
         &mut self,
         io: &mut dyn Io,
@@ -403,7 +404,8 @@ impl Wire {
             tokio::select! {
                 // The ping first: a connection that always has something to read still pings.
                 biased;
-                _ = &mut ping => {
+                // A keep-alive of 0 turns pings off (as it does the broker's check).
+                _ = &mut ping, if !keep_alive.is_zero() => {
                     if awaiting_pong {
                         return Ended::Timeout(keep_alive);
                     }
@@ -542,6 +544,44 @@ mod tests {
         wire.lost();
         wire.resume(false, &[]);
         assert!(written(&mut wire).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_stops_answering_pings_ends_the_connection() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut wire = Wire::new(rx, false, None, 1 << 20);
+        let (mut ours, mut broker) = tokio::io::duplex(1 << 16);
+        let keep_alive = Duration::from_millis(100);
+        let ended = wire.serve(&mut ours, keep_alive, 1 << 20, |_| Ok(())).await;
+        assert!(matches!(ended, Ended::Timeout(_)), "{ended:?}");
+        let mut got = BytesMut::new();
+        broker.read_buf(&mut got).await.unwrap();
+        assert_eq!(
+            next_packet(&mut got, 1 << 20).unwrap(),
+            Some(Packet::PingReq)
+        );
+        assert_eq!(
+            next_packet(&mut got, 1 << 20).unwrap(),
+            None,
+            "one ping, then gave up"
+        );
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_of_zero_never_pings() {
+        let (_tx, rx) = mpsc::unbounded_channel();
+        let mut wire = Wire::new(rx, false, None, 1 << 20);
+        let (mut ours, mut broker) = tokio::io::duplex(1 << 16);
+        let serving = tokio::time::timeout(
+            Duration::from_millis(300),
+            wire.serve(&mut ours, Duration::ZERO, 1 << 20, |_| Ok(())),
+        )
+        .await;
+        assert!(serving.is_err(), "still serving: {serving:?}");
+        let mut got = BytesMut::new();
+        let read = tokio::time::timeout(Duration::from_millis(50), broker.read_buf(&mut got)).await;
+        assert!(read.is_err() && got.is_empty(), "nothing written: {got:?}");
     }
 
     #[test]
