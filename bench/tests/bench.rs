@@ -29,13 +29,40 @@ fn authd_bench_runs_the_load_generator_end_to_end() {
         eprintln!("SKIPPED: no authd beside authd-bench; run `cargo test` at the workspace root");
         return;
     };
+    // This build's own null worker stands in for another build's (`--baseline`).
     let out = authd
         .args(["bench", "-n", "50", "--rounds", "1", "-w", "1"])
         .args(["--scenarios", "get-token,authenticate"])
+        .arg("--baseline")
+        .arg(env!("CARGO_BIN_EXE_authd-bench"))
         .output()
         .expect("authd bench runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{out:?}");
+    // A row's target is the last word before the first `|`.
+    let baseline_rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains('|'))
+        .filter(|l| {
+            l.split('|')
+                .next()
+                .and_then(|h| h.split_whitespace().last())
+                == Some("baseline")
+        })
+        .collect();
+    assert_eq!(
+        baseline_rows.len(),
+        2,
+        "a baseline row per scenario:\n{stdout}"
+    );
+    for row in &baseline_rows {
+        // Its latencies and the CPU columns: cpu, broker, gen (µs per request).
+        assert_eq!(
+            row.matches("us").count(),
+            6,
+            "p50, p99, max, cpu, broker, gen: {row}"
+        );
+    }
     for row in ["get-token", "authenticate", "cold start"] {
         assert!(
             stdout
