@@ -389,6 +389,7 @@ impl Wire {
     ) -> Ended {
         let mut ping = std::pin::pin!(sleep(keep_alive));
         let mut awaiting_pong = false;
+        let mut senders_gone = false;
         loop {
             let taken = self.take();
             if let Err(e) = self.flush(io).await {
@@ -454,9 +455,13 @@ impl Wire {
                         }
                     }
                 }
-                out = self.rx.recv() => match out {
+                out = self.rx.recv(), if !senders_gone => match out {
                     Some(out) => self.queue.push_back(out),
-                    None => self.queue.push_back(Out::Disconnect),
+                    // Every sender is gone: disconnect once what they asked is written.
+                    None => {
+                        senders_gone = true;
+                        self.queue.push_back(Out::Disconnect);
+                    }
                 },
             }
         }
