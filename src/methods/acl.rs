@@ -7,7 +7,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use super::entity::MAX_PAGE;
-use super::{storage_failed, Ctx, Name};
+use super::{page_limit, storage_failed, Ctx, Name};
 use crate::frame::{parse_args, RpcError};
 use crate::rules::{Effect, Rule};
 use crate::store::{Applied, Change, Changed, Reply};
@@ -99,14 +99,7 @@ pub async fn delete(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Reply, Rpc
 /// more rules follow.
 pub async fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let ListArgs { after, limit } = parse_args(args)?;
-    let limit = limit.unwrap_or(MAX_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(RpcError::bad_request(
-            "args.limit",
-            format!("must be 1 to {MAX_PAGE}"),
-        ));
-    }
-    let limit = limit as usize;
+    let limit = page_limit(limit, MAX_PAGE, MAX_PAGE)?;
     // One more than asked for tells whether there is a next page.
     let mut rules = ctx
         .store

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
-use super::{storage_failed, Ctx, Name};
+use super::{page_limit, storage_failed, Ctx, Name};
 use crate::cert::{hex, parse_fingerprint, Certificate};
 use crate::crypto::{random_bytes, ServerKeys};
 use crate::frame::ErrorCode;
@@ -219,21 +219,10 @@ pub async fn list(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value
             "must be a string of at most 256 bytes with no control characters",
         ));
     }
-    let limit = args.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(RpcError::bad_request(
-            "args.limit",
-            format!("must be 1 to {MAX_PAGE}"),
-        ));
-    }
+    let limit = page_limit(args.limit, DEFAULT_PAGE, MAX_PAGE)?;
     let page = ctx
         .store
-        .list_entities(
-            args.owner.as_deref(),
-            &prefix,
-            args.after.as_deref(),
-            limit as usize,
-        )
+        .list_entities(args.owner.as_deref(), &prefix, args.after.as_deref(), limit)
         .await
         .map_err(storage_failed)?;
     let mut out = Map::new();

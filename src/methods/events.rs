@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::{RawValue, Value};
 
-use super::{storage_failed, Ctx};
+use super::{page_limit, storage_failed, Ctx};
 use crate::frame::{parse_args, ErrorCode, RpcError};
 
 /// Most events one call returns.
@@ -28,16 +28,10 @@ struct SinceArgs {
 /// the consumer must resynchronise in full.
 pub async fn since(ctx: &Ctx<'_>, args: Option<&RawValue>) -> Result<Option<Value>, RpcError> {
     let SinceArgs { after, limit } = parse_args(args)?;
-    let limit = limit.unwrap_or(DEFAULT_EVENTS);
-    if !(1..=MAX_EVENTS).contains(&limit) {
-        return Err(RpcError::bad_request(
-            "args.limit",
-            format!("must be 1 to {MAX_EVENTS}"),
-        ));
-    }
+    let limit = page_limit(limit, DEFAULT_EVENTS, MAX_EVENTS)?;
     let page = ctx
         .store
-        .events_since(after, limit as usize)
+        .events_since(after, limit)
         .await
         .map_err(storage_failed)?;
     if let Some(after) = after {

@@ -233,6 +233,18 @@ pub fn reply_of(applied: Applied) -> Result<Reply, RpcError> {
     }
 }
 
+/// A page's `limit` argument: `default` when absent, else 1 to `max` (400 otherwise).
+pub fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<usize, RpcError> {
+    let limit = limit.unwrap_or(default);
+    if !(1..=max).contains(&limit) {
+        return Err(RpcError::bad_request(
+            "args.limit",
+            format!("must be 1 to {max}"),
+        ));
+    }
+    Ok(limit as usize)
+}
+
 /// A storage failure as the caller sees it: 500, details in our log only. A database that
 /// is unavailable is no answer at all: the request is held and tried again
 /// ([`RpcError::unavailable`]).
