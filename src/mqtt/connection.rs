@@ -302,17 +302,9 @@ impl Wire {
     /// Takes everything asked so far and encodes what can be written now. `Err` once a
     /// disconnect is asked for (what came before it is encoded).
     fn take(&mut self) -> Result<(), Ended> {
-        loop {
-            match self.rx.try_recv() {
-                Ok(out) => self.queue.push_back(out),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    if self.queue.is_empty() {
-                        return Err(Ended::Disconnected);
-                    }
-                    break;
-                }
-            }
+        // Every sender gone shows in `serve`'s wait on the channel.
+        while let Ok(out) = self.rx.try_recv() {
+            self.queue.push_back(out);
         }
         while let Some(out) = self.queue.pop_front() {
             match out {
