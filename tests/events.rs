@@ -12,6 +12,18 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use support::*;
 
+/// Makes an entity and deletes it: one change that publishes one event
+/// (`entity.deleted`).
+async fn one_event(admin: &authd::client::Client) {
+    ok(
+        admin,
+        "Entity.Put",
+        json!({"id": "d", "psk": "psk-0123456789abcdef"}),
+    )
+    .await;
+    ok(admin, "Entity.Delete", json!({"id": "d"})).await;
+}
+
 fn events_topic() -> String {
     format!("{SERVICE_ID}/events")
 }
@@ -317,13 +329,7 @@ async fn events_past_their_retention_are_pruned_and_asking_for_them_is_410() {
     let s = Setup::start_with(|c| c.events_retention_secs = 1).await;
     let mut spy = Spy::start(&s.broker, &[&events_topic()]).await;
     let admin = s.admin().await;
-    ok(
-        &admin,
-        "Entity.Put",
-        json!({"id": "d", "psk": "psk-0123456789abcdef"}),
-    )
-    .await;
-    ok(&admin, "Entity.Delete", json!({"id": "d"})).await;
+    one_event(&admin).await;
     collect(&mut spy, 1).await; // published (and so prunable) once acknowledged
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -353,13 +359,7 @@ async fn with_events_off_no_event_is_written_or_published() {
     let s = Setup::start_with(|c| c.events = false).await;
     let mut spy = Spy::start(&s.broker, &[&events_topic()]).await;
     let admin = s.admin().await;
-    ok(
-        &admin,
-        "Entity.Put",
-        json!({"id": "d", "psk": "psk-0123456789abcdef"}),
-    )
-    .await;
-    ok(&admin, "Entity.Delete", json!({"id": "d"})).await;
+    one_event(&admin).await;
     assert!(spy.next(Duration::from_millis(800)).await.is_none());
     let head = ok(&admin, "Events.Since", json!({"after": 0}))
         .await
